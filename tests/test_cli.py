@@ -1,0 +1,31 @@
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from vgpt_cli import __version__
+from vgpt_cli.cli import app
+
+runner = CliRunner()
+COMMANDS = ["prepare", "extract-features", "train", "caption", "evaluate"]
+
+
+def test_help_lists_the_five_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert re.search(rf"\b{name}\b", result.output), name
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_help_shows_an_example(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    assert f"vgpt {name}" in result.output
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"vgpt {__version__}"

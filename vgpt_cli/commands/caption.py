@@ -1,0 +1,17 @@
+"""`vgpt caption`."""
+
+from __future__ import annotations
+
+import typer
+
+from vgpt_cli.commands.common import not_built
+
+
+def command(ctx: typer.Context) -> None:
+    """Not built yet (issue #6).
+
+    Example:
+
+        vgpt caption img.jpg
+    """
+    not_built("caption", 6)

@@ -1,0 +1,54 @@
+"""What every command shares: the workspace from the global option, consoles, error mapping."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from vgpt_cli.errors import VgptError
+from vgpt_cli.workspace import Workspace
+
+# stdout carries only results (captions, JSON); everything else goes to stderr.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def workspace(ctx: typer.Context) -> Workspace:
+    obj = ctx.find_root().obj or {}
+    ws = obj.get("workspace")
+    return ws if ws is not None else Workspace.from_option(None)
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn a VgptError into one red line on stderr and its exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VgptError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(code=e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]; finished work was kept, rerun the same command to resume")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def not_built(command: str, issue: int) -> None:
+    err.print(f"vgpt {command}: not built yet (issue #{issue}); nothing was done")
+    raise typer.Exit(code=2)

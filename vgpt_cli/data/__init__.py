@@ -1,0 +1,1 @@
+"""Datasets: formats, the manifest, few-shot sampling."""
