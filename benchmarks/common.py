@@ -1,0 +1,73 @@
+"""Shared by the benchmark scripts: machine description, a table printer, the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def goal(value: float, target: float, higher_is_better: bool = True) -> dict[str, Any]:
+    met = value >= target if higher_is_better else value <= target
+    return {"value": round(float(value), 4), "target": target, "higher_is_better": higher_is_better, "met": bool(met)}
+
+
+def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
+    if title:
+        print(title)
+    if not rows:
+        return
+    cols = list(rows[0])
+    cells = [[f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_results(script: str, raw: dict[str, Any], goals: dict[str, dict[str, Any]]) -> Path:
+    """Write benchmarks/results/<script>.json with the raw numbers, the machine and the goals."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{Path(script).stem}.json"
+    payload = {"script": Path(script).name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "machine": machine(), "raw": raw, "goals": goals}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    for name, g in goals.items():
+        print(f"goal {name}: {g['value']} (target {'>=' if g['higher_is_better'] else '<='} {g['target']}): "
+              f"{'met' if g['met'] else 'NOT met'}")
+    print(f"wrote {path}")
+    return path
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Achieved float32 FLOP/s of a plain n x n matmul on this machine, now."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
