@@ -1,25 +1,190 @@
-"""`vgpt prepare FORMAT`: one subcommand per dataset format."""
+"""`vgpt prepare FORMAT`: one subcommand per dataset format. Option parsing and printing only."""
 
 from __future__ import annotations
 
-import typer
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
-from vgpt_cli.commands.common import not_built
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.data.build import SamplingOptions, build_manifest, summary, write_manifest
+from vgpt_cli.data.source import Source
 
 app = typer.Typer(
     help="Prepare a dataset manifest (splits, images, captions, few-shot sample) in the workspace.\n\n"
-    "Example:\n\n    vgpt prepare coco --fraction 0.01",
-    no_args_is_help=False,
+    "Formats: coco, flickr8k, flickr30k, folder, iu-xray, cc, shapes (built-in demo data).\n\n"
+    "Example:\n\n    vgpt prepare coco --fraction 0.01\n\n    vgpt prepare shapes --count 2000",
+    no_args_is_help=True,
 )
 
 
-@app.callback(invoke_without_command=True)
-def command(ctx: typer.Context) -> None:
-    """Prepare a dataset manifest. Not built yet (issue #3).
+class Unit(str, Enum):
+    caption = "caption"
+    image = "image"
+
+
+# --- options every format shares ------------------------------------------------------------
+NameOpt = Annotated[str | None, typer.Option("--name", help="Dataset name in the workspace (default: the format).")]
+FractionOpt = Annotated[float | None, typer.Option(
+    "--fraction", help="Sample this fraction of the training pool, in (0, 1]; e.g. 0.01 for 1%.")]
+CountOpt = Annotated[int | None, typer.Option(
+    "--count", help="Sample exactly this many training captions (or images with --unit image).")]
+UnitOpt = Annotated[Unit, typer.Option(
+    "--unit", help="What --fraction/--count counts: captions (as the authors' code does) or images "
+    "(all captions of each sampled image).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampling; subsets of one seed are nested.")]
+ValSizeOpt = Annotated[int | None, typer.Option(
+    "--val-size", help="Keep a seeded subset of this many val images (for faster model selection).")]
+TestSizeOpt = Annotated[int | None, typer.Option(
+    "--test-size", help="Cut the test split to this many images (recorded; every later report says so).")]
+SkipMissingOpt = Annotated[bool, typer.Option(
+    "--skip-missing", help="Drop items whose image files are absent (recorded) instead of stopping.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+ImagesOpt = Annotated[Path | None, typer.Option("--images", help="The image root folder.")]
+
+
+def _options(fraction: float | None, count: int | None, unit: Unit, seed: int, val_size: int | None,
+             test_size: int | None, skip_missing: bool) -> SamplingOptions:
+    return SamplingOptions(fraction=fraction, count=count, unit=unit.value, seed=seed, val_size=val_size,
+                           test_size=test_size, skip_missing=skip_missing)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. '812 scenes/s'."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
+
+
+def progress_bar(unit: str) -> Progress:
+    """A progress bar on stderr; bytes get a transfer speed, other units a rate."""
+    if unit == "bytes":
+        columns = (DownloadColumn(), TransferSpeedColumn())
+    else:
+        columns = (MofNCompleteColumn(), RateColumn(unit))
+    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+                    console=err, transient=True)
+
+
+def _finish(ctx: typer.Context, source: Source, name: str, opts: SamplingOptions, as_json: bool) -> None:
+    manifest = build_manifest(source, name, opts)
+    path = write_manifest(workspace(ctx), manifest)
+    info = summary(manifest, path)
+    if as_json:
+        print_json(info)
+        return
+    table = Table(title=f"dataset {name!r} ({source.format})", title_justify="left")
+    for col in ("split", "images", "captions"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, c in info["counts"].items():
+        table.add_row(split, f"{c['items']:,}", f"{c['captions']:,}")
+    err.print(table)
+    s = manifest.sampling
+    what = (f"fraction {s['fraction']}" if s["fraction"] is not None
+            else f"count {s['count']}" if s["count"] is not None else "the whole pool")
+    err.print(f"sampled {what} of {s['pool_captions']:,} captions / {s['pool_images']:,} images "
+              f"(unit {s['unit']}, seed {s['seed']})")
+    for note in manifest.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    err.print(f"wrote {path}")
+    err.print("next: [bold]vgpt extract-features[/]")
+
+
+# --- formats --------------------------------------------------------------------------------
+@app.command("coco")
+@friendly_errors
+def coco(
+    ctx: typer.Context,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Folder with dataset_coco.json, train2014/ and val2014/ (default: <workspace>/sources/coco).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        "--annotations", help="Karpathy's dataset_coco.json (default: <root>/dataset_coco.json).")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="Folder holding train2014/ and val2014/ (default: <root>).")] = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Fetch caption_datasets.zip and the COCO 2014 image zips into --root first "
+        "(resumable, checksummed).")] = False,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """COCO 2014 with Karpathy's splits (train+restval pool, 5,000 val, 5,000 test).
 
     Example:
 
         vgpt prepare coco --fraction 0.01
+
+        vgpt prepare coco --root /data/coco --fraction 0.005 --val-size 1000 --seed 1
     """
-    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
-        not_built("prepare", 3)
+    from vgpt_cli.data.coco import default_root, read_coco
+
+    ws = workspace(ctx)
+    root = Path(root) if root else default_root(ws.root)
+    if download:
+        from vgpt_cli.data.download import download_coco
+
+        download_coco(root, progress=progress_bar)
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, read_coco(root, annotations, images), name or "coco", opts, as_json)
+
+
+@app.command("shapes")
+@friendly_errors
+def shapes(
+    ctx: typer.Context,
+    count: Annotated[int, typer.Option(
+        "--count", help="How many scenes to generate (split 80/10/10 by --seed).")] = 2000,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Where to write the images and dataset_shapes.json (default: <workspace>/sources/<name>).")
+    ] = None,
+    name: NameOpt = None, fraction: FractionOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Built-in demo data: 1-3 coloured shapes per 224x224 PNG, 5 grounded captions per scene.
+
+    Deterministic by --seed. Here --count is the number of scenes; --fraction then samples the
+    training pool as for any other format.
+
+    Example:
+
+        vgpt prepare shapes
+
+        vgpt prepare shapes --count 500 --seed 1 --name shapes-small
+    """
+    from vgpt_cli.data.karpathy import read_karpathy
+    from vgpt_cli.data.shapes import write_shapes
+    from vgpt_cli.errors import ConfigError
+
+    if count < 10:
+        raise ConfigError(f"--count {count}: need at least 10 scenes for an 80/10/10 split")
+    ws = workspace(ctx)
+    name = name or "shapes"
+    root = Path(root) if root else ws.root / "sources" / name
+    with progress_bar("scenes") as bar:
+        task = bar.add_task("rendering scenes", total=count)
+        path = write_shapes(root, count, seed, on_progress=lambda n: bar.advance(task, n))
+    source = read_karpathy(path, root.resolve(), "shapes")
+    source.extra = {"scenes": count, "generator_seed": seed}
+    opts = _options(fraction, None, unit, seed, val_size, test_size, False)
+    _finish(ctx, source, name, opts, as_json)
+
