@@ -188,3 +188,158 @@ def shapes(
     opts = _options(fraction, None, unit, seed, val_size, test_size, False)
     _finish(ctx, source, name, opts, as_json)
 
+
+
+@app.command("flickr8k")
+@friendly_errors
+def flickr8k(
+    ctx: typer.Context,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Folder with the annotation file and Flicker8k_Dataset/ "
+        "(default: <workspace>/sources/flickr8k).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        "--annotations", help="Karpathy's dataset_flickr8k.json, or the release's Flickr8k.token.txt "
+        "(default: whichever is in --root).")] = None,
+    images: ImagesOpt = None,
+    splits_dir: Annotated[Path | None, typer.Option(
+        "--splits-dir", help="Folder with Flickr_8k.{train,dev,test}Images.txt (default: beside the token file).")
+    ] = None,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Flickr8k: Karpathy's split file, or the original release (token file + split lists).
+
+    Example:
+
+        vgpt prepare flickr8k --root /data/flickr8k --fraction 0.01
+
+        vgpt prepare flickr8k --annotations Flickr8k.token.txt --images Flicker8k_Dataset --count 500
+    """
+    from vgpt_cli.data.flickr import default_root, read_flickr
+
+    root = Path(root) if root else default_root(workspace(ctx).root, "flickr8k")
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, read_flickr("flickr8k", root, annotations, images, splits_dir), name or "flickr8k", opts, as_json)
+
+
+@app.command("flickr30k")
+@friendly_errors
+def flickr30k(
+    ctx: typer.Context,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Folder with dataset_flickr30k.json and flickr30k-images/ "
+        "(default: <workspace>/sources/flickr30k).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        "--annotations", help="Karpathy's dataset_flickr30k.json (default: <root>/dataset_flickr30k.json).")] = None,
+    images: ImagesOpt = None,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Flickr30k with Karpathy's splits.
+
+    Example:
+
+        vgpt prepare flickr30k --root /data/flickr30k --fraction 0.01
+    """
+    from vgpt_cli.data.flickr import default_root, read_flickr
+
+    root = Path(root) if root else default_root(workspace(ctx).root, "flickr30k")
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, read_flickr("flickr30k", root, annotations, images), name or "flickr30k", opts, as_json)
+
+
+ValFractionOpt = Annotated[float, typer.Option(
+    "--val-fraction", help="Seeded fraction of the images for val (when the source has no split).")]
+TestFractionOpt = Annotated[float, typer.Option(
+    "--test-fraction", help="Seeded fraction of the images for test (when the source has no split).")]
+
+
+@app.command("folder")
+@friendly_errors
+def folder(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Argument(help="The folder of images; captions-file paths are relative to it.")],
+    captions: Annotated[Path, typer.Option(
+        "--captions", help="CSV (header: image,caption[,split]) or JSONL ({\"image\", \"caption\"}) file.")],
+    val_fraction: ValFractionOpt = 0.1, test_fraction: TestFractionOpt = 0.1,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """A folder of images plus a captions file (several captions per image allowed).
+
+    Example:
+
+        vgpt prepare folder photos/ --captions photos/captions.csv --name pets
+
+        vgpt prepare folder photos/ --captions caps.jsonl --val-fraction 0.05 --test-fraction 0.05
+    """
+    from vgpt_cli.data.folder import read_folder
+
+    source = read_folder(images, captions, val_fraction, test_fraction, seed)
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, source, name or "folder", opts, as_json)
+
+
+@app.command("iu-xray")
+@friendly_errors
+def iu_xray(
+    ctx: typer.Context,
+    annotations: Annotated[Path, typer.Option(
+        "--annotations", help="R2Gen's iu_xray annotation.json.")],
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="R2Gen's images/ folder (default: beside annotation.json).")] = None,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """IU X-ray radiology reports (R2Gen split): one item per study, its views, one report.
+
+    Example:
+
+        vgpt prepare iu-xray --annotations iu_xray/annotation.json --fraction 0.1
+    """
+    from vgpt_cli.data.iu_xray import read_iu_xray
+
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, read_iu_xray(annotations, images), name or "iu-xray", opts, as_json)
+
+
+@app.command("cc")
+@friendly_errors
+def cc(
+    ctx: typer.Context,
+    folder: Annotated[Path | None, typer.Argument(
+        help="img2dataset output folder (files format: 00000/000000000.jpg/.txt/.json).")] = None,
+    tsv: Annotated[Path | None, typer.Option(
+        "--tsv", help="The release TSV (caption<TAB>url); needs --images.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="With --tsv: the folder holding the downloaded images, named 000000000.jpg, ...")] = None,
+    val_fraction: ValFractionOpt = 0.1, test_fraction: TestFractionOpt = 0.1,
+    name: NameOpt = None, fraction: FractionOpt = None, count: CountOpt = None, unit: UnitOpt = Unit.caption,
+    seed: SeedOpt = 42, val_size: ValSizeOpt = None, test_size: TestSizeOpt = None,
+    skip_missing: SkipMissingOpt = False, as_json: JsonOpt = False,
+) -> None:
+    """Conceptual Captions: img2dataset's files output, or the release TSV plus an images folder.
+
+    Example:
+
+        vgpt prepare cc cc3m_files/ --fraction 0.01
+
+        vgpt prepare cc --tsv Validation_GCC-1.1.0-Validation.tsv --images cc_val/ --skip-missing
+    """
+    from vgpt_cli.data.cc import read_cc_files, read_cc_tsv
+    from vgpt_cli.errors import ConfigError
+
+    if (folder is None) == (tsv is None):
+        raise ConfigError("pass either an img2dataset FOLDER or --tsv FILE --images DIR (one of them)")
+    if tsv is not None:
+        if images is None:
+            raise ConfigError(f"--tsv {tsv}: also pass --images DIR, the folder of the downloaded images")
+        source = read_cc_tsv(tsv, images, val_fraction, test_fraction, seed)
+    else:
+        source = read_cc_files(folder, val_fraction, test_fraction, seed)
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
+    _finish(ctx, source, name or "cc", opts, as_json)
