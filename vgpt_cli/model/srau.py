@@ -1,0 +1,82 @@
+"""Encoder-decoder attention over the K encoder levels and the self-resurrecting gates (SRAU).
+
+    C_k = EncDecAttn(LN1(A), LN1(E_k))          one attention module per block, shared over k
+    g_k = sigmoid(W_k [A ; C_k] + b_k)          one gate layer per level
+    O_k = 1[g_k > tau] g_k A + 1[1 - g_k > tau] (1 - g_k) C_k
+    O   = (O_1 + ... + O_K) / sqrt(K)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of decoder states over the K memory levels, with shared projections.
+
+    Keys/values of the memory are projected once per image (`project_memory`). Decoder rows may be
+    `beams` consecutive copies per image: their queries are stacked along the query axis against
+    the one copy of that image's memory, so beam search never copies the memory.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"cross-attention width {d_model} is not divisible by {heads} heads")
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def project_memory(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        # e (B, K, N, D), already normalised by the block's LN1 -> k, v (B, K, h, N, hd)
+        B, K, N, _ = e.shape
+        k = self.k(e).view(B, K, N, self.heads, self.head_dim).transpose(2, 3)
+        v = self.v(e).view(B, K, N, self.heads, self.head_dim).transpose(2, 3)
+        return k, v
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        # x (B, T, D) with B = Bm * beams; k, v (Bm, K, h, N, hd); mask (Bm, N) True = real -> (B, K, T, D)
+        B, T, D = x.shape
+        Bm, K, h, N, hd = k.shape
+        beams = B // Bm
+        q = self.q(x).view(Bm, beams * T, h, hd).transpose(1, 2)  # (Bm, h, beams*T, hd)
+        q = q.unsqueeze(1).expand(Bm, K, h, beams * T, hd).reshape(Bm * K, h, beams * T, hd)
+        m = mask.view(Bm, 1, 1, 1, N).expand(Bm, K, 1, 1, N).reshape(Bm * K, 1, 1, N)
+        y = F.scaled_dot_product_attention(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd),
+                                           attn_mask=m)  # (Bm*K, h, beams*T, hd)
+        y = y.view(Bm, K, h, beams, T, hd).permute(0, 3, 1, 4, 2, 5).reshape(B, K, T, D)
+        return self.drop(self.o(y))
+
+
+def srau_combine(a: Tensor, c: Tensor, gates: nn.ModuleList, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SRAU over K levels. a (B, T, D), c (B, K, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)).
+
+    ling / vis are the effective linguistic g*1[g > tau] and visual (1-g)*1[(1-g) > tau] gates,
+    averaged over levels and channels (for the per-word analysis). The indicator is a constant
+    mask: where one branch is cut, gradient still reaches g through the other one.
+    """
+    K = c.shape[1]
+    o = torch.zeros_like(a)
+    ling = a.new_zeros(a.shape[:2])
+    vis = a.new_zeros(a.shape[:2])
+    for k in range(K):
+        ck = c[:, k]
+        g = torch.sigmoid(gates[k](torch.cat([a, ck], dim=-1)))
+        g_ling = g * (g > tau)
+        g_vis = (1 - g) * ((1 - g) > tau)
+        o = o + g_ling * a + g_vis * ck
+        ling = ling + g_ling.detach().mean(-1)
+        vis = vis + g_vis.detach().mean(-1)
+    return o / math.sqrt(K), ling / K, vis / K
+
+
+def residual_combine(a: Tensor, c: Tensor) -> Tensor:
+    """The ungated baseline: O = A + (C_1 + ... + C_K) / K."""
+    return a + c.mean(dim=1)
