@@ -1,17 +1,120 @@
-"""`vgpt evaluate`."""
+"""`vgpt evaluate`: score a split with a trained model, or score existing prediction files."""
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from vgpt_cli.commands.common import not_built
+from vgpt_cli.commands.common import err, friendly_errors, out, print_json, workspace
+from vgpt_cli.errors import ConfigError
+from vgpt_cli.evaluate.metrics import METRICS, compute_metrics_many, load_predictions, load_references
+from vgpt_cli.workspace import atomic_write_json
 
 
-def command(ctx: typer.Context) -> None:
-    """Not built yet (issue #6).
+class Split(str, Enum):
+    val = "val"
+    test = "test"
+
+
+def metrics_table(rows: dict[str, dict[str, float]], title: str | None = None, extra: list[str] = ()) -> Table:
+    """One row per scored set, one column per metric that any row has (4 decimals, as papers print)."""
+    cols = [m for m in (*METRICS, *extra) if any(m in r for r in rows.values())]
+    table = Table(title=title, title_justify="left")
+    table.add_column("", overflow="fold")
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=True)
+    for name, r in rows.items():
+        table.add_row(name, *(f"{r[c]:.4f}" if c in r else "-" for c in cols))
+    return table
+
+
+def print_table(table: Table) -> None:
+    """On a terminal, fit it; piped or captured, never wrap a row (tests and scripts read the lines)."""
+    (out if out.is_terminal else Console(width=250, soft_wrap=True)).print(table)
+
+
+@friendly_errors
+def command(
+    ctx: typer.Context,
+    split: Annotated[Split, typer.Option("--split", help="Which split of the workspace dataset to evaluate.")] = Split.test,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A model folder (Captioner.save_pretrained); default: the workspace's best model.")] = None,
+    predictions: Annotated[list[Path] | None, typer.Option(
+        "--predictions", "-p", help="Score this results file instead of decoding (COCO results "
+        "[{\"image_id\", \"caption\"}] or {\"id\": \"caption\"}); repeat to score several in one table.")] = None,
+    references: Annotated[Path | None, typer.Option(
+        "--references", "-r", help="Ground truth from this file (COCO annotation format or "
+        "{\"id\": [\"ref\", ...]}) instead of the workspace's split.")] = None,
+    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="Beam width.")] = 5,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="At most this many tokens.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if any).")] = None,
+    spice: Annotated[bool, typer.Option("--spice/--no-spice", help="Try SPICE (needs Stanford CoreNLP jars).")] = True,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="With --predictions: also write the metrics JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Decode a split with the best model and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when
+    available), or score existing prediction files.
 
     Example:
 
         vgpt evaluate --split test
+
+        vgpt evaluate --split val --model runs/r1/best --beam-size 3
+
+        vgpt evaluate --predictions preds.json --references captions_val2014.json
     """
-    not_built("evaluate", 6)
+    if predictions:
+        _score_files(ctx, predictions, references, split.value, spice, output, as_json)
+        return
+    if references is not None or output is not None:
+        raise ConfigError("--references and --output go with --predictions; to evaluate a split, drop them")
+    from vgpt_cli.evaluate.report import evaluate_split
+
+    result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
+                            max_length=max_length, batch_size=batch_size, device=device, spice=spice,
+                            log=lambda m: err.print(m, highlight=False))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        extra = ["grounded"] if "grounded" in result.scores else []
+        print_table(metrics_table({f"{result.dataset}/{result.split}": result.scores},
+                                title=f"{result.model_dir} on {result.n_items} images", extra=extra))
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    err.print(f"wrote {result.metrics_path}, {result.predictions_path} and {result.per_image_path}", highlight=False)
+    err.print("next: `vgpt caption IMAGE...` to caption new images with this model", highlight=False)
+
+
+def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,
+                 output: Path | None, as_json: bool) -> None:
+    if references is not None:
+        refs = load_references(references)
+        ref_name = str(references)
+    else:
+        from vgpt_cli.evaluate.report import workspace_references
+
+        refs, ref_name = workspace_references(workspace(ctx), split)
+    # short row names: the file names, unless two files share one
+    names = [f.name for f in files] if len({f.name for f in files}) == len(files) else [str(f) for f in files]
+    sets = {n: load_predictions(f, refs) for n, f in zip(names, files)}
+    for name, preds in sets.items():
+        if len(preds) < len(refs) and references is None:
+            err.print(f"[yellow]note:[/] {name} covers {len(preds)} of the {len(refs)} items of {ref_name}; "
+                      "scored over its own items", highlight=False)
+    reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False))
+    payload = {name: {"references": ref_name, **r.to_dict()} for name, r in reports.items()}
+    if output is not None:
+        atomic_write_json(output, payload)
+    if as_json:
+        print_json(payload)
+    else:
+        print_table(metrics_table({n: r.scores for n, r in reports.items()}, title=f"references: {ref_name}"))
+    if output is not None:
+        err.print(f"wrote {output}", highlight=False)
