@@ -265,3 +265,9 @@ def test_help_lists_formats_with_examples():
         assert fmt in result.output
         sub = runner.invoke(app, ["prepare", fmt, "--help"])
         assert sub.exit_code == 0 and "Example:" in sub.output and f"vgpt prepare {fmt}" in sub.output
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t\n", "\u00a0", "\u2003\u3000", "\x1c\x1d", "\u200b", " a ", ".", "\u00a0x"])
+def test_emptiness_check_agrees_with_the_normaliser(text):
+    """build.py drops a caption when text.strip() is empty and normalises later: both must agree."""
+    assert (normalize_caption(text) == "") == (text.strip() == "")

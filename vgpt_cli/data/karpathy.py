@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from vgpt_cli.data.source import RECORD_SPLITS, Record, Source, load_json, sha256_file
+from vgpt_cli.data.source import RECORD_SPLITS, Record, Source, gc_paused, load_json, sha256_file
 from vgpt_cli.errors import DataError
 
 _SHAPE = 'the Karpathy format ({"images": [{"filename", "split", "sentences": [{"raw"}]}]})'
@@ -23,8 +23,14 @@ def read_karpathy(path: Path, image_root: Path, fmt: str, hash_source: bool = Tr
     if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
         raise DataError(f"{path}: top level must be an object with an \"images\" list, as in {_SHAPE}; "
                         "is this the right file?")
+    with gc_paused():
+        records = _records(path, raw["images"])
+    return Source(fmt, path, Path(image_root), records, sha256=sha256_file(path) if hash_source else None)
+
+
+def _records(path: Path, images: list) -> list[Record]:
     records: list[Record] = []
-    for i, im in enumerate(raw["images"]):
+    for i, im in enumerate(images):
         where = f"images[{i}]"
         if not isinstance(im, dict):
             raise DataError(f"{path}: {where}: must be an object, as in {_SHAPE}")
@@ -50,4 +56,4 @@ def read_karpathy(path: Path, image_root: Path, fmt: str, hash_source: bool = Tr
         image_id = str(im["cocoid"]) if "cocoid" in im else PurePosixPath(filename).stem
         extra = {k: im[k] for k in ("objects", "background") if k in im}  # the shapes scene record
         records.append(Record(image_id, [rel], captions, split, extra, where))
-    return Source(fmt, path, Path(image_root), records, sha256=sha256_file(path) if hash_source else None)
+    return records
