@@ -28,7 +28,7 @@ def read_coco(root: Path, annotations: Path | None = None, images: Path | None =
     ann = Path(annotations) if annotations else root / ANNOTATION_NAME
     image_root = Path(images) if images else root
     how = (f"run `vgpt prepare coco --download --root {root}` to fetch it (Karpathy's caption_datasets.zip), "
-           "or pass --annotations FILE")
+           "or pass --root DIR (the folder with dataset_coco.json, train2014/, val2014/) or --annotations FILE")
     require_file(ann, "Karpathy split file", how)
     if not image_root.is_dir() or not any((image_root / d).is_dir() for d in IMAGE_FOLDERS):
         raise DataError(f"{image_root}: no {' or '.join(f + '/' for f in IMAGE_FOLDERS)} image folder here; "
