@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -111,12 +112,16 @@ def test_flickr8k_real_token_file(realdata, tmp_path):
     for name, part in (("train", real[:6091]), ("dev", real[6091:7091]), ("test", real[7091:])):
         (lists / f"Flickr_8k.{name}Images.txt").write_text("\n".join(part) + "\n")
     images = tmp_path / "Flicker8k_Dataset"
-    for k in real:
+    present = real[::10]  # every 10th image "downloaded": fewer files to write, --skip-missing drops the rest
+    for k in present:
         touch(images / k)
     source = read_flickr("flickr8k", tmp_path, token, images, lists)
-    m = build_manifest(source, "flickr8k", SamplingOptions(fraction=0.01))
-    assert m.counts()["train"]["captions"] == round(0.01 * 6091 * 5)
-    assert len(m.splits["val"]) == 1000 and len(m.splits["test"]) == 1000
+    assert len(source.records) == 8091 and sum(len(r.captions) for r in source.records) == 40455
+    m = build_manifest(source, "flickr8k", SamplingOptions(fraction=0.1, skip_missing=True))
+    pool = [k for k in present if k in set(real[:6091])]
+    assert m.counts()["train"]["captions"] == round(0.1 * len(pool) * 5)
+    assert len(m.splits["val"]) == len([k for k in present if k in set(real[6091:7091])])
+    assert {i.id for i in m.splits["test"]} == {k[:-4] for k in present if k in set(real[7091:])}
     assert any("2258277193_586949ec62.jpg.1" in n for n in m.notes)
 
 
@@ -206,12 +211,17 @@ def test_iu_xray_real_annotation_file(realdata, tmp_path):
     ann = realdata / "iu_xray_r2gen" / "annotation.json"
     raw = json.loads(ann.read_text())
     images = tmp_path / "images"
+    present = {}  # every 10th study "downloaded"; --skip-missing drops the rest
     for recs in raw.values():
-        for r in recs:
+        for r in recs[::10]:
+            present[r["id"]] = r["split"]
             for p in r["image_path"]:
                 touch(images / p)
-    m = build_manifest(read_iu_xray(ann, images), "iu-xray", SamplingOptions())
-    assert {s: len(v) for s, v in m.splits.items()} == {"train": 2069, "val": 296, "test": 590}
+    source = read_iu_xray(ann, images)
+    assert Counter(r.split for r in source.records) == {"train": 2069, "val": 296, "test": 590}
+    m = build_manifest(source, "iu-xray", SamplingOptions(skip_missing=True))
+    assert {s: {i.id for i in v} for s, v in m.splits.items()} == {
+        s: {i for i, sp in present.items() if sp == s} for s in ("train", "val", "test")}
     assert all(len(i.images) == 2 and len(i.captions) == 1 for i in m.all_items())
     assert any("590 record(s) under the key '    '" in n for n in m.notes)
 
