@@ -254,7 +254,7 @@ def _many_items(photos, root: Path, n: int) -> list[Item]:
 
 
 def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tmp_path):
-    items = _many_items(photos, tmp_path / "imgs", 400)
+    items = _many_items(photos, tmp_path / "imgs", 300)
     args = ["extract-features", *TINY, "--batch-size", "1", "--num-workers", "0"]
     killed = _write_workspace(tmp_path / "killed", items)
     proc = subprocess.Popen([str(PY), "-m", "vgpt_cli", "-w", str(killed.root), *args], env=_env(),
@@ -263,7 +263,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tm
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         found = list(killed.features_root.glob("*/index-r0.jsonl"))
-        if found and found[0].stat().st_size > 2000:  # some dozens of items done
+        if found and found[0].stat().st_size > 1500:  # a dozen or more items done
             index = found[0]
             break
         time.sleep(0.005)
@@ -272,16 +272,14 @@ def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tm
     assert index is not None, "the extraction never started writing"
     partial = FeatureStore.open(index.parent)
     assert 0 < len(partial) < len(items), "killed too late to test resuming"
-    rerun = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(killed.root), *args, "--json"], env=_env(),
-                           capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = CliRunner().invoke(app, ["-w", str(killed.root), *args, "--json"])  # in-process: no 2nd start-up
+    assert rerun.exit_code == 0, rerun.output
     out = json.loads(rerun.stdout)
     assert out["already"] == len(partial) and out["already"] + out["extracted"] == len(items)
 
     clean = _write_workspace(tmp_path / "clean", items)
-    res = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(clean.root), *args], env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(app, ["-w", str(clean.root), *args])
+    assert res.exit_code == 0, res.output
     a, b = _contents(open_workspace_store(killed)), _contents(open_workspace_store(clean))
     assert list(a) == list(b) and len(a) == len(items)
     for k in a:
@@ -307,9 +305,8 @@ def test_torchrun_two_ranks_give_the_same_store_as_one_process(photos, tmp_path)
     assert sorted(p.name for p in store2.path.glob("index-r*.jsonl")) == ["index-r0.jsonl", "index-r1.jsonl"]
     assert all((store2.path / f"index-r{r}.jsonl").stat().st_size > 0 for r in (0, 1))
     one = _write_workspace(tmp_path / "one", items)
-    res = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(one.root), *args], env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(app, ["-w", str(one.root), *args])
+    assert res.exit_code == 0, res.output
     a, b = _contents(store2), _contents(open_workspace_store(one))
     assert list(a) == list(b) and len(a) == len(items)
     for k in a:

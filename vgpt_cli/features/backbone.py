@@ -147,7 +147,7 @@ class Backbone:
     """A frozen timm model in eval mode, its eval transform, and the record of what it is."""
 
     model: torch.nn.Module
-    transform: Any  # PIL RGB image -> (3, H, W) float tensor, timm's eval transform
+    transform: Any  # PIL RGB image -> (3, H, W) uint8 tensor: timm's eval resize + crop
     meta: dict[str, Any]  # backbone, weights, pretrained, data_config, fingerprint, dim, ...
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -165,8 +165,13 @@ class Backbone:
 
     @torch.inference_mode()
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, N, C) token grid of forward_features, float32 on the CPU."""
-        x = x.to(self.device, non_blocking=True)
+        """(B, 3, H, W) uint8 pixels from `preprocess` -> (B, N, C) token grid of forward_features,
+        float16 on the CPU. Normalising on the device keeps workers cheap and transfers 4x smaller
+        (what timm's own prefetching loader does)."""
+        x = x.to(self.device, non_blocking=True).float()
+        mean = torch.tensor(self.meta["data_config"]["mean"], device=self.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.meta["data_config"]["std"], device=self.device).view(1, 3, 1, 1) * 255
+        x = (x - mean) / std
         if self.device.type == "cuda":  # autocast: tensor cores; the store keeps float16 anyway
             with torch.autocast("cuda", dtype=torch.float16):
                 y = self.model.forward_features(x)
@@ -182,7 +187,7 @@ class Backbone:
         elif y.ndim != 3:
             raise ModelLoadError(f"backbone {self.name!r}: forward_features gave shape {tuple(y.shape)}, "
                                  "not a token grid")
-        return y.float().cpu()
+        return y.to(torch.float16).cpu()  # what the store keeps; half the bytes to copy back
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
@@ -283,7 +288,7 @@ def _finish(model: torch.nn.Module, name: str, arch: str, weights_record: dict[s
             data_config: dict[str, Any], dev: torch.device, key_match: str | None) -> Backbone:
     from timm.data import create_transform
 
-    transform = create_transform(**data_config, is_training=False)
+    transform = create_transform(**data_config, is_training=False, use_prefetcher=True)  # uint8 out
     record = {"format": STORE_FORMAT, "architecture": arch, "weights": weights_id,
               "data_config": data_config, "features": "forward_features tokens (N, C)", "dtype": "float16"}
     meta: dict[str, Any] = {
@@ -296,7 +301,7 @@ def _finish(model: torch.nn.Module, name: str, arch: str, weights_record: dict[s
     bb = Backbone(model=model, transform=transform, meta=meta, device=dev)
     # One forward of a blank image tells the token count and width (model attributes vary).
     size = data_config["input_size"]
-    probe = bb.forward_tokens(torch.zeros(1, *size))
+    probe = bb.forward_tokens(torch.zeros(1, *size, dtype=torch.uint8))
     meta["tokens_per_image"], meta["dim"] = int(probe.shape[1]), int(probe.shape[2])
     return bb
 

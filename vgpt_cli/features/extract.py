@@ -7,6 +7,8 @@ Under torchrun each rank takes every world_size-th item still missing and writes
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +59,15 @@ class _Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def total(self, n: int) -> int:
+        """Sum of n over the ranks (images decoded, for the summary)."""
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64,
+                         device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+
     def close(self) -> None:
         if self.created:
             torch.distributed.destroy_process_group()
@@ -67,6 +78,8 @@ def _dist(device: torch.device) -> _Dist:
     if world <= 1:
         return _Dist()
     created = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device: one GPU per rank
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
@@ -94,8 +107,44 @@ class _ItemImages(torch.utils.data.Dataset):
         return i, torch.stack(pixels), None
 
 
-def _keep_as_list(batch: list) -> list:
-    return batch
+def _collate(batch: list) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[tuple[int, str]]]:
+    """In the worker: one stacked uint8 tensor per batch (one shared-memory block to pass, not one
+    per image), the (item index, image count) of each good item, and the (index, reason) of bad ones."""
+    good = [(i, px) for i, px, _ in batch if px is not None]
+    bad = [(i, reason) for i, px, reason in batch if px is None]
+    pixels = torch.cat([px for _, px in good]) if good else None
+    return pixels, [(i, px.shape[0]) for i, px in good], bad
+
+
+class _BackgroundWriter:
+    """Store writes (and their fsyncs) in a thread, so the backbone never waits for the disk.
+    Batches are written in order; a full queue slows the producer instead of growing RAM."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 4):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.append(*job)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self.error = e
+
+    def put(self, feats: list, bad: list) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((feats, bad))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - rich types
@@ -142,8 +191,8 @@ def extract_items(items: Sequence[Item], backbone: Backbone, store_dir: str | Pa
             n_images = _run(mine, backbone, writer, batch_size, num_workers, max_pixels,
                             progress and dist.rank == 0, len(todo), dist.world)
             seconds = time.perf_counter() - t0
-        dist.barrier()
-        return _summarise(items, store_dir, [it.id for it in todo], n_images * dist.world, seconds,
+        n_images = dist.total(n_images)  # also a barrier: every rank has finished writing
+        return _summarise(items, store_dir, [it.id for it in todo], n_images, seconds,
                           dist.rank == 0, warn)
     finally:
         dist.close()
@@ -155,29 +204,30 @@ def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_s
         return 0
     loader = torch.utils.data.DataLoader(
         _ItemImages(items, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_keep_as_list, pin_memory=backbone.device.type == "cuda",
+        num_workers=num_workers, collate_fn=_collate, pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False,
     )
     n_images = 0
     t0 = time.perf_counter()
-    with _progress(total, show) as bar:
-        task = bar.add_task(f"extracting ({backbone.name})", total=total, rate="-")
-        for batch in loader:
-            good = [(i, px) for i, px, reason in batch if px is not None]
-            bad = [(items[i].id, items[i].images, reason) for i, px, reason in batch if px is None]
-            feats = []
-            if good:
-                x = torch.cat([px for _, px in good])
-                tokens = backbone.forward_tokens(x).half().numpy()  # (sum k, N, C)
-                start = 0
-                for i, px in good:
-                    k = px.shape[0]  # a multi-view item: its images' tokens, one after another
-                    feats.append((items[i].id, items[i].images, tokens[start:start + k].reshape(-1, backbone.dim)))
-                    start += k
-                n_images += start
-            writer.append(feats, bad)
-            rate = n_images * world / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=len(batch) * world, rate=f"{rate:.1f}")
+    background = _BackgroundWriter(writer)
+    try:
+        with _progress(total, show) as bar:
+            task = bar.add_task(f"extracting ({backbone.name})", total=total, rate="-")
+            for pixels, good, bad in loader:
+                feats = []
+                if pixels is not None:
+                    tokens = backbone.forward_tokens(pixels).numpy()  # (sum k, N, C) float16
+                    start = 0
+                    for i, k in good:  # a multi-view item: its k images' tokens, one after another
+                        feats.append((items[i].id, items[i].images,
+                                      tokens[start:start + k].reshape(-1, backbone.dim)))
+                        start += k
+                    n_images += start
+                background.put(feats, [(items[i].id, items[i].images, reason) for i, reason in bad])
+                rate = n_images * world / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=(len(good) + len(bad)) * world, rate=f"{rate:.1f}")
+    finally:
+        background.close()  # waits for the last batches to reach the disk
     return n_images
 
 
