@@ -1,17 +1,112 @@
-"""`vgpt train`."""
+"""`vgpt train`: option parsing and printing only; the loop is vgpt_cli.train.train."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from vgpt_cli.commands.common import not_built
+from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
 
 
-def command(ctx: typer.Context) -> None:
-    """Not built yet (issue #5).
+def _opt(*names: str, help: str, **kw):  # noqa: A002 - typer's own keyword
+    return typer.Option(*names, help=help, show_default=False, **kw)
+
+
+@friendly_errors
+def command(
+    ctx: typer.Context,
+    config: Annotated[Path | None, _opt("--config", help="YAML or JSON file of options (keys as the flags, "
+                                        "e.g. lm-lr: 1e-5); flags given here override it.")] = None,
+    lm: Annotated[str | None, _opt("--lm", help="Language model: hub name (gpt2), local folder, .gguf file or "
+                                   "smollm2-135m. Default: GPT-2 if it loads offline, else smollm2-135m.")] = None,
+    lm_init: Annotated[str | None, _opt("--lm-init", help="pretrained (default) or random (ablation).")] = None,
+    tau: Annotated[float | None, _opt("--tau", help="SRAU gate threshold, 0 <= tau < 0.5 (default 0.2).")] = None,
+    encoder_layers: Annotated[int | None, _opt("--encoder-layers", help="K, visual encoder layers (default 3).")] = None,
+    gating: Annotated[str | None, _opt("--gating", help="srau (default) or none (plain cross-attention).")] = None,
+    lr: Annotated[float | None, _opt("--lr", help="AdamW learning rate of the new parameters (default 1e-4).")] = None,
+    lm_lr: Annotated[float | None, _opt("--lm-lr", help="Learning rate of the pretrained LM's parameters "
+                                        "(default: same as --lr).")] = None,
+    warmup: Annotated[int | None, _opt("--warmup", help="Linear warm-up steps (default 0).")] = None,
+    schedule: Annotated[str | None, _opt("--schedule", help="constant (default), linear or cosine.")] = None,
+    batch_size: Annotated[int | None, _opt("--batch-size", help="Captions per micro-batch per process "
+                                           "(default 50).")] = None,
+    grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step; effective "
+                                           "batch = batch x accum x processes (default 1).")] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help="At most this many cross-entropy epochs (default 100).")] = None,
+    max_steps: Annotated[int | None, _opt("--max-steps", help="Cross-entropy optimiser steps (overrides "
+                                          "--epochs).")] = None,
+    label_smoothing: Annotated[float | None, _opt("--label-smoothing", help="Default 0.")] = None,
+    precision: Annotated[str | None, _opt("--precision", help="fp32 (default), bf16 or fp16 (autocast; fp16 "
+                                          "needs CUDA).")] = None,
+    seed: Annotated[int | None, _opt("--seed", help="Seed of initialisation, data order and dropout "
+                                     "(default 42).")] = None,
+    patience: Annotated[int | None, _opt("--patience", help="Stop cross-entropy after this many validations "
+                                         "without a better CIDEr (default 5).")] = None,
+    val_every: Annotated[int | None, _opt("--val-every", help="Validate every N steps (always also at each "
+                                          "epoch's end).")] = None,
+    val_size: Annotated[int | None, _opt("--val-size", help="Validate on at most N items.")] = None,
+    max_length: Annotated[int | None, _opt("--max-length", help="Caption tokens incl. EOS (default 20).")] = None,
+    scst: Annotated[bool | None, _opt("--scst/--no-scst", help="Self-critical training (CIDEr-D reward) after "
+                                      "cross-entropy, from the best checkpoint.")] = None,
+    scst_lr: Annotated[float | None, _opt("--scst-lr", help="SCST learning rate (default 1e-5).")] = None,
+    scst_epochs: Annotated[int | None, _opt("--scst-epochs", help="SCST epochs (default 5).")] = None,
+    device: Annotated[str | None, _opt("--device", help="auto (default), cpu, cuda or cuda:N.")] = None,
+    name: Annotated[str | None, _opt("--name", help="Run folder name under runs/ (default: a timestamp).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run named by --name (default: the "
+                                         "workspace's current run) from its last checkpoint.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Train a VisualGPT captioner on the workspace's dataset and cached features.
+
+    With no options: the paper's settings (GPT-2 when it can be loaded, tau 0.2, K = 3, AdamW lr 1e-4,
+    gradient clipping 1.0, early stopping on validation CIDEr-D by beam 5 / 20 tokens). Writes
+    runs/<name>/: config.json, metrics.jsonl, best/ and last/ checkpoints. Several GPUs or processes:
+    torchrun --nproc-per-node N -m vgpt_cli train ...
 
     Example:
 
-        vgpt train --lm gpt2 --tau 0.2
+        vgpt train
+
+        vgpt train --lm gpt2 --tau 0.2 --batch-size 50 --scst --name r1
+
+        vgpt train --config train.yaml --lr 5e-5
+
+        vgpt train --resume --name r1
     """
-    not_built("train", 5)
+    from vgpt_cli.train import TrainConfig, load_config_file, train
+
+    ws = workspace(ctx)
+    flags = dict(lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, lr=lr, lm_lr=lm_lr,
+                 warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                 max_steps=max_steps, label_smoothing=label_smoothing, precision=precision, seed=seed,
+                 patience=patience, val_every=val_every, val_size=val_size, max_length=max_length, scst=scst,
+                 scst_lr=scst_lr, scst_epochs=scst_epochs, device=device, name=name)
+    if resume:
+        # A resumed run starts from its saved config; flags given now override it (architecture excepted).
+        run = name or ws.current("run", "training run", "vgpt train")
+        saved = ws.run_dir(run) / "config.json"
+        if not saved.is_file():
+            from vgpt_cli.errors import ConfigError
+
+            raise ConfigError(f"{saved}: not found; nothing to resume (check --name)")
+        base = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")), source=str(saved))
+        flags["name"] = run
+    else:
+        base = load_config_file(config) if config is not None else TrainConfig()
+    cfg = base.override(**flags).validate()
+    result = train(cfg, ws, resume=resume)
+
+    best = result.run_dir / "best"
+    score = "n/a (no validation split)" if result.best_score is None else f"{result.best_score:.4f}"
+    err.print(f"[bold green]done[/]: {result.steps} cross-entropy steps"
+              + (f" + {result.scst_steps} SCST steps" if result.scst_steps else "")
+              + f" ({result.stopped}); best validation CIDEr-D {score}"
+              + (f" at step {result.best_step}" if result.best_step is not None else ""), highlight=False)
+    err.print(f"wrote {result.run_dir}/: config.json, metrics.jsonl, best/ (the model to use), last/ "
+              "(resumable state)", highlight=False)
+    err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
+    if json_out:
+        print_json(result.to_dict())

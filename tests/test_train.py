@@ -1,0 +1,253 @@
+"""`vgpt train`: the loop on tiny random GPT-2 captioners with the real GPT-2 BPE tokenizer.
+
+The helpers here (tiny_captioner, make_workspace) are also used by test_train_ddp.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from vgpt_cli.cli import app
+from vgpt_cli.data.manifest import Item, Manifest
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.features.store import StoreWriter
+from vgpt_cli.model import Captioner, CaptionerConfig
+from vgpt_cli.train import NonFiniteLossError, TrainConfig, load_config_file, train
+from vgpt_cli.train.data import collate, epoch_order, make_plan
+from vgpt_cli.train.loop import token_loss_sum
+from vgpt_cli.workspace import Workspace
+
+GPT2_BPE = Path(__file__).parent / "assets" / "gpt2-bpe"
+D_IN = 16
+SENTENCES = [
+    "a man riding a wave on top of a surfboard",
+    "a cat sitting on a wooden table",
+    "two dogs playing with a red ball in the grass",
+    "a plate of food with broccoli and rice",
+    "a red double decker bus on a city street",
+    "a woman holding an umbrella in the rain",
+    "a train pulling into a station at night",
+    "a little girl eating a slice of pizza",
+    "an airplane flying over snowy mountains",
+    "a bowl of fruit on a kitchen counter",
+    "people walking on a beach near the ocean",
+    "a giraffe standing next to a tall tree",
+    "a laptop and a cup of coffee on a desk",
+    "a boy throwing a frisbee in a park",
+    "a stop sign at the corner of a street",
+    "a horse grazing in a green field",
+]
+
+
+def tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast(vocab=str(GPT2_BPE / "vocab.json"), merges=str(GPT2_BPE / "merges.txt"))
+    assert len(tok) > 50000  # the empty-tokenizer trap of transformers 5 (see offline-assets.md)
+    return tok
+
+
+def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2) -> Captioner:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, resid_pdrop=dropout,
+                                    embd_pdrop=dropout, attn_pdrop=dropout))
+    cfg = CaptionerConfig(lm="gpt2", d_in=D_IN, encoder_layers=2, encoder_ffn=64, encoder_dropout=dropout,
+                          cross_attn_dropout=dropout, tau=tau)
+    return Captioner.from_config(cfg, lm=lm, tokenizer=tokenizer())
+
+
+def make_workspace(root: Path, n_train: int = 4, caps_per_item: int = 2, n_val: int = 0,
+                   missing: tuple[str, ...] = ()) -> Workspace:
+    """A workspace with a prepared toy dataset and a feature store (random features, 3-6 tokens each)."""
+    ws = Workspace(Path(root))
+    rng = np.random.default_rng(0)
+    sentences = iter(SENTENCES * 4)
+    train_items = [Item(f"t{i}", [f"/img/t{i}.jpg"], [next(sentences) for _ in range(caps_per_item)])
+                   for i in range(n_train)]
+    val_items = [Item(f"v{i}", [f"/img/v{i}.jpg"], [SENTENCES[i % len(SENTENCES)], SENTENCES[(i + 3) % 16]])
+                 for i in range(n_val)]
+    Manifest(dataset="toy", format="test", splits={"train": train_items, "val": val_items, "test": []}).save(
+        ws.manifest_path("toy"))
+    with StoreWriter(ws.features_root / "fp0", {"dim": D_IN, "fingerprint": "fp0", "backbone": "toy"}) as w:
+        w.append([(it.id, it.images, rng.standard_normal((int(rng.integers(3, 7)), D_IN)).astype(np.float16))
+                  for it in train_items + val_items if it.id not in missing])
+    ws.set_current(dataset="toy", features="fp0")
+    return ws
+
+
+def quick(**kw) -> TrainConfig:
+    base = dict(lm="gpt2", device="cpu", lr=1e-3, batch_size=8, max_steps=1, patience=100, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+# --- data order and the loss ------------------------------------------------------------------------
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_order(10, 42, 0), epoch_order(10, 42, 0)
+    assert a == b and sorted(a) == list(range(10))
+    assert epoch_order(10, 42, 1) != a  # reshuffled every epoch
+    plan = make_plan(20, batch_size=4, grad_accum=2, world_size=2)
+    assert plan.global_batch == 16 and plan.steps_per_epoch == 1
+    parts = [plan.micro_batches(list(range(20)), 0, r) for r in range(2)]
+    assert parts == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9, 10, 11], [12, 13, 14, 15]]]
+
+
+def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
+    ws = make_workspace(tmp_path)
+    model = tiny_captioner()
+    from vgpt_cli.features.store import open_workspace_store
+    from vgpt_cli.train.data import caption_examples
+
+    store = open_workspace_store(ws)
+    examples = caption_examples(Manifest.load(ws.manifest_path("toy")).items("train"))
+    b = collate(store, model, examples, max_length=20)
+    out = model(b.features, b.lengths, b.input_ids, b.attention_mask, labels=b.labels)
+    assert b.n_targets == int((b.labels != -100).sum()) > len(examples)
+    mine = token_loss_sum(out.logits, b.labels) / b.n_targets
+    torch.testing.assert_close(mine, out.loss, rtol=1e-6, atol=1e-6)
+    # and against a float64 recomputation by hand
+    logp = torch.log_softmax(out.logits.double(), -1)
+    mask = b.labels != -100
+    ref = -logp.gather(-1, b.labels.clamp_min(0)[..., None])[..., 0][mask].sum()
+    assert abs(float(token_loss_sum(out.logits.detach(), b.labels)) - float(ref)) < 1e-3
+
+
+# --- training behaviour ------------------------------------------------------------------------------
+def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
+    ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)  # 8 images, one caption each
+    result = train(quick(lr=1e-2, max_steps=80, name="fit"), ws, model=tiny_captioner(), quiet=True)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 80
+    assert losses[0] > 10.0  # ln(50257) = 10.8 at random initialisation
+    assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 60, 10))
+    assert losses[-1] < 0.08, losses[-10:]  # near zero: > 92% probability on every caption token
+    run = result.run_dir
+    assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
+    assert (run / "best" / "backbone.json").is_file()
+    assert json.loads((run / "last" / "backbone.json").read_text())["backbone"] == "toy"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 81))
+    assert ws.state()["run"] == "fit"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == 1e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
+
+
+def test_accumulation_2x8_equals_batch_16(tmp_path):
+    ws = make_workspace(tmp_path, n_train=8, caps_per_item=2)  # 16 captions of different lengths
+    whole = tiny_captioner()
+    train(quick(batch_size=16, grad_accum=1, name="b16"), ws, model=whole, quiet=True)
+    accum = tiny_captioner()
+    train(quick(batch_size=8, grad_accum=2, name="b8x2"), ws, model=accum, quiet=True)
+    start = params(tiny_captioner())
+    assert max_diff(params(whole), start) > 1e-4  # the step did move the parameters
+    assert max_diff(params(whole), params(accum)) <= 1e-5
+    # The bug the authors' code had (optimiser step per micro-batch) is far from it:
+    two_steps = tiny_captioner()
+    train(quick(batch_size=8, grad_accum=1, name="b8"), ws, model=two_steps, quiet=True)
+    assert max_diff(params(whole), params(two_steps)) > 1e-4
+
+
+def test_resume_repeats_the_uninterrupted_losses(tmp_path):
+    ws = make_workspace(tmp_path, n_train=6, caps_per_item=2)  # 12 captions, 3 steps per epoch
+    cfg = dict(batch_size=4, max_steps=7, save_every=2, lr=1e-3)
+    full = train(quick(name="full", **cfg), ws, model=tiny_captioner(dropout=0.1), quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record):
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(quick(name="cut", **cfg), ws, model=tiny_captioner(dropout=0.1), on_step=kill_at_5, quiet=True)
+    state = json.loads((ws.run_dir("cut") / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    resumed = train(quick(name="cut", **cfg), ws, resume=True, quiet=True)
+    before = {r["step"]: r["loss"] for r in full.history}
+    after = {r["step"]: r["loss"] for r in resumed.history}
+    assert sorted(after) == [5, 6, 7]
+    for step in after:
+        assert abs(after[step] - before[step]) <= 1e-6, (step, after[step], before[step])
+    a = load_file(str(ws.run_dir("full") / "last" / "model.safetensors"))
+    b = load_file(str(ws.run_dir("cut") / "last" / "model.safetensors"))
+    assert max_diff(a, b) <= 1e-6
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    ws = make_workspace(tmp_path)
+    model = tiny_captioner()
+
+    def poison_after_2(record):
+        if record["step"] == 2:
+            with torch.no_grad():
+                model.encoder.parameters().__next__().fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan.*last good checkpoint"):
+        train(quick(max_steps=5, save_every=1, name="nan"), ws, model=model, on_step=poison_after_2, quiet=True)
+    state = json.loads((ws.run_dir("nan") / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    weights = load_file(str(ws.run_dir("nan") / "last" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# --- configuration -------------------------------------------------------------------------------------
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "t.yaml").write_text("lr: 5.0e-5\nlm-lr: 1e-5\nbatch_size: 10\nscst: true\n")
+    cfg = load_config_file(tmp_path / "t.yaml")
+    assert (cfg.lr, cfg.lm_lr, cfg.batch_size, cfg.scst) == (5e-5, 1e-5, 10, True)
+    cfg2 = cfg.override(lr=2e-4, batch_size=None)  # an unset flag never overrides the file
+    assert (cfg2.lr, cfg2.batch_size) == (2e-4, 10)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg2.to_dict()))) == cfg2
+    (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
+    with pytest.raises(ConfigError, match="unknown training option.*learning_rate"):
+        load_config_file(tmp_path / "bad.json")
+    defaults = TrainConfig()
+    assert (defaults.tau, defaults.encoder_layers, defaults.lr, defaults.clip_grad, defaults.val_beam,
+            defaults.max_length) == (0.2, 3, 1e-4, 1.0, 5, 20)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tau", "0.6"], "tau 0.6"),
+    (["--lr", "-1e-4"], "--lr -0.0001: a learning rate must be a positive"),
+    (["--lm", "no/such/folder-xyz"], "cannot load the language model"),
+    (["--lm", "/nowhere/model.gguf"], "GGUF file not found"),
+])
+def test_bad_configuration_fails_before_training(tmp_path, args, message):
+    ws = make_workspace(tmp_path)
+    result = runner.invoke(app, ["-w", str(ws.root), "train", "--device", "cpu", "--name", "bad", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (ws.run_dir("bad") / "metrics.jsonl").exists()
+    assert not (ws.run_dir("bad") / "last").exists()
+
+
+def test_missing_features_fail_before_loading_any_model(tmp_path):
+    ws = make_workspace(tmp_path, missing=("t2",))
+    with pytest.raises(DataError, match="t2.*not extracted.*vgpt extract-features"):
+        # lm names a folder that does not exist: the data check must come first
+        train(quick(lm=str(tmp_path / "no-lm")), ws, quiet=True)
+    with pytest.raises(ModelLoadError):
+        train(quick(lm=str(tmp_path / "no-lm")), make_workspace(tmp_path / "ok"), quiet=True)

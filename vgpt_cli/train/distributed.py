@@ -1,0 +1,88 @@
+"""torch.distributed set-up for `torchrun ... vgpt train` (gloo on the CPU, NCCL on GPUs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vgpt_cli.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False  # we called init_process_group, so we also tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a no-op in one process). Works on a copy on the process's device."""
+        if not self.enabled:
+            return value
+        t = value.detach().clone().to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_from_main(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        t = value.detach().clone().to(self.device)
+        dist.broadcast(t, src=0)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(option: str, local_rank: int = 0) -> torch.device:
+    option = (option or "auto").strip().lower()
+    if option == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(option)
+    except RuntimeError:
+        raise ConfigError(f"--device {option}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {option}: CUDA is not available on this machine; use --device cpu")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {option}: only {torch.cuda.device_count()} GPU(s) here")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {option}: only cpu and cuda are supported")
+    return device
+
+
+def setup_distributed(device_option: str) -> DistInfo:
+    """Read torchrun's environment; start the process group when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_option, local_rank)
+    if world <= 1:
+        return DistInfo(device=device)
+    started = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        started = True
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, started_here=started)

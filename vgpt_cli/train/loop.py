@@ -1,0 +1,603 @@
+"""The training loop: cross-entropy with accumulation and DDP, validation, early stopping, SCST.
+
+`train(config, workspace)` is the one entry point; `vgpt train`, the demo and the benchmark call it.
+
+Exactness rules that the tests check:
+- Each micro-batch's summed token loss is divided by the token count of the whole effective batch
+  (all micro-batches, all processes), so batch 2 x 8 and batch 16 give the same gradient, and so do
+  2 DDP processes and 1 process with the whole batch.
+- The data order of epoch e depends only on (seed, e), and the checkpoint holds the RNG, optimiser,
+  scheduler and grad-scaler state, so a run resumed at step k repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError, VgptError
+from vgpt_cli.train.checkpoint import (
+    checkpoint_dir,
+    load_trainer_state,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+)
+from vgpt_cli.train.config import ARCHITECTURE_KEYS, TrainConfig
+from vgpt_cli.train.data import (
+    Batch,
+    Example,
+    caption_examples,
+    collate,
+    epoch_order,
+    make_plan,
+    pad_features,
+)
+from vgpt_cli.train.distributed import DistInfo, setup_distributed
+from vgpt_cli.workspace import Workspace, atomic_write_json
+
+FALLBACK_LM = "smollm2-135m"
+
+
+class NonFiniteLossError(VgptError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_score: float | None  # best validation CIDEr-D (None without a validation split)
+    best_step: int | None
+    steps: int  # cross-entropy optimiser steps done
+    scst_steps: int = 0
+    stopped: str = ""  # why cross-entropy ended: max_steps, epochs, early_stopping
+    last_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per optimiser step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "best_cider": self.best_score, "best_step": self.best_step,
+                "steps": self.steps, "scst_steps": self.scst_steps, "stopped": self.stopped,
+                "last_loss": self.last_loss}
+
+
+# --- model, optimiser, schedule --------------------------------------------------------------------
+def captioner_config(config: TrainConfig, d_in: int, lm: str) -> Any:
+    from vgpt_cli.model import CaptionerConfig
+
+    extra = {k: getattr(config, k) for k in ("encoder_dropout", "cross_attn_dropout") if getattr(config, k) is not None}
+    return CaptionerConfig(lm=lm, lm_init=config.lm_init, d_in=d_in, encoder_layers=config.encoder_layers,
+                           tau=config.tau, gating=config.gating, max_caption_tokens=config.max_length,
+                           **extra).validate()
+
+
+def build_model(config: TrainConfig, d_in: int, say: Callable[[str], None] = lambda s: None) -> Any:
+    """Load the LM named by config.lm; with lm unset, GPT-2 if it loads offline, else SmolLM2-135M."""
+    from vgpt_cli.model import Captioner
+
+    if config.lm is not None:
+        return Captioner.from_config(captioner_config(config, d_in, config.lm))
+    try:
+        return Captioner.from_config(captioner_config(config, d_in, "gpt2"))
+    except ModelLoadError as e:
+        say(f"GPT-2 cannot be loaded here ({e}); using {FALLBACK_LM} (pass --lm to choose)")
+        return Captioner.from_config(captioner_config(config, d_in, FALLBACK_LM))
+
+
+def make_optimizer(model: Any, lr: float, lm_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with the LM's parameters at lm_lr and the new ones at lr; no decay on biases and norms."""
+    groups = []
+    for part, rate in (("lm", lm_lr), ("new", lr)):
+        params = [p for p in model.param_groups()[part] if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay, "name": f"{part}.decay"},
+                   {"params": no_decay, "lr": rate, "weight_decay": 0.0, "name": f"{part}.no_decay"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over tokens whose label is not -100 (labels are already shifted)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum", label_smoothing=label_smoothing)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- decoding for validation and SCST (vgpt_cli.decode) --------------------------------------------
+def beam_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, beam: int, max_tokens: int) -> list[str]:
+    from vgpt_cli.decode import beam_search
+
+    return beam_search(model, features, lengths, beam_size=beam, max_tokens=max_tokens).texts
+
+
+def sample_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, n: int, max_tokens: int,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
+    """n sampled captions per image: token ids (B*n, T) ending in EOS then pad, and their texts."""
+    from vgpt_cli.decode import sample
+
+    out = sample(model, features, lengths, num_samples=n, max_tokens=max_tokens, generator=generator)
+    return out.token_ids, out.texts
+
+
+def sequence_batch(model: Any, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled ids (w1..wn EOS pad..) -> teacher-forcing input_ids (BOS w1..wn), labels, attention_mask."""
+    eos, pad = model.eos_token_id, model.pad_token_id
+    B, T = token_ids.shape
+    is_eos = token_ids == eos
+    # length incl. EOS; a row without EOS (cut at max_tokens) keeps all T tokens
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), T - 1, device=token_ids.device))
+    n = first_eos + 1
+    pos = torch.arange(T, device=token_ids.device)[None, :]
+    real = pos < n[:, None]
+    labels = torch.where(real, token_ids, torch.full_like(token_ids, -100))
+    bos = torch.full((B, 1), model.bos_token_id, dtype=token_ids.dtype, device=token_ids.device)
+    input_ids = torch.cat([bos, token_ids[:, :-1]], dim=1)
+    input_ids = torch.where(real, input_ids, torch.full_like(input_ids, pad))
+    return input_ids, labels, real.long()
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: TrainConfig, workspace: Workspace, dist: DistInfo, *, model: Any, store: Any,
+                 train_items: Sequence[Any], val_items: Sequence[Any], run_dir: Path,
+                 on_step: Callable[[dict[str, Any]], None] | None, quiet: bool):
+        self.cfg, self.ws, self.dist = config, workspace, dist
+        self.device = dist.device
+        self.model = model
+        self.store = store
+        self.train_items, self.val_items = list(train_items), list(val_items)
+        self.examples: list[Example] = caption_examples(self.train_items)
+        self.run_dir = run_dir
+        self.on_step = on_step
+        self.console = Console(stderr=True, quiet=quiet or not dist.is_main, soft_wrap=True)
+        self.show_progress = not quiet and dist.is_main
+        self.backbone = dict(getattr(store, "meta", {}) or {})
+        self.state: dict[str, Any] = {"phase": "xe", "step": 0, "xe_steps": 0, "best_score": None,
+                                      "best_step": None, "bad_validations": 0, "stopped": "", "validations": 0}
+        self.history: list[dict[str, Any]] = []
+        self._val_scorer = None
+        self._reward_scorer = None
+        self._order_cache: tuple[int, list[int]] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1)
+
+    # .. helpers .......................................................................................
+    def say(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    @property
+    def core(self) -> Any:
+        """The unwrapped Captioner (DDP wraps it as .module)."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def order(self, epoch: int, n: int, salt: int = 0) -> list[int]:
+        key = (epoch, n, salt)
+        if self._order_cache is None or self._order_cache[0] != key:
+            self._order_cache = (key, epoch_order(n, self.cfg.seed + salt, epoch))
+        return self._order_cache[1]
+
+    # .. one cross-entropy step ..........................................................................
+    def xe_batches(self, step: int) -> list[Batch]:
+        epoch, pos = divmod(step, self.plan.steps_per_epoch)
+        order = self.order(epoch, len(self.examples))
+        micro = self.plan.micro_batches(order, pos, self.dist.rank)
+        return [collate(self.store, self.core, [self.examples[i] for i in mb], self.cfg.max_length) for mb in micro]
+
+    def xe_step(self, batches: list[Batch]) -> tuple[float, int]:
+        cfg, dist = self.cfg, self.dist
+        n_local = sum(b.n_targets for b in batches)
+        n_global = int(dist.all_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        for i, b in enumerate(batches):
+            b = b.to(self.device)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if (last or not dist.enabled) else self.model.no_sync()
+            with sync:
+                with autocast_context(self.device, cfg.precision):
+                    out = self.model(b.features, b.lengths, b.input_ids, b.attention_mask)
+                part = token_loss_sum(out.logits, b.labels, cfg.label_smoothing)
+                # DDP averages gradients over processes: scale by world size so the mean is over tokens.
+                self.scaler.scale(part * (dist.world_size / n_global)).backward()
+                loss_sum += part.detach().double()
+        total = dist.all_sum(loss_sum).item() / n_global
+        return total, n_global
+
+    # .. one SCST step ...................................................................................
+    def scst_step(self, step: int) -> tuple[float, int]:
+        cfg, dist, core = self.cfg, self.dist, self.core
+        epoch, pos = divmod(step, self.scst_plan.steps_per_epoch)
+        order = self.order(epoch, len(self.train_items), salt=7919)
+        (ids,) = self.scst_plan.micro_batches(order, pos, dist.rank)
+        items = [self.train_items[i] for i in ids]
+        feats, lengths = pad_features([self.store.get(it.id) for it in items])
+        feats, lengths = feats.to(self.device), lengths.to(self.device)
+        k = cfg.scst_samples
+        # Sample and score without dropout; the gradient is then taken under the same (eval) policy.
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.device, cfg.precision):
+            token_ids, texts = sample_captions(core, feats, lengths, k, cfg.max_length)
+        refs = [it.captions for it in items for _ in range(k)]
+        _, rewards = self.reward_scorer.score(texts, refs)
+        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.device).view(len(items), k)
+        advantage = (rewards_t - rewards_t.mean(1, keepdim=True)).reshape(-1)  # baseline: same image's mean
+        input_ids, labels, mask = sequence_batch(core, token_ids.to(self.device))
+        n_global = int(dist.all_sum(torch.tensor(float(len(texts)), dtype=torch.float64)).item())
+        with autocast_context(self.device, cfg.precision):
+            out = self.model(feats.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0), input_ids, mask)
+        logp = torch.log_softmax(out.logits.float(), -1)
+        tok_logp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+        loss = -(advantage * tok_logp.sum(1)).sum()
+        self.scaler.scale(loss * (dist.world_size / n_global)).backward()
+        mean_reward = dist.all_sum(torch.tensor(float(rewards.sum()), dtype=torch.float64)).item() / n_global
+        self.last_reward = mean_reward
+        return dist.all_sum(loss.detach().double()).item() / n_global, int(mask.sum())
+
+    def optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    # .. scorers ..........................................................................................
+    @property
+    def val_scorer(self):
+        # Validation CIDEr-D as `vgpt evaluate` computes it: document frequencies of the scored references.
+        if self._val_scorer is None:
+            from vgpt_cli.evaluate.metrics import CiderD
+
+            self._val_scorer = CiderD([it.captions for it in self.val_items])
+        return self._val_scorer
+
+    @property
+    def reward_scorer(self):
+        # SCST reward: CIDEr-D with document frequencies from the training captions (the paper's choice).
+        if self._reward_scorer is None:
+            from vgpt_cli.evaluate.metrics import CiderD
+
+            self._reward_scorer = CiderD([it.captions for it in self.train_items])
+        return self._reward_scorer
+
+    # .. validation ......................................................................................
+    def validate(self) -> float:
+        """Beam-search the validation items (rank 0) and return CIDEr-D, shared with every process."""
+        score = torch.zeros((), dtype=torch.float64)
+        if self.dist.is_main:
+            core = self.core
+            core.eval()
+            preds: list[str] = []
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast_context(self.device, self.cfg.precision):
+                for start in range(0, len(self.val_items), 50):
+                    chunk = self.val_items[start:start + 50]
+                    feats, lengths = pad_features([self.store.get(it.id) for it in chunk])
+                    preds += beam_captions(core, feats.to(self.device), lengths.to(self.device),
+                                           self.cfg.val_beam, self.cfg.max_length)
+            mean, _ = self.val_scorer.score(preds, [it.captions for it in self.val_items])
+            score = torch.tensor(mean, dtype=torch.float64)
+            self.last_val = {"cider": mean, "seconds": time.perf_counter() - t0, "examples": [
+                {"id": it.id, "caption": p} for it, p in zip(self.val_items[:3], preds[:3])]}
+        return float(self.dist.broadcast_from_main(score).item())
+
+    def after_validation(self, score: float, step_label: int) -> bool:
+        """Record the score, keep `best`, update patience. True when cross-entropy should stop early."""
+        st = self.state
+        st["validations"] += 1
+        improved = st["best_score"] is None or score > st["best_score"]
+        if improved:
+            st["best_score"], st["best_step"], st["bad_validations"] = score, step_label, 0
+            if self.dist.is_main:
+                save_checkpoint(self.core, self.run_dir, "best", self.backbone)
+        else:
+            st["bad_validations"] += 1
+        if self.dist.is_main:
+            record = {"event": "validation", "phase": st["phase"], "step": step_label, "cider": score,
+                      "best_cider": st["best_score"], "best_step": st["best_step"], "improved": improved,
+                      "bad_validations": st["bad_validations"], "time": time.time()}
+            self.log(record)
+            table = Table(title=f"validation at {st['phase']} step {step_label}", title_justify="left")
+            for col in ("CIDEr-D", "best", "best step", "patience left", "seconds"):
+                table.add_column(col, justify="right")
+            table.add_row(f"{score:.4f}", f"{st['best_score']:.4f}", str(st["best_step"]),
+                          str(self.cfg.patience - st["bad_validations"]), f"{self.last_val['seconds']:.1f}")
+            self.console.print(table)
+            for ex in self.last_val["examples"]:
+                self.say(f"  [dim]{ex['id']}:[/] {ex['caption']}")
+        return st["phase"] == "xe" and st["bad_validations"] >= self.cfg.patience
+
+    # .. checkpoints .....................................................................................
+    def save_last(self) -> None:
+        if not self.dist.is_main:
+            return
+        opt_meta, tensors = optimizer_to_parts(self.optimizer)
+        tensors.update(rng_tensors())
+        state = dict(self.state, optimizer=opt_meta,
+                     scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                     scaler=self.scaler.state_dict(), config=self.cfg.to_dict(), saved=time.time())
+        save_checkpoint(self.core, self.run_dir, "last", self.backbone, state, tensors)
+
+    def restore(self, ckpt: Path) -> None:
+        meta, tensors = load_trainer_state(ckpt)
+        for key in self.state:
+            if key in meta:
+                self.state[key] = meta[key]
+        optimizer_from_parts(self.optimizer, meta["optimizer"], tensors)
+        self.scheduler.load_state_dict(dict(meta["scheduler"], lr_lambdas=[None] * len(self.optimizer.param_groups)))
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        restore_rng(tensors)
+
+    # .. phases ..........................................................................................
+    def setup_phase(self, phase: str) -> int:
+        """Optimiser, schedule and step plan of a phase; returns its total number of optimiser steps."""
+        cfg, dist = self.cfg, self.dist
+        if phase == "xe":
+            self.plan = make_plan(len(self.examples), cfg.batch_size, cfg.grad_accum, dist.world_size)
+            total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
+            self.optimizer = make_optimizer(self.core, cfg.lr, cfg.resolved_lm_lr, cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, cfg.warmup, total))
+        else:
+            self.scst_plan = make_plan(len(self.train_items), cfg.scst_batch_size, 1, dist.world_size)
+            total = cfg.scst_epochs * self.scst_plan.steps_per_epoch
+            self.optimizer = make_optimizer(self.core, cfg.scst_lr, cfg.scst_lr, cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.total = total
+        return total
+
+    def run_phase(self, phase: str) -> None:
+        cfg, st = self.cfg, self.state
+        total = self.total
+        per_epoch = self.plan.steps_per_epoch if phase == "xe" else self.scst_plan.steps_per_epoch
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
+                            TimeRemainingColumn(), console=self.console, disable=not self.show_progress,
+                            transient=False)
+        label = "cross-entropy" if phase == "xe" else "SCST"
+        window_tokens, window_start = 0, time.perf_counter()
+        pending = None
+        with progress:
+            task = progress.add_task(label, total=total, completed=st["step"], loss="-", rate="-")
+            while st["step"] < total:
+                step = st["step"]
+                if phase == "xe":
+                    batches = pending.result() if pending is not None else self.xe_batches(step)
+                    # Load the next step's batches in a thread while this step computes.
+                    pending = self._pool.submit(self.xe_batches, step + 1) if step + 1 < total else None
+                    loss, tokens = self.xe_step(batches)
+                    if pending is not None:
+                        pending.result()  # never tokenise in two threads at once (validation decodes)
+                else:
+                    loss, tokens = self.scst_step(step)
+                if not math.isfinite(loss):
+                    last = checkpoint_dir(self.run_dir, "last")
+                    raise NonFiniteLossError(
+                        f"{phase} step {step + 1}: the loss is {loss}; training stopped. The last good checkpoint "
+                        f"is {last or 'not written yet'}; lower --lr, use --precision fp32 or raise --warmup, "
+                        "then rerun (add --resume to continue from it)")
+                self.optimizer_step()
+                st["step"] = step + 1
+                if phase == "xe":
+                    st["xe_steps"] = st["step"]
+                window_tokens += tokens
+                record = {"phase": phase, "step": st["step"], "epoch": step // per_epoch, "loss": loss,
+                          "lr": self.optimizer.param_groups[-1]["lr"], "tokens": tokens}
+                if phase == "scst":
+                    record["reward"] = self.last_reward
+                self.history.append(record)
+                done_epoch = st["step"] % per_epoch == 0
+                if st["step"] % cfg.log_every == 0 or st["step"] == total or done_epoch:
+                    rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                    self.log(dict(record, tokens_per_s=rate, time=time.time()))
+                    progress.update(task, completed=st["step"], loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+                    window_tokens, window_start = 0, time.perf_counter()
+                validate = bool(self.val_items) and (
+                    done_epoch or st["step"] == total or (cfg.val_every and st["step"] % cfg.val_every == 0))
+                stop = False
+                if validate:
+                    stop = self.after_validation(self.validate(), st["step"])
+                    window_start = time.perf_counter()
+                if validate or st["step"] == total or (cfg.save_every and st["step"] % cfg.save_every == 0):
+                    if stop:
+                        st["stopped"] = "early_stopping"
+                    self.save_last()
+                    self.dist.barrier()
+                if self.on_step is not None:
+                    self.on_step(record)  # after the checkpoint: a hook that raises acts as a kill
+                if stop:
+                    break
+        if phase == "xe" and not st["stopped"]:
+            st["stopped"] = "max_steps" if cfg.max_steps else "epochs"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+# --- the entry point -------------------------------------------------------------------------------
+def _default_run_name() -> str:
+    return datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def prepare_inputs(config: TrainConfig, workspace: Workspace, store: Any = None) -> tuple[Any, list, list, str]:
+    """Manifest, feature store and the items to train and validate on; every data check, no model."""
+    from vgpt_cli.data.manifest import Manifest
+
+    dataset = config.dataset or workspace.current("dataset", "prepared dataset", "vgpt prepare ...")
+    manifest = Manifest.load(workspace.manifest_path(dataset))
+    train_items = manifest.items("train")
+    if not train_items or not any(it.captions for it in train_items):
+        raise DataError(f"{workspace.manifest_path(dataset)}: the train split has no captions; "
+                        "rerun `vgpt prepare` with a larger --fraction")
+    val_items = [it for it in manifest.splits.get("val", []) if it.captions]
+    if config.val_size is not None:
+        val_items = val_items[: config.val_size]
+    if store is None:
+        from vgpt_cli.features.store import open_workspace_store
+
+        store = open_workspace_store(workspace)
+    store.require([it.id for it in train_items] + [it.id for it in val_items])
+    return store, train_items, val_items, dataset
+
+
+def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, model: Any = None,
+          store: Any = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Train a captioner on the workspace's dataset and features; returns where the run was written.
+
+    model: an in-memory Captioner to train (tests, the demo); otherwise one is built from config.
+    resume: continue runs/<config.name>/last (optimiser, schedule, RNG and data position included).
+    on_step: called with each optimiser step's record (phase, step, loss ...), e.g. to stop a run.
+    """
+    config.validate()
+    dist = setup_distributed(config.device)
+    if config.precision == "fp16" and dist.device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+    trainer = None
+    try:
+        store, train_items, val_items, dataset = prepare_inputs(config, workspace, store)
+        name = config.name or (_default_run_name() if not resume else None)
+        if name is None:
+            name = workspace.current("run", "training run", "vgpt train")
+        config = config.override(name=name, dataset=dataset)
+        run_dir = workspace.run_dir(name)
+        n_examples = sum(len(it.captions) for it in train_items)
+        if n_examples < dist.world_size * config.grad_accum:
+            raise ConfigError(f"{n_examples} training captions cannot fill {dist.world_size} process(es) x "
+                              f"--grad-accum {config.grad_accum}; lower --grad-accum")
+        say = Console(stderr=True, quiet=quiet or not dist.is_main).print
+        ckpt = None
+        if resume:
+            ckpt = checkpoint_dir(run_dir, "last")
+            if ckpt is None:
+                raise ConfigError(f"{run_dir}: no `last` checkpoint to resume; start it again without --resume")
+            saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+            changed = [k for k in ARCHITECTURE_KEYS if k in saved and saved[k] != getattr(config, k)
+                       and not (k == "lm" and config.lm is None)]
+            if changed:
+                raise ConfigError(f"{run_dir}/config.json: --resume cannot change {', '.join(changed)}; "
+                                  "drop those options or start a new run with another --name")
+            config = config.override(lm=saved.get("lm"))
+        elif checkpoint_dir(run_dir, "last") is not None:
+            raise ConfigError(f"{run_dir}: a run with this name exists; pass --resume to continue it or "
+                              "--name to start another")
+        # The model comes last: every cheap check above has passed.
+        torch.manual_seed(config.seed)
+        if resume:
+            from vgpt_cli.model import Captioner
+
+            model = Captioner.from_pretrained(ckpt)
+        elif model is None:
+            model = build_model(config, int(store.dim), say=lambda s: say(f"[yellow]{s}[/]"))
+        if int(model.config.d_in) != int(store.dim):
+            raise ConfigError(f"the model expects {model.config.d_in}-wide features but the feature store has "
+                              f"{store.dim}; extract features with the matching backbone or start a new run")
+        if config.lm is None:
+            config = config.override(lm=model.config.lm)
+        model.to(dist.device)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", config.to_dict())
+        trainer = Trainer(config, workspace, dist, model=model, store=store, train_items=train_items,
+                          val_items=val_items, run_dir=run_dir, on_step=on_step, quiet=quiet)
+        phase = "xe"
+        meta_phase = None
+        if ckpt is not None:
+            meta_phase = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("phase", "xe")
+        if meta_phase != "scst":
+            trainer.setup_phase("xe")
+            if ckpt is not None:
+                trainer.restore(ckpt)
+                trainer.say(f"resuming {run_dir} at step {trainer.state['step']}")
+            else:
+                trainer.say(_summary(config, trainer, dist))
+            if dist.enabled:
+                trainer.model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            trainer.run_phase("xe")
+        if config.scst and config.scst_epochs > 0:
+            phase = "scst"
+            core = trainer.core
+            if meta_phase != "scst":
+                best = checkpoint_dir(run_dir, "best")
+                if best is not None:  # SCST starts from the best cross-entropy weights
+                    dist.barrier()
+                    from vgpt_cli.model import Captioner
+
+                    core.load_state_dict(Captioner.from_pretrained(best).state_dict())
+                trainer.state.update(phase="scst", step=0, bad_validations=0)
+            trainer.model = core
+            trainer.setup_phase("scst")
+            if meta_phase == "scst":
+                trainer.restore(ckpt)
+                trainer.say(f"resuming SCST in {run_dir} at step {trainer.state['step']}")
+            if dist.enabled:
+                trainer.model = torch.nn.parallel.DistributedDataParallel(
+                    core, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            trainer.run_phase("scst")
+        st = trainer.state
+        if not val_items and dist.is_main:  # no validation split: the final weights are the best we know
+            save_checkpoint(trainer.core, run_dir, "best", trainer.backbone)
+        if dist.is_main:
+            workspace.set_current(run=config.name)
+        result = TrainResult(run_dir=run_dir, best_score=st["best_score"], best_step=st["best_step"],
+                             steps=st["xe_steps"], scst_steps=st["step"] if phase == "scst" else 0,
+                             stopped=st["stopped"], last_loss=trainer.history[-1]["loss"] if trainer.history else None,
+                             history=trainer.history)
+        if dist.is_main:
+            atomic_write_json(run_dir / "result.json", result.to_dict())
+        return result
+    finally:
+        if trainer is not None:
+            trainer.close()
+        dist.close()
+
+
+def _summary(config: TrainConfig, trainer: Trainer, dist: DistInfo) -> str:
+    plan = trainer.plan
+    n_params = sum(p.numel() for p in trainer.core.parameters())
+    new = sum(p.numel() for p in trainer.core.param_groups()["new"])
+    return (f"training {config.name}: {len(trainer.examples)} captions of {len(trainer.train_items)} items, "
+            f"{len(trainer.val_items)} validation items; LM {config.lm} ({n_params / 1e6:.1f}M parameters, "
+            f"{new / 1e6:.1f}M new); effective batch {plan.global_batch} = {config.batch_size} x "
+            f"{config.grad_accum} accum x {dist.world_size} process(es); {trainer.total} steps; device {dist.device}")
+
