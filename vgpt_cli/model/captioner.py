@@ -241,7 +241,7 @@ class Captioner(nn.Module):
             A = h + a.attn_out(i, y)                                     # (B, T, D)
             C = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask)  # (B, K, T, D)
             if self.gates is not None:
-                o, ling, vis = srau_combine(A, C, self.gates[i], self.config.tau)
+                o, ling, vis = srau_combine(A, C, self.gates[i], self.config.tau, want_gates)
                 if want_gates:
                     ling_sum = ling if ling_sum is None else ling_sum + ling
                     vis_sum = vis if vis_sum is None else vis_sum + vis

@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgpt_cli.errors import ModelLoadError
@@ -82,6 +83,7 @@ class GPT2Adapter(LMAdapter):
     def __init__(self, lm: nn.Module):
         super().__init__(lm)
         self.t = lm.transformer
+        self._tanh_gelu = lm.config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
     def embed(self, input_ids, positions):
         h = self.t.wte(input_ids) + self.t.wpe(positions)
@@ -110,7 +112,12 @@ class GPT2Adapter(LMAdapter):
         return float(self.t.h[i].attn.attn_dropout.p)
 
     def mlp(self, i, x):
-        return self.t.h[i].mlp(x)
+        mlp = self.t.h[i].mlp
+        if self._tanh_gelu:
+            # GPT-2's "gelu_new" is the tanh approximation written out in Python (6 elementwise
+            # passes); torch's fused kernel computes the same function in one
+            return mlp.dropout(mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh")))
+        return mlp(x)
 
     def head(self, h):
         return self.lm.lm_head(self.t.ln_f(h))

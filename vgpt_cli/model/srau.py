@@ -55,26 +55,34 @@ class CrossAttention(nn.Module):
         return self.drop(self.o(y))
 
 
-def srau_combine(a: Tensor, c: Tensor, gates: nn.ModuleList, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+def srau_combine(a: Tensor, c: Tensor, gates: nn.ModuleList, tau: float,
+                 want_gates: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """SRAU over K levels. a (B, T, D), c (B, K, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)).
 
     ling / vis are the effective linguistic g*1[g > tau] and visual (1-g)*1[(1-g) > tau] gates,
-    averaged over levels and channels (for the per-word analysis). The indicator is a constant
-    mask: where one branch is cut, gradient still reaches g through the other one.
+    averaged over levels and channels (for the per-word analysis; None unless want_gates). The
+    indicator only selects: where one branch is cut, gradient still reaches g through the other.
     """
-    K = c.shape[1]
-    o = torch.zeros_like(a)
-    ling = a.new_zeros(a.shape[:2])
-    vis = a.new_zeros(a.shape[:2])
-    for k in range(K):
-        ck = c[:, k]
+    levels = c.unbind(1)  # (unbind, not c[:, k]: its backward is one stack, not K zero-filled copies)
+    K = len(levels)
+    o = None
+    ling = vis = None
+    zero = a.new_zeros(())
+    for k, ck in enumerate(levels):
         g = torch.sigmoid(gates[k](torch.cat([a, ck], dim=-1)))
-        g_ling = g * (g > tau)
-        g_vis = (1 - g) * ((1 - g) > tau)
-        o = o + g_ling * a + g_vis * ck
-        ling = ling + g_ling.detach().mean(-1)
-        vis = vis + g_vis.detach().mean(-1)
-    return o / math.sqrt(K), ling / K, vis / K
+        h = 1 - g
+        g_ling = torch.where(g > tau, g, zero)
+        g_vis = torch.where(h > tau, h, zero)
+        ok = g_ling * a + g_vis * ck
+        o = ok if o is None else o + ok
+        if want_gates:
+            lm, vm = g_ling.detach().mean(-1), g_vis.detach().mean(-1)
+            ling = lm if ling is None else ling + lm
+            vis = vm if vis is None else vis + vm
+    o = o / math.sqrt(K)
+    if want_gates:
+        return o, ling / K, vis / K
+    return o, None, None
 
 
 def residual_combine(a: Tensor, c: Tensor) -> Tensor:
