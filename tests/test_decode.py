@@ -1,0 +1,146 @@
+"""Decoding: cached beam search against the no-cache reference (full forward every step), greedy,
+sampling and recomputed log-probabilities, gates, n-gram and length constraints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from vgpt_cli.decode.reference import reference_beam_search
+from vgpt_cli.decode.search import DecodeOptions, beam_search, decode, greedy, sample, sequence_log_probs
+from vgpt_cli.errors import ConfigError
+from vgpt_cli.model import Captioner, CaptionerConfig
+
+D_IN = 16
+
+
+@pytest.fixture(scope="module")
+def tok(gpt2_bpe_dir):
+    t = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
+    assert len(t) > 50000
+    return t
+
+
+def tiny_captioner(tok, family: str = "gpt2") -> Captioner:
+    """A tiny random captioner whose EOS sometimes wins early, sometimes never (so that finished
+    hypotheses, images done early and captions cut at max_length all occur)."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64,
+                                        tie_word_embeddings=False))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=96, vocab_size=len(tok),
+                                          max_position_embeddings=64, tie_word_embeddings=False))
+    head = lm.lm_head.weight
+    with torch.no_grad():
+        torch.nn.init.normal_(head, std=0.3)  # peaked distributions: no near-ties between candidates
+        head[tok.eos_token_id] *= 5.0
+    model = Captioner.from_config(CaptionerConfig(lm=f"tiny-{family}", d_in=D_IN, encoder_ffn=32), lm=lm,
+                                  tokenizer=tok).eval()
+    for per_layer in model.gates:  # gates that really vary
+        for g in per_layer:
+            torch.nn.init.normal_(g.weight, std=0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_captioner(tok)
+
+
+def images(b: int = 8, n: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, n + 1, (b,), generator=gen)
+    return torch.randn(b, n, D_IN, generator=gen), lengths
+
+
+def assert_same(ours, ref):
+    assert len(ours) == len(ref)
+    for hyps, ref_hyps in zip(ours, ref):
+        assert [h.token_ids for h in hyps] == [h.token_ids for h in ref_hyps]
+        for h, r in zip(hyps, ref_hyps):
+            assert h.score == pytest.approx(r.score, abs=1e-4)
+            assert h.ended == r.ended and h.text == r.text
+            assert h.token_logprobs == pytest.approx(r.token_logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("opts", [
+    DecodeOptions(beam_size=3, max_length=10, min_length=2),
+    DecodeOptions(beam_size=4, max_length=10, min_length=1, length_penalty=1.0, no_repeat_ngram_size=2),
+], ids=["plain", "lp-norepeat"])
+def test_cached_beam_search_equals_full_forward_reference(model, opts):
+    f, lengths = images(6)
+    ours = beam_search(model, f, lengths, opts, num_return=opts.beam_size)
+    ref = reference_beam_search(model, f, lengths, opts, num_return=opts.beam_size)
+    assert_same(ours, ref)
+    hyps = [h for hs in ours for h in hs]
+    # the case covers what it should: captions ended by EOS and captions cut at max_length
+    assert any(h.ended for h in hyps) and any(not h.ended for h in hyps)
+    assert all(opts.min_length < len(h.token_ids) or not h.ended for h in hyps)
+    for hs in ours:
+        assert [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+    if opts.no_repeat_ngram_size == 2:
+        for h in hyps:
+            grams = list(zip(h.token_ids, h.token_ids[1:]))
+            assert len(grams) == len(set(grams))
+
+
+def test_llama_family_cache_equals_reference(tok):
+    llama = tiny_captioner(tok, "llama")
+    f, lengths = images(4, seed=1)
+    opts = DecodeOptions(beam_size=3, max_length=8)
+    assert_same(beam_search(llama, f, lengths, opts, num_return=3), reference_beam_search(llama, f, lengths, opts,
+                                                                                            num_return=3))
+
+
+def test_beam_one_equals_greedy(model):
+    f, lengths = images(seed=2)
+    opts = DecodeOptions(beam_size=1, max_length=12)
+    g = greedy(model, f, lengths, opts)
+    b = beam_search(model, f, lengths, opts)
+    for x, (y,) in zip(g, b):
+        assert x.token_ids == y.token_ids and x.score == pytest.approx(y.score, abs=1e-4)
+    assert [h.text for h in decode(model, f, lengths, opts)] == [h.text for h in g]
+
+
+def test_gates_match_the_teacher_forced_forward(model):
+    f, lengths = images(4, seed=3)
+    hyps = [hs[0] for hs in beam_search(model, f, lengths, DecodeOptions(beam_size=3, max_length=8),
+                                        return_gates=True)]
+    for i, h in enumerate(hyps):
+        assert len(h.gates) == len(h.token_ids)
+        ids = torch.tensor([[model.bos_token_id, *h.token_ids[:-1]]])
+        with torch.no_grad():
+            gates = model(f[i:i + 1], lengths[i:i + 1], ids, return_gates=True).gates[0]
+        assert torch.allclose(torch.tensor(h.gates), gates, atol=1e-5)
+        assert all(0 <= lg <= 1 and 0 <= vg <= 1 for lg, vg in h.gates)
+
+
+def test_sampling_log_probs_recompute_and_carry_gradient(model):
+    f, lengths = images(3, seed=4)
+    s = sample(model, f, lengths, num_samples=4, max_length=8, generator=torch.Generator().manual_seed(0))
+    assert s.token_ids.shape[0] == 12 and s.image_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert s.log_probs.requires_grad
+    again = sequence_log_probs(model, f, lengths, s.token_ids, s.mask, s.image_index)
+    assert torch.allclose(again, s.log_probs, atol=1e-4)
+    assert (s.log_probs[~s.mask] == 0).all() and (s.log_probs[s.mask] < 0).all()
+    model.zero_grad()
+    (-again.sum()).backward()
+    assert model.encoder.parameters().__next__().grad.abs().sum() > 0
+    model.zero_grad()
+    # same seed, same samples; a vanishing top-p is greedy
+    s2 = sample(model, f, lengths, num_samples=4, max_length=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s.token_ids, s2.token_ids)
+    s3 = sample(model, f, lengths, max_length=8, top_p=1e-9)
+    assert s3.texts == [h.text for h in greedy(model, f, lengths, DecodeOptions(beam_size=1, max_length=8))]
+
+
+def test_bad_options_are_config_errors(model):
+    f, lengths = images(1)
+    for opts in (DecodeOptions(beam_size=0), DecodeOptions(max_length=0), DecodeOptions(min_length=20)):
+        with pytest.raises(ConfigError):
+            beam_search(model, f, lengths, opts)
+    with pytest.raises(ConfigError):
+        sample(model, f, lengths, temperature=0)
