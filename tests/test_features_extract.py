@@ -33,6 +33,15 @@ TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "6
 PHOTOS = ["astronaut", "chelsea", "coffee", "camera", "rocket", "coins"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny forwards: a thread pool only adds waiting, badly so on a busy 2-core CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("photos")
@@ -254,7 +263,7 @@ def _many_items(photos, root: Path, n: int) -> list[Item]:
 
 
 def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tmp_path):
-    items = _many_items(photos, tmp_path / "imgs", 300)
+    items = _many_items(photos, tmp_path / "imgs", 120)
     args = ["extract-features", *TINY, "--batch-size", "1", "--num-workers", "0"]
     killed = _write_workspace(tmp_path / "killed", items)
     proc = subprocess.Popen([str(PY), "-m", "vgpt_cli", "-w", str(killed.root), *args], env=_env(),
@@ -263,7 +272,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tm
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         found = list(killed.features_root.glob("*/index-r0.jsonl"))
-        if found and found[0].stat().st_size > 1500:  # a dozen or more items done
+        if found and found[0].stat().st_size > 800:  # some items done, most not
             index = found[0]
             break
         time.sleep(0.005)

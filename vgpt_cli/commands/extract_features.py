@@ -70,15 +70,19 @@ def command(
 ) -> None:
     """Extract backbone features for every image of the dataset into the workspace's feature store.
 
-    One store per (backbone, weights, preprocessing) under features/<fingerprint>/; images already
-    there are skipped, so a killed run or a bigger --fraction resumes. Under torchrun each rank
-    extracts its share into the same store. Bad images are skipped and listed in skipped.json.
+    One store per (backbone, weights, preprocessing) under features/<fingerprint>/.
+
+    Images already there are skipped, so a killed run or a bigger --fraction resumes.
+
+    Under torchrun each rank extracts its share into the same store.
+
+    Bad images are skipped, counted and listed in the store's skipped.json.
 
     Example:
 
         vgpt extract-features --backbone tf_efficientnet_lite0
 
-        vgpt extract-features --backbone convnext_base.fb_in22k_ft_in1k --batch-size 64
+        vgpt extract-features --backbone convnext_base --batch-size 64
 
         torchrun --nproc-per-node 4 -m vgpt_cli extract-features --device cuda
 

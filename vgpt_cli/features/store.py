@@ -253,13 +253,13 @@ class StoreWriter:
             self._rows += arr.shape[0]
         if features:
             self._data.flush()
-            os.fsync(self._data.fileno())
+            os.fdatasync(self._data.fileno())
         for key, images, reason in skipped:
             lines.append({"id": key, "images": list(images), "skipped": reason, "t": now})
         if lines:
             self._index.write(b"".join(json.dumps(x, ensure_ascii=False).encode() + b"\n" for x in lines))
             self._index.flush()
-            os.fsync(self._index.fileno())
+            os.fdatasync(self._index.fileno())
 
     def close(self) -> None:
         for f in (self._data, self._index, self._lock):
