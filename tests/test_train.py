@@ -54,13 +54,13 @@ def tokenizer():
     return tok
 
 
-def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2) -> Captioner:
+def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2, width: int = 32) -> Captioner:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, resid_pdrop=dropout,
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=width, n_head=2, n_positions=64, resid_pdrop=dropout,
                                     embd_pdrop=dropout, attn_pdrop=dropout))
-    cfg = CaptionerConfig(lm="gpt2", d_in=D_IN, encoder_layers=2, encoder_ffn=64, encoder_dropout=dropout,
+    cfg = CaptionerConfig(lm="gpt2", d_in=D_IN, encoder_layers=2, encoder_ffn=2 * width, encoder_dropout=dropout,
                           cross_attn_dropout=dropout, tau=tau)
     return Captioner.from_config(cfg, lm=lm, tokenizer=tokenizer())
 
@@ -119,7 +119,8 @@ def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
     store = open_workspace_store(ws)
     examples = caption_examples(Manifest.load(ws.manifest_path("toy")).items("train"))
     b = collate(store, model, examples, max_length=20)
-    out = model(b.features, b.lengths, b.input_ids, b.attention_mask, labels=b.labels)
+    with torch.no_grad():
+        out = model(b.features, b.lengths, b.input_ids, b.attention_mask, labels=b.labels)
     assert b.n_targets == int((b.labels != -100).sum()) > len(examples)
     mine = token_loss_sum(out.logits, b.labels) / b.n_targets
     torch.testing.assert_close(mine, out.loss, rtol=1e-6, atol=1e-6)
@@ -133,21 +134,21 @@ def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
 # --- training behaviour ------------------------------------------------------------------------------
 def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)  # 8 images, one caption each
-    result = train(quick(lr=1e-2, max_steps=80, name="fit"), ws, model=tiny_captioner(), quiet=True)
+    result = train(quick(lr=2e-2, max_steps=60, name="fit"), ws, model=tiny_captioner(), quiet=True)
     losses = [r["loss"] for r in result.history]
-    assert len(losses) == 80
+    assert len(losses) == 60
     assert losses[0] > 10.0  # ln(50257) = 10.8 at random initialisation
-    assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 60, 10))
-    assert losses[-1] < 0.08, losses[-10:]  # near zero: > 92% probability on every caption token
+    assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 50, 10))
+    assert losses[-1] < 0.05, losses[-10:]  # near zero: about 95% probability on every caption token
     run = result.run_dir
     assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
     assert (run / "best" / "backbone.json").is_file()
     assert json.loads((run / "last" / "backbone.json").read_text())["backbone"] == "toy"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 81))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 61))
     assert ws.state()["run"] == "fit"
     saved = json.loads((run / "config.json").read_text())
-    assert saved["lr"] == 1e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
+    assert saved["lr"] == 2e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
 
 
 def test_accumulation_2x8_equals_batch_16(tmp_path):

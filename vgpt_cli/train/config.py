@@ -47,7 +47,7 @@ class TrainConfig:
     batch_size: int = 50  # captions per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch x accum x processes)
     epochs: int = 100  # upper bound on cross-entropy epochs (early stopping usually ends sooner)
-    max_steps: int | None = None  # optimiser steps of cross-entropy; overrides epochs when set
+    max_steps: int | None = None  # optimiser steps of cross-entropy; overrides epochs; 0 + scst: SCST only
     label_smoothing: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
@@ -146,7 +146,9 @@ class TrainConfig:
                      "scst_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("max_steps", "val_every", "val_size", "save_every"):
+        if self.max_steps is not None and (self.max_steps < 0 or (self.max_steps == 0 and not self.scst)):
+            bad(f"--max-steps {self.max_steps}: must be at least 1 (0 only with --scst: SCST alone)")
+        for name in ("val_every", "val_size", "save_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(f"--{name.replace('_', '-')} {v}: must be at least 1 (or leave it unset)")

@@ -138,35 +138,21 @@ def autocast_context(device: torch.device, precision: str):
 
 # --- decoding for validation and SCST (vgpt_cli.decode) --------------------------------------------
 def beam_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, beam: int, max_tokens: int) -> list[str]:
-    from vgpt_cli.decode import beam_search
+    from vgpt_cli.decode import DecodeOptions, decode
 
-    return beam_search(model, features, lengths, beam_size=beam, max_tokens=max_tokens).texts
-
-
-def sample_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, n: int, max_tokens: int,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
-    """n sampled captions per image: token ids (B*n, T) ending in EOS then pad, and their texts."""
-    from vgpt_cli.decode import sample
-
-    out = sample(model, features, lengths, num_samples=n, max_tokens=max_tokens, generator=generator)
-    return out.token_ids, out.texts
+    return [h.text for h in decode(model, features, lengths, DecodeOptions(beam_size=beam, max_length=max_tokens))]
 
 
-def sequence_batch(model: Any, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampled ids (w1..wn EOS pad..) -> teacher-forcing input_ids (BOS w1..wn), labels, attention_mask."""
-    eos, pad = model.eos_token_id, model.pad_token_id
-    B, T = token_ids.shape
-    is_eos = token_ids == eos
-    # length incl. EOS; a row without EOS (cut at max_tokens) keeps all T tokens
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((B,), T - 1, device=token_ids.device))
-    n = first_eos + 1
-    pos = torch.arange(T, device=token_ids.device)[None, :]
-    real = pos < n[:, None]
-    labels = torch.where(real, token_ids, torch.full_like(token_ids, -100))
-    bos = torch.full((B, 1), model.bos_token_id, dtype=token_ids.dtype, device=token_ids.device)
-    input_ids = torch.cat([bos, token_ids[:, :-1]], dim=1)
-    input_ids = torch.where(real, input_ids, torch.full_like(input_ids, pad))
-    return input_ids, labels, real.long()
+class _ForwardThrough:
+    """The captioner's attributes with another module's forward: sequence_log_probs must run the
+    DDP wrapper (so gradients are synchronised) but reads token ids from the captioner."""
+
+    def __init__(self, forward: Any, core: Any):
+        self._forward = forward
+        self.bos_token_id, self.eos_token_id = core.bos_token_id, core.eos_token_id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -251,23 +237,24 @@ class Trainer:
         feats, lengths = feats.to(self.device), lengths.to(self.device)
         k = cfg.scst_samples
         # Sample and score without dropout; the gradient is then taken under the same (eval) policy.
+        from vgpt_cli.decode import sample, sequence_log_probs
+
         self.model.eval()
         with torch.no_grad(), autocast_context(self.device, cfg.precision):
-            token_ids, texts = sample_captions(core, feats, lengths, k, cfg.max_length)
-        refs = [it.captions for it in items for _ in range(k)]
-        _, rewards = self.reward_scorer.score(texts, refs)
+            samples = sample(core, feats, lengths, num_samples=k, max_length=cfg.max_length)
+        refs = [items[int(i)].captions for i in samples.image_index]
+        _, rewards = self.reward_scorer.score(samples.texts, refs)
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=self.device).view(len(items), k)
         advantage = (rewards_t - rewards_t.mean(1, keepdim=True)).reshape(-1)  # baseline: same image's mean
-        input_ids, labels, mask = sequence_batch(core, token_ids.to(self.device))
-        n_global = int(dist.all_sum(torch.tensor(float(len(texts)), dtype=torch.float64)).item())
+        n_global = int(dist.all_sum(torch.tensor(float(len(samples.texts)), dtype=torch.float64)).item())
         with autocast_context(self.device, cfg.precision):
-            out = self.model(feats.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0), input_ids, mask)
-        logp = torch.log_softmax(out.logits.float(), -1)
-        tok_logp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
-        loss = -(advantage * tok_logp.sum(1)).sum()
+            logp = sequence_log_probs(_ForwardThrough(self.model, core), feats, lengths, samples.token_ids,
+                                      samples.mask, samples.image_index)
+        loss = -(advantage * logp.sum(1)).sum()
         self.scaler.scale(loss * (dist.world_size / n_global)).backward()
         mean_reward = dist.all_sum(torch.tensor(float(rewards.sum()), dtype=torch.float64)).item() / n_global
         self.last_reward = mean_reward
+        mask = samples.mask
         return dist.all_sum(loss.detach().double()).item() / n_global, int(mask.sum())
 
     def optimizer_step(self) -> None:
@@ -373,7 +360,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         if phase == "xe":
             self.plan = make_plan(len(self.examples), cfg.batch_size, cfg.grad_accum, dist.world_size)
-            total = cfg.max_steps or cfg.epochs * self.plan.steps_per_epoch
+            total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.plan.steps_per_epoch
             self.optimizer = make_optimizer(self.core, cfg.lr, cfg.resolved_lm_lr, cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, cfg.warmup, total))
         else:
