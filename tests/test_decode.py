@@ -15,6 +15,14 @@ from vgpt_cli.model import Captioner, CaptionerConfig
 D_IN = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: a thread pool only adds waiting on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok(gpt2_bpe_dir):
     t = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
@@ -39,9 +47,8 @@ def tiny_captioner(tok, family: str = "gpt2") -> Captioner:
         head[tok.eos_token_id] *= 5.0
     model = Captioner.from_config(CaptionerConfig(lm=f"tiny-{family}", d_in=D_IN, encoder_ffn=32), lm=lm,
                                   tokenizer=tok).eval()
-    for per_layer in model.gates:  # gates that really vary
-        for g in per_layer:
-            torch.nn.init.normal_(g.weight, std=0.3)
+    for g in model.gates:  # gates that really vary
+        torch.nn.init.normal_(g.weight, std=0.3)
     return model
 
 

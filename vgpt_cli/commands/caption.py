@@ -1,17 +1,103 @@
-"""`vgpt caption`."""
+"""`vgpt caption`: caption image files with a trained model. Parsing and printing only."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.table import Table
 
-from vgpt_cli.commands.common import not_built
+from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.errors import ConfigError, DataError, PartialRunError
 
 
-def command(ctx: typer.Context) -> None:
-    """Not built yet (issue #6).
+@friendly_errors
+def command(
+    ctx: typer.Context,
+    images: Annotated[list[str], typer.Argument(
+        help="Image files, folders (their images) and globs such as 'photos/*.jpg'.", show_default=False)],
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A model folder (runs/<run>/best); default: the workspace's best model.")] = None,
+    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="Beam width (1: greedy).")] = 5,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="At most this many tokens.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if any).")] = None,
+    gates: Annotated[bool, typer.Option(
+        "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,
+    gates_plot: Annotated[Path | None, typer.Option(
+        "--gates-plot", help="Draw the per-token gates into this PNG file (needs matplotlib).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
+    as_jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per image per line.")] = False,
+) -> None:
+    """Caption images with the workspace's best model (or --model DIR).
+
+    The images go through the same decoding, preprocessing and backbone as feature extraction did
+    for training. Unreadable images are reported and skipped; the exit code is then 3 (partial).
 
     Example:
 
-        vgpt caption img.jpg
+        vgpt caption photo.jpg
+
+        vgpt caption holiday/ 'more/*.png' --model runs/r1/best --json
+
+        vgpt caption cat.jpg --gates --gates-plot gates.png
     """
-    not_built("caption", 6)
+    from vgpt_cli.api import expand_image_paths, load_captioner
+    from vgpt_cli.commands.evaluate import decode_progress, print_table
+    from vgpt_cli.evaluate.report import resolve_model_dir
+
+    if as_json and as_jsonl:
+        raise ConfigError("--json and --jsonl: choose one")
+    ws = workspace(ctx)
+    model_dir = resolve_model_dir(ws, model)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: no such folder; give a folder written by `vgpt train` "
+                          "(runs/<name>/best)")
+    paths, missing = expand_image_paths(images)
+    if not paths:
+        raise DataError(f"{missing[0].source}: {missing[0].error}; give image files, folders or globs")
+    err.print(f"loading {model_dir} ...", highlight=False)
+    captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
+                               batch_size=batch_size)
+
+    with decode_progress() as progress:
+        results = captioner.caption(paths, gates=gates or gates_plot is not None, progress=progress(len(paths)))
+    results = missing + results
+    good = [r for r in results if r.ok]
+    bad = [r for r in results if not r.ok]
+
+    if as_json:
+        print_json([r.to_dict() for r in results])
+    elif as_jsonl:
+        for r in results:
+            sys.stdout.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("image", overflow="fold")
+        table.add_column("caption")
+        for r in good:
+            table.add_row(r.source, r.caption)
+        print_table(table)
+        if gates:
+            for r in good:
+                gt = Table(title=r.source, title_justify="left")
+                for col in ("token", "linguistic", "visual"):
+                    gt.add_column(col, justify="left" if col == "token" else "right")
+                for t in r.tokens or []:
+                    gt.add_row(t["token"], f"{t['linguistic']:.3f}", f"{t['visual']:.3f}")
+                print_table(gt)
+    if gates_plot is not None and good:
+        from vgpt_cli.evaluate.gates import plot_gates
+
+        plot_gates(good, gates_plot)
+        err.print(f"wrote {gates_plot}", highlight=False)
+    for r in bad:
+        err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
+    err.print(f"captioned {len(good)} of {len(results)} images with {model_dir}", highlight=False)
+    if bad:
+        raise PartialRunError(f"{len(bad)} of {len(results)} images could not be captioned (first: {bad[0].source}: "
+                              f"{bad[0].error}); the others were captioned")

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from vgpt_cli.commands.common import err, friendly_errors, out, print_json, workspace
 from vgpt_cli.errors import ConfigError
@@ -73,23 +84,47 @@ def command(
     if predictions:
         _score_files(ctx, predictions, references, split.value, spice, output, as_json)
         return
+    if model is not None and not model.is_dir():
+        raise ConfigError(f"--model {model}: no such folder; give a folder written by `vgpt train` (runs/<name>/best)")
     if references is not None or output is not None:
         raise ConfigError("--references and --output go with --predictions; to evaluate a split, drop them")
     from vgpt_cli.evaluate.report import evaluate_split
 
-    result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
-                            max_length=max_length, batch_size=batch_size, device=device, spice=spice,
-                            log=lambda m: err.print(m, highlight=False))
+    with decode_progress() as progress:
+        result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
+                                max_length=max_length, batch_size=batch_size, device=device, spice=spice,
+                                log=lambda m: err.print(m, highlight=False), progress=progress)
     if as_json:
         print_json(result.to_dict())
     else:
         extra = ["grounded"] if "grounded" in result.scores else []
-        print_table(metrics_table({f"{result.dataset}/{result.split}": result.scores},
-                                title=f"{result.model_dir} on {result.n_items} images", extra=extra))
+        table = metrics_table({f"{result.dataset}/{result.split}": result.scores},
+                              title=f"{result.model_dir}: {result.n_items} items, beam {beam_size}", extra=extra)
+        if result.notes:
+            table.caption = "; ".join(result.notes)
+        print_table(table)
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
-    err.print(f"wrote {result.metrics_path}, {result.predictions_path} and {result.per_image_path}", highlight=False)
-    err.print("next: `vgpt caption IMAGE...` to caption new images with this model", highlight=False)
+    err.print(f"wrote {result.metrics_path}, {result.predictions_path.name} and {result.per_image_path.name} "
+              f"({result.seconds:.1f} s)", highlight=False)
+    err.print("next: `vgpt caption IMAGE...` captions new images with this model", highlight=False)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s")
+
+
+@contextlib.contextmanager
+def decode_progress():
+    """A progress bar on stderr with a rate; yields progress(total) -> advance(n)."""
+    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        def progress(total: int):
+            task = bar.add_task("decoding", total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield progress
 
 
 def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,

@@ -25,7 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,11 +133,13 @@ def compute_metrics_many(
     use_java: bool | None = None,
     spice: bool = True,
     spice_dir: Path | None = None,
+    skip: Collection[str] = (),
     log: Log = _stderr,
 ) -> dict[str, MetricReport]:
     """Score several prediction sets ({name: {id: caption}}) against one set of references
     ({id: [caption, ...]}). Each set is scored over its own ids. One tokenizer call and one METEOR
-    process serve all sets. `use_java=None` detects Java; False forces the pure-Python path."""
+    process serve all sets. `use_java=None` detects Java; False forces the pure-Python path.
+    `skip`: metric names not to compute ("METEOR", "SPICE"), reported as skipped."""
     for name, preds in prediction_sets.items():
         _check_inputs(preds, references, name)
     java_reason = java_missing_reason() if use_java in (None, True) else "Java turned off by the caller"
@@ -167,6 +169,10 @@ def compute_metrics_many(
     spice_reason = spice_missing_reason(None if java_ok else java_reason, spice_dir) if spice else "not requested"
     if spice_reason:
         skipped["SPICE"] = spice_reason
+    for metric in skip:
+        if metric not in ("METEOR", "SPICE"):
+            raise ValueError(f"skip={metric!r}: only METEOR and SPICE can be skipped")
+        skipped.setdefault(metric, "not requested")
     for w in warnings:
         log(f"warning: {w}")
     for metric, why in skipped.items():
@@ -230,11 +236,12 @@ def compute_metrics(
     use_java: bool | None = None,
     spice: bool = True,
     spice_dir: Path | None = None,
+    skip: Collection[str] = (),
     log: Log = _stderr,
 ) -> MetricReport:
     """Score {id: caption} against {id: [reference, ...]} over the predicted ids."""
     return compute_metrics_many({"predictions": predictions}, references, use_java=use_java, spice=spice,
-                                spice_dir=spice_dir, log=log)["predictions"]
+                                spice_dir=spice_dir, skip=skip, log=log)["predictions"]
 
 
 # --- files -----------------------------------------------------------------------------------------

@@ -1,11 +1,26 @@
-"""Evaluation of a workspace split: references from the manifest, decoding, metrics, files written."""
+"""Evaluation of a workspace split: references from the manifest, decoding the cached features with a
+trained model, metrics, and the files written into the run folder.
+
+    runs/<run>/eval/<split>/predictions.json   COCO results format [{"image_id", "caption"}]
+    runs/<run>/eval/<split>/per_image.jsonl    one line per item: caption, references, per-item scores
+    runs/<run>/eval/<split>/metrics.json       corpus scores, what was skipped, decoding options, notes
+"""
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.workspace import Workspace
+from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
+from vgpt_cli.workspace import Workspace, atomic_write_json, atomic_write_text
+
+BACKBONE_JSON = "backbone.json"  # written beside the weights by training (vgpt_cli/train/checkpoint.py)
 
 
 def workspace_manifest(ws: Workspace) -> Manifest:
@@ -18,3 +33,160 @@ def workspace_references(ws: Workspace, split: str) -> tuple[dict[str, list[str]
     manifest = workspace_manifest(ws)
     refs = {item.id: list(item.captions) for item in manifest.items(split) if item.captions}
     return refs, f"{manifest.dataset}/{split} ({Path(ws.manifest_path(manifest.dataset))})"
+
+
+def split_notes(manifest: Manifest, split: str) -> list[str]:
+    """What every output about `split` must say (a cut test split above all)."""
+    notes = []
+    if split == "test" and manifest.sampling.get("test_cut"):
+        full = manifest.sampling.get("test_full_images")
+        notes.append(f"TEST SPLIT CUT: {len(manifest.items('test'))} of its {full} images (prepare --test-size); "
+                     "scores are not comparable with the full test split")
+    notes += [n for n in manifest.notes if split in n.lower() and "TEST SPLIT CUT" not in n]
+    return notes
+
+
+def resolve_model_dir(ws: Workspace, model_dir: Path | None) -> Path:
+    """--model DIR, or the best checkpoint of the workspace's current run."""
+    if model_dir is not None:
+        return Path(model_dir).expanduser().resolve()
+    run = ws.current("run", "trained model", "vgpt train")
+    best = ws.run_dir(run) / "best"
+    if not best.is_dir():
+        old = ws.run_dir(run) / ".best.old"  # a kill between the two renames of a checkpoint swap
+        if old.is_dir():
+            return old
+        raise ModelLoadError(f"{best}: the current run {run!r} has no best checkpoint yet; let `vgpt train` "
+                             "finish a validation, or pass --model DIR")
+    return best
+
+
+def run_folder(ws: Workspace, model_dir: Path) -> Path:
+    """Where evaluation outputs go: the run folder of runs/<run>/best, else runs/<model folder name>."""
+    if model_dir.name in ("best", "last", ".best.old"):
+        return model_dir.parent
+    return ws.runs_root / model_dir.name
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(model_dir: Path, device: str | None = None):
+    """Captioner.from_pretrained on the device, in eval mode."""
+    from vgpt_cli.model import Captioner
+
+    return Captioner.from_pretrained(model_dir).to(device or default_device()).eval()
+
+
+def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
+    """The backbone record saved with the model (training writes backbone.json), or None."""
+    path = Path(model_dir) / BACKBONE_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from e
+
+
+@dataclass
+class SplitEvaluation:
+    dataset: str
+    split: str
+    model_dir: str
+    n_items: int
+    scores: dict[str, float]
+    skipped: dict[str, str]
+    tokenizer: str
+    decode: dict[str, Any]
+    notes: list[str]
+    out_dir: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.out_dir) / "metrics.json"
+
+    @property
+    def predictions_path(self) -> Path:
+        return Path(self.out_dir) / "predictions.json"
+
+    @property
+    def per_image_path(self) -> Path:
+        return Path(self.out_dir) / "per_image.jsonl"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(metrics=str(self.metrics_path), predictions=str(self.predictions_path),
+                 per_image=str(self.per_image_path))
+        return d
+
+
+def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int = 5,
+                   max_length: int = 20, batch_size: int = 32, device: str | None = None, spice: bool = True,
+                   log: Callable[[str], None] = print,
+                   progress: Callable[[int, int], Callable[[int], None]] | None = None) -> SplitEvaluation:
+    """Decode `split` of the workspace's dataset from its cached features and score it.
+
+    progress(total, ...) -> advance(n) is called once with the item count (for a progress bar)."""
+    import torch
+
+    from vgpt_cli.decode import DecodeOptions, decode_arrays
+    from vgpt_cli.features import open_workspace_store
+
+    t0 = time.perf_counter()
+    manifest = workspace_manifest(ws)
+    items = [it for it in manifest.items(split) if it.captions]
+    if not items:
+        raise DataError(f"{ws.manifest_path(manifest.dataset)}: split {split!r} has no captioned items to evaluate; "
+                        "prepare the dataset with a val/test split")
+    notes = split_notes(manifest, split)
+    for n in notes:
+        log(f"note: {n}")
+    mdir = resolve_model_dir(ws, model_dir)
+    store = open_workspace_store(ws)
+    ids = [it.id for it in items]
+    store.require(ids)
+    dev = device or default_device()
+    model = load_model(mdir, dev)
+    if store.dim != model.config.d_in:
+        raise ModelLoadError(f"{mdir}: the model takes {model.config.d_in}-wide features but the workspace's "
+                             f"feature store {store.path.name} has {store.dim}; evaluate in the workspace it was "
+                             "trained in, or extract features with its backbone")
+    bb = model_backbone_meta(mdir)
+    if bb and bb.get("fingerprint") and bb["fingerprint"] != store.fingerprint:
+        raise ModelLoadError(f"{mdir}: trained on features {bb['fingerprint']}, but the workspace's store is "
+                             f"{store.fingerprint}; run `vgpt extract-features` with the model's backbone "
+                             f"({bb.get('backbone')}) first")
+    opts = DecodeOptions(beam_size=beam_size, max_length=max_length).validate()
+    advance = progress(len(ids)) if progress else None
+    with torch.inference_mode():
+        hyps = decode_arrays(model, [store.get(i) for i in ids], opts, batch_size=batch_size, device=dev,
+                             progress=advance)
+    preds = {i: h.text for i, h in zip(ids, hyps)}
+    refs = {it.id: list(it.captions) for it in items}
+    report = compute_metrics(preds, refs, spice=spice, log=log)
+    scores = dict(report.scores)
+    if manifest.format == "shapes" and all("objects" in it.extra for it in items):
+        from vgpt_cli.data.shapes import grounded_score
+
+        scores["grounded"] = float(grounded_score(preds, {it.id: it.extra["objects"] for it in items}))
+
+    out_dir = run_folder(ws, mdir) / "eval" / split
+    result = SplitEvaluation(
+        dataset=manifest.dataset, split=split, model_dir=str(mdir), n_items=len(ids), scores=scores,
+        skipped=report.skipped, tokenizer=report.tokenizer, decode=asdict(opts), notes=notes, out_dir=str(out_dir),
+        seconds=round(time.perf_counter() - t0, 3), warnings=report.warnings)
+    atomic_write_json(result.predictions_path, coco_results(preds))
+    lines = []
+    for it, h in zip(items, hyps):
+        lines.append(json.dumps({"image_id": it.id, "caption": h.text, "references": it.captions,
+                                 "images": it.images, "beam_score": h.score, "ended": h.ended,
+                                 "scores": report.per_item[it.id]}, ensure_ascii=False))
+    atomic_write_text(result.per_image_path, "\n".join(lines) + "\n")
+    atomic_write_json(result.metrics_path, result.to_dict())
+    return result

@@ -1,0 +1,158 @@
+"""`vgpt caption` and the notebook API on real photographs, with a tiny random captioner saved by
+Captioner.save_pretrained and a tiny random timm backbone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from typer.testing import CliRunner
+
+from vgpt_cli.api import load_captioner
+from vgpt_cli.cli import app
+from vgpt_cli.data.manifest import Item
+from vgpt_cli.decode import DecodeOptions, decode, pad_features
+from vgpt_cli.errors import ModelLoadError
+from vgpt_cli.model import Captioner, CaptionerConfig
+from vgpt_cli.workspace import Workspace, atomic_write_json
+
+skimage = pytest.importorskip("skimage")
+SKIMAGE = Path(skimage.__file__).parent / "data"
+PHOTOS = [SKIMAGE / n for n in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png")]  # camera: grey
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: a thread pool only adds waiting on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Path]:
+    extra = []
+    try:
+        import matplotlib
+
+        hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        if hopper.is_file():
+            extra.append(hopper)
+    except ImportError:
+        pass
+    return [p for p in PHOTOS if p.is_file()] + extra
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from vgpt_cli.features import load_backbone
+
+    return load_backbone("test_efficientnet", pretrained=False, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, gpt2_bpe_dir, backbone) -> Path:
+    tok = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
+    assert len(tok) > 50000
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=32,
+                                    tie_word_embeddings=False))
+    cfg = CaptionerConfig(lm="tiny-gpt2", d_in=backbone.dim, encoder_layers=2, encoder_ffn=32)
+    model = Captioner.from_config(cfg, lm=lm, tokenizer=tok).eval()
+    for g in model.gates:
+        torch.nn.init.normal_(g.weight, std=0.3)
+    d = tmp_path_factory.mktemp("run") / "best"
+    model.save_pretrained(d)
+    atomic_write_json(d / "backbone.json", backbone.meta)  # what training saves beside the weights
+    return d
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_caption_real_photographs_same_path_as_extraction(photos, model_dir, backbone, tmp_path):
+    r = run("caption", *map(str, photos), "--model", str(model_dir), "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert [g["image"] for g in got] == [str(p) for p in photos]
+    assert all(isinstance(g["caption"], str) and g["caption"].strip() for g in got)
+
+    # independent path: features written by extraction into a store, decoded from the store
+    from vgpt_cli.features import FeatureStore, extract_items
+
+    items = [Item(f"i{k}", [str(p)], ["x"]) for k, p in enumerate(photos)]
+    extract_items(items, backbone, tmp_path / "store", num_workers=0, progress=False)
+    store = FeatureStore.open(tmp_path / "store")
+    model = Captioner.from_pretrained(model_dir)
+    f, lengths = pad_features([store.get(it.id) for it in items])
+    with torch.inference_mode():
+        want = [h.text for h in decode(model, f, lengths, DecodeOptions(beam_size=5, max_length=20))]
+    assert [g["caption"] for g in got] == want
+
+    # the table form: one row per image, on stdout
+    table = run("caption", str(photos[0]), "--model", str(model_dir), "--device", "cpu", "--beam-size", "1")
+    assert table.exit_code == 0 and "astronaut.png" in table.stdout
+
+
+def test_corrupt_file_among_good_ones_is_a_partial_run(photos, model_dir, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(photos[1], folder / "cat.png")
+    r = run("caption", str(photos[0]), str(bad), str(folder), str(tmp_path / "nope" / "*.jpg"),
+            "--model", str(model_dir), "--device", "cpu", "--jsonl", "--beam-size", "2")
+    assert r.exit_code == 3, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    by_image = {Path(x["image"]).name: x for x in rows}
+    assert by_image["astronaut.png"]["caption"] and by_image["cat.png"]["caption"]
+    assert by_image["broken.jpg"]["caption"] is None and by_image["broken.jpg"]["error"]
+    assert by_image["*.jpg"]["error"] == "the pattern matches no file"
+    assert "failed:" in r.stderr and "broken.jpg" in r.stderr and "Traceback" not in r.output
+
+
+def test_gates_table_and_plot(photos, model_dir, tmp_path):
+    png = tmp_path / "gates.png"
+    r = run("caption", str(photos[1]), "--model", str(model_dir), "--device", "cpu", "--gates",
+            "--gates-plot", str(png), "--beam-size", "2", "--max-length", "6")
+    assert r.exit_code == 0, r.output
+    assert "linguistic" in r.stdout and "visual" in r.stdout
+    with Image.open(png) as im:
+        assert im.size[0] > 100
+    j = run("caption", str(photos[1]), "--model", str(model_dir), "--device", "cpu", "--gates", "--json",
+            "--beam-size", "2", "--max-length", "6")
+    tokens = json.loads(j.stdout)[0]["tokens"]
+    assert 1 <= len(tokens) <= 6
+    assert all(0 <= t["linguistic"] <= 1 and 0 <= t["visual"] <= 1 for t in tokens)
+
+
+def test_api_two_lines_and_backbone_fallback(photos, model_dir, backbone, tmp_path):
+    cap = load_captioner(model_dir, device="cpu", beam_size=2)
+    with Image.open(photos[0]) as im:
+        texts = cap([str(photos[0]), im.copy()])
+    assert len(texts) == 2 and texts[0] == texts[1]  # a path and the same PIL image give one caption
+
+    # no backbone.json: the workspace's feature store record is used; with neither, a clear error
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "backbone.json").unlink()
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(ModelLoadError, match="backbone.json"):
+        load_captioner(bare, workspace=ws, device="cpu")
+    store_dir = ws.features_root / backbone.fingerprint
+    from vgpt_cli.features import extract_items
+
+    extract_items([Item("a", [str(photos[0])], ["x"])], backbone, store_dir, num_workers=0, progress=False)
+    ws.set_current(features=backbone.fingerprint)
+    assert load_captioner(bare, workspace=ws, device="cpu", beam_size=2)(str(photos[0])) == [texts[0]]
+
+
+def test_missing_model_is_one_line(photos, tmp_path):
+    r = run("-w", str(tmp_path), "caption", str(photos[0]))
+    assert r.exit_code == 2 and "vgpt train" in r.output and "Traceback" not in r.output

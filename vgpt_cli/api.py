@@ -1,0 +1,196 @@
+"""The notebook API: load a trained model folder and caption images in two lines.
+
+    from vgpt_cli.api import load_captioner
+    cap = load_captioner("runs/r1/best")
+    cap(["a.jpg", "b.png"])            # -> ["a dog on a couch", ...]
+
+The images go through the backbone the model was trained on (its record is saved with the model as
+backbone.json; failing that, the workspace's feature store record), with exactly the decoding and
+preprocessing that `vgpt extract-features` used, then through beam search. `vgpt caption` is this
+same code with a command line around it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vgpt_cli.errors import DataError, ModelLoadError, VgptError
+from vgpt_cli.workspace import Workspace
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class CaptionResult:
+    """The caption of one image, or why there is none."""
+
+    source: str                       # the file path, or "<PIL image #i>"
+    caption: str | None = None
+    score: float | None = None        # beam score: summed token log-probabilities
+    error: str | None = None
+    tokens: list[dict[str, Any]] | None = None  # with gates: [{"token", "linguistic", "visual"}, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"image": self.source, "caption": self.caption}
+        if self.score is not None:
+            d["score"] = self.score
+        if self.error is not None:
+            d["error"] = self.error
+        if self.tokens is not None:
+            d["tokens"] = self.tokens
+        return d
+
+
+def expand_image_paths(args: Sequence[str | os.PathLike]) -> tuple[list[str], list[CaptionResult]]:
+    """Files, folders (their image files, sorted, not recursive) and globs -> image paths, plus a
+    failed result for each argument that names nothing."""
+    paths: list[str] = []
+    missing: list[CaptionResult] = []
+    for arg in args:
+        s = str(arg)
+        p = Path(s).expanduser()
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                missing.append(CaptionResult(s, error="folder holds no image files"))
+            paths += found
+        elif p.is_file():
+            paths.append(str(p))
+        elif glob.has_magic(s):
+            found = sorted(f for f in glob.glob(os.path.expanduser(s), recursive=True) if Path(f).is_file())
+            if not found:
+                missing.append(CaptionResult(s, error="the pattern matches no file"))
+            paths += found
+        else:
+            missing.append(CaptionResult(s, error="file not found"))
+    return list(dict.fromkeys(paths)), missing
+
+
+def _token_text(tokenizer, token_id: int, eos: int) -> str:
+    if token_id == eos:
+        return "<eos>"
+    return tokenizer.decode([token_id]).strip() or repr(tokenizer.decode([token_id]))
+
+
+class ImageCaptioner:
+    """A trained captioner plus the backbone it was trained on. Call it on images."""
+
+    def __init__(self, model, backbone, *, beam_size: int = 5, max_length: int = 20, batch_size: int = 16,
+                 device: str = "cpu", model_dir: str = "") -> None:
+        from vgpt_cli.decode import DecodeOptions
+
+        self.model, self.backbone, self.device, self.model_dir = model, backbone, device, model_dir
+        self.options = DecodeOptions(beam_size=beam_size, max_length=max_length).validate()
+        self.batch_size = batch_size
+        if backbone.dim != model.config.d_in:
+            raise ModelLoadError(f"{model_dir}: the model takes {model.config.d_in}-wide features, but backbone "
+                                 f"{backbone.name!r} gives {backbone.dim}; the backbone record does not belong "
+                                 "to this model")
+
+    def __call__(self, images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image
+                 ) -> list[str]:
+        """Captions of the images (paths or PIL images), in order. A bad image raises DataError."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        results = self.caption(images)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            raise DataError(f"{bad[0].source}: {bad[0].error}; give a readable JPEG/PNG image")
+        return [r.caption or "" for r in results]
+
+    def caption(self, images: Sequence[str | os.PathLike | Image.Image], *, gates: bool = False,
+                progress: Callable[[int], None] | None = None) -> list[CaptionResult]:
+        """One CaptionResult per image; unreadable images get an error instead of a caption."""
+        import torch
+
+        from vgpt_cli.decode import pad_features
+        from vgpt_cli.decode.search import decode
+        from vgpt_cli.features import BadImage, open_rgb
+
+        results: list[CaptionResult] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            pils: list[Image.Image] = []
+            good: list[CaptionResult] = []
+            for i, img in enumerate(chunk):
+                if isinstance(img, Image.Image):
+                    r = CaptionResult(f"<PIL image #{start + i}>")
+                    pils.append(img)
+                    good.append(r)
+                else:
+                    r = CaptionResult(str(img))
+                    try:
+                        pils.append(open_rgb(img))
+                        good.append(r)
+                    except BadImage as e:
+                        r.error = e.reason
+                results.append(r)
+            if pils:
+                arrays = self.backbone.features_for_images(pils, batch_size=self.batch_size)
+                f, lengths = pad_features(arrays, self.device)
+                with torch.inference_mode():
+                    hyps = decode(self.model, f, lengths, self.options, return_gates=gates)
+                eos = self.model.eos_token_id
+                for r, h in zip(good, hyps):
+                    r.caption, r.score = h.text, h.score
+                    if gates and h.gates is not None:
+                        r.tokens = [{"token": _token_text(self.model.tokenizer, t, eos), "linguistic": round(g[0], 4),
+                                     "visual": round(g[1], 4)} for t, g in zip(h.token_ids, h.gates)]
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+
+def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:
+    """The backbone record of a model: backbone.json saved with it, else the workspace's feature store."""
+    from vgpt_cli.evaluate.report import model_backbone_meta
+
+    meta = model_backbone_meta(model_dir)
+    if meta:
+        return meta, str(Path(model_dir) / "backbone.json")
+    if workspace is not None:
+        from vgpt_cli.features import open_workspace_store
+
+        try:
+            store = open_workspace_store(workspace)
+        except VgptError as e:
+            raise ModelLoadError(f"{model_dir}: no backbone.json beside the weights, and no feature store in "
+                                 f"the workspace {workspace.root} ({e}); copy backbone.json from the training run "
+                                 "or run in the workspace the model was trained in") from None
+        return store.meta, f"{store.path} (workspace feature store)"
+    raise ModelLoadError(f"{model_dir}: no backbone.json beside the weights; copy it from the training run "
+                         "folder, or pass the workspace the model was trained in")
+
+
+def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike | Workspace | None = None,
+                   device: str | None = None, beam_size: int = 5, max_length: int = 20,
+                   batch_size: int = 16) -> ImageCaptioner:
+    """Load a trained model folder (runs/<run>/best, or any Captioner.save_pretrained folder with its
+    backbone.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
+
+    Without backbone.json in the folder, the backbone record of `workspace`'s feature store is used
+    (default: $VGPT_WORKSPACE or the current folder)."""
+    from vgpt_cli.evaluate.report import default_device, load_model
+    from vgpt_cli.features import load_backbone_from_meta
+
+    mdir = Path(model_dir).expanduser().resolve()
+    # no workspace given: the one of $VGPT_WORKSPACE or the current folder, for its feature store record
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.from_option(
+        Path(workspace) if workspace is not None else None)
+    dev = device or default_device()
+    model = load_model(mdir, dev)
+    meta, _ = resolve_backbone_meta(mdir, ws)
+    backbone = load_backbone_from_meta(meta, device=dev)
+    return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                          device=dev, model_dir=str(mdir))
