@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaCo
 
 from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.model import Captioner, CaptionerConfig
-from vgpt_cli.model.srau import srau_combine
+from vgpt_cli.model.srau import LevelGates, srau_combine
 
 D_IN = 16
 
@@ -41,10 +41,9 @@ def build(tok, family="gpt2", seed=0, **kw) -> Captioner:
 
 
 def set_gates(model: Captioner, bias: float, weight_std: float = 0.0) -> None:
-    for per_layer in model.gates:
-        for g in per_layer:
-            torch.nn.init.normal_(g.weight, std=weight_std) if weight_std else torch.nn.init.zeros_(g.weight)
-            torch.nn.init.constant_(g.bias, bias)
+    for g in model.gates:
+        torch.nn.init.normal_(g.weight, std=weight_std) if weight_std else torch.nn.init.zeros_(g.weight)
+        torch.nn.init.constant_(g.bias, bias)
 
 
 def features(b: int, n: int, lengths: list[int], seed: int = 0):
@@ -158,7 +157,7 @@ def srau_reference(a, c, gates, tau):
     out = torch.zeros_like(a)
     gs = []
     for k in range(K):
-        w, b = gates[k].weight.double(), gates[k].bias.double()
+        w, b = gates.weight[k].double(), gates.bias[k].double()  # level k's Linear(2D -> D)
         g = torch.sigmoid(torch.cat([a, c[:, k]], -1) @ w.T + b)
         gs.append(g)
         out = out + (g > tau) * g * a + ((1 - g) > tau) * (1 - g) * c[:, k]
@@ -170,9 +169,9 @@ def test_srau_matches_float64_formulas(tau):
     torch.manual_seed(0)
     D, K = 32, 3
     a, c = torch.randn(2, 5, D), torch.randn(2, K, 5, D)
-    gates = torch.nn.ModuleList([torch.nn.Linear(2 * D, D) for _ in range(K)])
-    for g in gates:
-        torch.nn.init.normal_(g.weight, std=0.4)
+    gates = LevelGates(K, D)
+    torch.nn.init.normal_(gates.weight, std=0.4)
+    torch.nn.init.normal_(gates.bias, std=0.5)
     o, ling, vis = srau_combine(a, c, gates, tau)
     ref, gs = srau_reference(a, c, gates, tau)
     # elements within float32 rounding of a threshold could legitimately fall either way
@@ -186,9 +185,9 @@ def test_srau_threshold_semantics_elementwise():
     torch.manual_seed(1)
     D = 64
     a, c = torch.randn(1, 7, D), torch.randn(1, 1, 7, D)
-    gate = torch.nn.ModuleList([torch.nn.Linear(2 * D, D)])
-    torch.nn.init.normal_(gate[0].weight, std=0.5)
-    g = torch.sigmoid(gate[0](torch.cat([a, c[:, 0]], -1))).double()
+    gate = LevelGates(1, D)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    g = torch.sigmoid(torch.cat([a, c[:, 0]], -1) @ gate.weight[0].T + gate.bias[0]).double()
     a64, c64 = a.double(), c[:, 0].double()
     o, ling, vis = srau_combine(a, c, gate, 0.2)
     o = o.double()
@@ -224,10 +223,10 @@ def test_cut_branch_gate_still_gets_gradient(tok, bias):
     cut = out.gates[..., 0] if bias < 0 else out.gates[..., 1]
     assert bool((cut == 0).all())
     out.loss.backward()
-    for per_layer in model.gates:
-        for g in per_layer:
-            assert g.weight.grad.abs().sum().item() > 0
-            assert g.bias.grad.abs().sum().item() > 0
+    for g in model.gates:
+        for k in range(g.levels):  # every level's gate layer of every block
+            assert g.weight.grad[k].abs().sum().item() > 0
+            assert g.bias.grad[k].abs().sum().item() > 0
 
 
 def test_plain_threshold_gate_would_die():

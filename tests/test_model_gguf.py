@@ -28,10 +28,9 @@ def test_gguf_language_only_logits_match_transformers(smollm2, tmp_path):
     torch.manual_seed(0)
     model = Captioner.from_config(CaptionerConfig(lm="smollm2-135m", d_in=16, encoder_layers=1,
                                                   encoder_ffn=32), lm=lm, tokenizer=tok).eval()
-    for per_layer in model.gates:
-        for g in per_layer:
-            torch.nn.init.zeros_(g.weight)
-            torch.nn.init.constant_(g.bias, 50.0)  # fully linguistic: K = 1 reduces to the plain LM
+    for g in model.gates:
+        torch.nn.init.zeros_(g.weight)
+        torch.nn.init.constant_(g.bias, 50.0)  # fully linguistic: K = 1 reduces to the plain LM
     batch = model.tokenize(["a dog lying on a red couch next to a window", "two cats"])
     f = torch.randn(2, 4, 16)
     real = batch["attention_mask"].bool()

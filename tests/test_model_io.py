@@ -30,9 +30,8 @@ def build(tok, family: str) -> Captioner:
                                           max_position_embeddings=32, tie_word_embeddings=True))
     cfg = CaptionerConfig(lm=f"tiny-{family}", d_in=8, encoder_layers=2, encoder_ffn=16, tau=0.1)
     model = Captioner.from_config(cfg, lm=lm, tokenizer=tok).eval()
-    for per_layer in model.gates:  # non-trivial gates, so that every new weight matters
-        for g in per_layer:
-            torch.nn.init.normal_(g.weight, std=0.3)
+    for g in model.gates:  # non-trivial gates, so that every new weight matters
+        torch.nn.init.normal_(g.weight, std=0.3)
     return model
 
 

@@ -20,7 +20,7 @@ from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.model.config import CaptionerConfig
 from vgpt_cli.model.encoder import VisualEncoder, padding_mask
 from vgpt_cli.model.lm import LMAdapter, adapter_for, as_float32, load_language_model
-from vgpt_cli.model.srau import CrossAttention, residual_combine, srau_combine
+from vgpt_cli.model.srau import CrossAttention, LevelGates, residual_combine, srau_combine
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,24 +109,19 @@ class Captioner(nn.Module):
         self.xattn = nn.ModuleList([CrossAttention(D, heads, config.cross_attn_dropout)
                                     for _ in range(a.num_layers)])
         if config.gating == "srau":
-            self.gates = nn.ModuleList([
-                nn.ModuleList([nn.Linear(2 * D, D) for _ in range(config.encoder_layers)])
-                for _ in range(a.num_layers)
-            ])
+            self.gates = nn.ModuleList([LevelGates(config.encoder_layers, D) for _ in range(a.num_layers)])
         else:
             self.gates = None
         self._init_new()
         self.bos_token_id, self.eos_token_id, self.pad_token_id = a.special_tokens(tokenizer)
 
     def _init_new(self) -> None:
-        # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start at 0.5.
-        for module in [self.xattn, self.gates]:
-            if module is None:
-                continue
-            for m in module.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
+        # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
+        # (LevelGates initialises itself the same way).
+        for m in self.xattn.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,12 +208,13 @@ class Captioner(nn.Module):
         ctx = a.position_context(h, positions)
         # self-attention mask (B, 1, T, L0+T): causal and real keys; a query always sees itself so
         # that a padded row never has an all-masked softmax (its output is never used).
-        causal = torch.ones(T, L0 + T, dtype=torch.bool, device=h.device).tril(L0)
-        allowed = causal & key_mask[:, None, :].bool()
-        diag = torch.zeros_like(causal)
-        diag[:, L0:] = torch.eye(T, dtype=torch.bool, device=h.device)
-        allowed = (allowed | diag).unsqueeze(1)
         use_causal_flag = L0 == 0 and bool(key_mask.all())
+        allowed = None
+        if not use_causal_flag:
+            causal = torch.ones(T, L0 + T, dtype=torch.bool, device=h.device).tril(L0)
+            diag = torch.zeros_like(causal)
+            diag[:, L0:] = torch.eye(T, dtype=torch.bool, device=h.device)
+            allowed = ((causal & key_mask[:, None, :].bool()) | diag).unsqueeze(1)
         new_cache = []
         ling_sum = vis_sum = None
         rep = a.num_heads // a.num_kv_heads

@@ -55,7 +55,30 @@ class CrossAttention(nn.Module):
         return self.drop(self.o(y))
 
 
-def srau_combine(a: Tensor, c: Tensor, gates: nn.ModuleList, tau: float,
+class LevelGates(nn.Module):
+    """The K gate layers of one block: g_k = sigmoid(W_k [A ; C_k] + b_k), W_k: Linear(2D -> D).
+
+    Stored as one (K, D, 2D) weight and (K, D) bias (weight[k] is level k's Linear weight), so that
+    all levels are evaluated in one batched matmul instead of K small ones.
+    """
+
+    def __init__(self, levels: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(levels, d_model, 2 * d_model))
+        self.bias = nn.Parameter(torch.zeros(levels, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def levels(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, a: Tensor, c: Tensor) -> Tensor:
+        # a (B, T, D), c (B, K, T, D) -> g (B, K, T, D)
+        x = torch.cat([a.unsqueeze(1).expand_as(c), c], dim=-1)  # (B, K, T, 2D)
+        return torch.sigmoid(torch.einsum("bktj,kdj->bktd", x, self.weight) + self.bias[:, None, :])
+
+
+def srau_combine(a: Tensor, c: Tensor, gates: LevelGates, tau: float,
                  want_gates: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """SRAU over K levels. a (B, T, D), c (B, K, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)).
 
@@ -63,26 +86,16 @@ def srau_combine(a: Tensor, c: Tensor, gates: nn.ModuleList, tau: float,
     averaged over levels and channels (for the per-word analysis; None unless want_gates). The
     indicator only selects: where one branch is cut, gradient still reaches g through the other.
     """
-    levels = c.unbind(1)  # (unbind, not c[:, k]: its backward is one stack, not K zero-filled copies)
-    K = len(levels)
-    o = None
-    ling = vis = None
-    zero = a.new_zeros(())
-    for k, ck in enumerate(levels):
-        g = torch.sigmoid(gates[k](torch.cat([a, ck], dim=-1)))
-        h = 1 - g
-        g_ling = torch.where(g > tau, g, zero)
-        g_vis = torch.where(h > tau, h, zero)
-        ok = g_ling * a + g_vis * ck
-        o = ok if o is None else o + ok
-        if want_gates:
-            lm, vm = g_ling.detach().mean(-1), g_vis.detach().mean(-1)
-            ling = lm if ling is None else ling + lm
-            vis = vm if vis is None else vis + vm
-    o = o / math.sqrt(K)
-    if want_gates:
-        return o, ling / K, vis / K
-    return o, None, None
+    K = c.shape[1]
+    g = gates(a, c)                          # (B, K, T, D)
+    h = 1 - g
+    zero = g.new_zeros(())
+    g_ling = torch.where(g > tau, g, zero)
+    g_vis = torch.where(h > tau, h, zero)
+    o = (g_ling * a.unsqueeze(1) + g_vis * c).sum(dim=1) / math.sqrt(K)
+    if not want_gates:
+        return o, None, None
+    return o, g_ling.detach().mean(dim=(1, 3)), g_vis.detach().mean(dim=(1, 3))
 
 
 def residual_combine(a: Tensor, c: Tensor) -> Tensor:
