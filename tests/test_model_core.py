@@ -326,3 +326,13 @@ def test_padding_never_reaches_the_loss(tok):
     assert abs(out.loss.item() - manual.item()) < 1e-5
     assert abs(out.loss.item() - out2.loss.item()) < 1e-6
     assert smooth.loss.item() != out.loss.item()
+
+
+def test_decoding_past_gpt2_positions_is_refused(tok):
+    model = build(tok, "gpt2", encoder_layers=1)  # n_positions = 64
+    f, lengths = features(1, 4, [4])
+    ids = torch.zeros(1, 65, dtype=torch.long)
+    with pytest.raises(ValueError, match="64 positions"):
+        model(f, lengths, ids)
+    with pytest.raises(DataError, match="no captions"):
+        model.tokenize([])

@@ -159,6 +159,8 @@ class Captioner(nn.Module):
         max_length = max_length or self.config.max_caption_tokens
         if max_length < 2:
             raise ConfigError(f"max_length={max_length}: needs room for a word and EOS (>= 2)")
+        if not captions:
+            raise DataError("tokenize() got no captions: pass a non-empty list of strings")
         rows = []
         for text in captions:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
@@ -203,6 +205,9 @@ class Captioner(nn.Module):
         a = self.adapter
         B, T = input_ids.shape
         L0 = 0 if not past else past[0][0].shape[2]
+        if a.max_positions is not None and L0 + T > a.max_positions:
+            raise ValueError(f"{L0 + T} caption tokens exceed the LM's {a.max_positions} positions; "
+                             "decode fewer tokens (max_caption_tokens)")
         positions = torch.arange(L0, L0 + T, device=input_ids.device)
         h = a.embed(input_ids, positions)
         ctx = a.position_context(h, positions)

@@ -34,6 +34,8 @@ class LMAdapter:
         self.num_heads: int = cfg.num_attention_heads
         self.num_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.num_layers: int = cfg.num_hidden_layers
+        # learned position tables have a length; rotary positions do not
+        self.max_positions: int | None = None
 
     # embeddings of token ids at absolute positions (T,) -> (B, T, D)
     def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
@@ -83,6 +85,7 @@ class GPT2Adapter(LMAdapter):
     def __init__(self, lm: nn.Module):
         super().__init__(lm)
         self.t = lm.transformer
+        self.max_positions = lm.config.n_positions
         self._tanh_gelu = lm.config.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
     def embed(self, input_ids, positions):
