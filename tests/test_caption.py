@@ -3,6 +3,7 @@ Captioner.save_pretrained and a tiny random timm backbone."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -156,3 +157,16 @@ def test_api_two_lines_and_backbone_fallback(photos, model_dir, backbone, tmp_pa
 def test_missing_model_is_one_line(photos, tmp_path):
     r = run("-w", str(tmp_path), "caption", str(photos[0]))
     assert r.exit_code == 2 and "vgpt train" in r.output and "Traceback" not in r.output
+
+
+def test_python_api_doc_example_runs(tmp_path, monkeypatch, capsys):
+    """The runnable example of docs/python-api.md, executed as written (from a repository-like folder)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "python-api.md").read_text()
+    block = doc.split("## A runnable example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "tests").symlink_to(Path(__file__).resolve().parent)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/python-api.md", "exec"), {"__name__": "docs_example"})
+    printed = capsys.readouterr().out.splitlines()
+    captions = ast.literal_eval(printed[0])  # the list the example prints
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    assert printed[-1].startswith("missing.jpg None file not found")

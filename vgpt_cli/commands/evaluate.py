@@ -103,8 +103,6 @@ def command(
         if result.notes:
             table.caption = "; ".join(result.notes)
         print_table(table)
-    for note in result.notes:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
     err.print(f"wrote {result.metrics_path}, {result.predictions_path.name} and {result.per_image_path.name} "
               f"({result.seconds:.1f} s)", highlight=False)
     err.print("next: `vgpt caption IMAGE...` captions new images with this model", highlight=False)

@@ -146,7 +146,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
                         "prepare the dataset with a val/test split")
     notes = split_notes(manifest, split)
     for n in notes:
-        log(f"note: {n}")
+        log(f"note: {n}")  # first thing, before the long decode; also in the table and metrics.json
     mdir = resolve_model_dir(ws, model_dir)
     store = open_workspace_store(ws)
     ids = [it.id for it in items]

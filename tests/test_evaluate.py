@@ -1,0 +1,102 @@
+"""`vgpt evaluate --split`: a shapes workspace (prepare, extract-features with a tiny random backbone),
+a tiny random captioner as the run's best model, then the decoded split, its files and its scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from typer.testing import CliRunner
+
+from vgpt_cli.cli import app
+from vgpt_cli.data.manifest import Manifest
+from vgpt_cli.data.shapes import grounded_score
+from vgpt_cli.decode import DecodeOptions, decode_arrays
+from vgpt_cli.evaluate.metrics import compute_metrics
+from vgpt_cli.features import open_workspace_store
+from vgpt_cli.model import Captioner, CaptionerConfig
+from vgpt_cli.workspace import Workspace, atomic_write_json
+
+TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "64", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: a thread pool only adds waiting on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, gpt2_bpe_dir) -> Workspace:
+    root = tmp_path_factory.mktemp("ws")
+    r = cli("-w", str(root), "prepare", "shapes", "--count", "40", "--test-size", "3")
+    assert r.exit_code == 0, r.output
+    r = cli("-w", str(root), "extract-features", *TINY)
+    assert r.exit_code == 0, r.output
+    ws = Workspace(root)
+    store = open_workspace_store(ws)
+    tok = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=32,
+                                    tie_word_embeddings=False))
+    model = Captioner.from_config(CaptionerConfig(lm="tiny-gpt2", d_in=store.dim, encoder_layers=1, encoder_ffn=32),
+                                  lm=lm, tokenizer=tok).eval()
+    best = ws.run_dir("r1") / "best"
+    model.save_pretrained(best)
+    atomic_write_json(best / "backbone.json", store.meta)
+    ws.set_current(run="r1")
+    return ws
+
+
+def test_evaluate_test_split_writes_predictions_and_scores(ws):
+    r = cli("-w", str(ws.root), "evaluate", "--split", "test", "--beam-size", "2", "--max-length", "8",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    out = ws.run_dir("r1") / "eval" / "test"
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = json.loads((out / "predictions.json").read_text())
+    per_image = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+
+    manifest = Manifest.load(ws.manifest_path("shapes"))
+    items = manifest.items("test")
+    assert len(items) == 3 and metrics["n_items"] == 3
+    # the cut test split is said everywhere: the table, stderr, metrics.json
+    assert any("TEST SPLIT CUT" in n for n in metrics["notes"])
+    assert "TEST SPLIT CUT" in r.stdout and "TEST SPLIT CUT" in r.stderr
+
+    # predictions: COCO results format, one per test item, equal to decoding the store directly
+    assert [p["image_id"] for p in preds] == [int(i.id) if i.id.isdigit() else i.id for i in items]
+    store = open_workspace_store(ws)
+    model = Captioner.from_pretrained(ws.run_dir("r1") / "best")
+    with torch.inference_mode():
+        want = decode_arrays(model, [store.get(i.id) for i in items], DecodeOptions(beam_size=2, max_length=8))
+    captions = {i.id: h.text for i, h in zip(items, want)}
+    assert [p["caption"] for p in preds] == list(captions.values())
+    assert [p["caption"] for p in per_image] == list(captions.values())
+    assert all(p["references"] == i.captions for p, i in zip(per_image, items))
+
+    # scores: the metrics of those captions (METEOR aside, recomputed here without its JVM start)
+    again = compute_metrics(captions, {i.id: i.captions for i in items}, skip=("METEOR",), log=lambda m: None)
+    for k, v in again.scores.items():
+        assert metrics["scores"][k] == v, k
+    assert metrics["scores"]["grounded"] == grounded_score(captions, {i.id: i.extra["objects"] for i in items})
+    assert "SPICE" in metrics["skipped"] or "SPICE" in metrics["scores"]
+    assert "Bleu_4" in r.stdout and "grounded" in r.stdout
+
+
+def test_evaluate_errors_are_one_line(ws, tmp_path):
+    r = cli("-w", str(ws.root), "evaluate", "--split", "val", "--model", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and "--model" in r.output and "Traceback" not in r.output
+    empty = cli("-w", str(tmp_path), "evaluate", "--split", "test")
+    assert empty.exit_code == 2 and "vgpt prepare" in empty.output
+    r = cli("-w", str(ws.root), "evaluate", "--references", "x.json")
+    assert r.exit_code == 2 and "--predictions" in r.output
