@@ -217,6 +217,7 @@ def test_cli_extracts_the_current_dataset_and_records_the_store(photos, tmp_path
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["dataset"] == "toy" and out["extracted"] == len(photos) and out["skipped_count"] == 0
+    assert out["backbone"] == "test_efficientnet" and out["pretrained"] is False  # random init, said so
     store = open_workspace_store(ws)
     assert store.fingerprint == out["fingerprint"] == ws.state()["features"]
     assert sorted(store.keys()) == sorted(photos) and store.meta["pretrained"] is False

@@ -90,6 +90,7 @@ def command(
     """
     from vgpt_cli.features.backbone import load_backbone
     from vgpt_cli.features.extract import extract_items, import_hdf5
+    from vgpt_cli.features.store import FeatureStore
 
     ws = workspace(ctx)
     name = dataset or ws.current("dataset", "dataset", "vgpt prepare ...")
@@ -117,7 +118,9 @@ def command(
         return
     ws.set_current(features=summary.fingerprint)
     if json_out:
-        print_json({"dataset": name, **summary.to_dict()})
+        meta = FeatureStore.open(summary.store).meta
+        print_json({"dataset": name, "backbone": meta["backbone"], "pretrained": meta["pretrained"],
+                    "weights": meta["weights"], **summary.to_dict()})
     err.print(
         f"dataset {name}: {summary.items} items, {summary.already} already in the store, {summary.extracted} "
         f"extracted ({summary.images} images, {summary.images_per_s:.1f} img/s), {len(summary.skipped)} skipped"

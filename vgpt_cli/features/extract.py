@@ -205,7 +205,7 @@ def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_s
     loader = torch.utils.data.DataLoader(
         _ItemImages(items, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=backbone.device.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False,
+        persistent_workers=False,  # default prefetch (2 batches a worker): shared memory stays modest
     )
     n_images = 0
     t0 = time.perf_counter()
