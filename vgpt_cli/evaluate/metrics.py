@@ -158,6 +158,8 @@ def compute_metrics_many(
     if java_ok:
         try:
             tok = ptb_tokenize(batch, use_java=True)
+            if tok.keys() != batch.keys() or any(len(tok[k]) != len(v) for k, v in batch.items()):
+                raise OSError("its output lines do not match the input captions")
         except (OSError, subprocess.SubprocessError) as e:  # e.g. a read-only site-packages
             java_ok, java_reason = False, f"the Java PTB tokenizer failed ({e})"
     if not java_ok:

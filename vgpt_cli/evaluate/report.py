@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
 from vgpt_cli.workspace import Workspace, atomic_write_json, atomic_write_text
 
@@ -74,11 +74,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use `--device cpu`")
+    return device
+
+
 def load_model(model_dir: Path, device: str | None = None):
     """Captioner.from_pretrained on the device, in eval mode."""
     from vgpt_cli.model import Captioner
 
-    return Captioner.from_pretrained(model_dir).to(device or default_device()).eval()
+    return Captioner.from_pretrained(model_dir).to(check_device(device or default_device())).eval()
 
 
 def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
