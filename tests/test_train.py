@@ -252,3 +252,85 @@ def test_missing_features_fail_before_loading_any_model(tmp_path):
         train(quick(lm=str(tmp_path / "no-lm")), ws, quiet=True)
     with pytest.raises(ModelLoadError):
         train(quick(lm=str(tmp_path / "no-lm")), make_workspace(tmp_path / "ok"), quiet=True)
+
+
+# --- validation, early stopping, SCST, the CLI -------------------------------------------------------------
+def test_validation_keeps_best_and_stops_early(tmp_path):
+    from pycocoevalcap.cider.cider import Cider
+
+    from vgpt_cli.decode import DecodeOptions, decode
+    from vgpt_cli.evaluate.tokenize import tokenize_caption
+    from vgpt_cli.features.store import open_workspace_store
+    from vgpt_cli.train.data import pad_features
+
+    ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=3)
+    # A learning rate too small to change any caption: every validation ties, none improves.
+    result = train(quick(lr=1e-12, max_steps=10, val_every=1, patience=2, val_size=2, name="es"), ws,
+                   model=tiny_captioner(), quiet=True)
+    assert (result.stopped, result.steps, result.best_step) == ("early_stopping", 3, 1)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r.get("event") == "validation"]
+    assert [v["step"] for v in vals] == [1, 2, 3] and [v["improved"] for v in vals] == [True, False, False]
+    # The recorded CIDEr-D is pycocoevalcap's, on beam-5 captions of the best checkpoint (val_size: 2 items).
+    best = Captioner.from_pretrained(result.run_dir / "best")
+    items = Manifest.load(ws.manifest_path("toy")).items("val")[:2]
+    feats, lengths = pad_features([open_workspace_store(ws).get(it.id) for it in items])
+    with torch.no_grad():
+        preds = [h.text for h in decode(best, feats, lengths, DecodeOptions(beam_size=5, max_length=20))]
+    gts = {it.id: [tokenize_caption(c) for c in it.captions] for it in items}
+    res = {it.id: [tokenize_caption(p)] for it, p in zip(items, preds)}
+    reference, _ = Cider().compute_score(gts, res)
+    assert abs(vals[0]["cider"] - reference) < 1e-9
+    assert result.best_score == vals[0]["cider"]
+
+
+def test_one_scst_step_raises_the_expected_reward(tmp_path):
+    from vgpt_cli.decode import sample
+    from vgpt_cli.evaluate.metrics import CiderD
+    from vgpt_cli.features.store import open_workspace_store
+    from vgpt_cli.train.data import pad_features
+
+    ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)
+    model = tiny_captioner()
+    train(quick(lr=2e-2, max_steps=20, name="xe"), ws, model=model, quiet=True)  # half-trained: varied samples
+    items = Manifest.load(ws.manifest_path("toy")).items("train")
+    feats, lengths = pad_features([open_workspace_store(ws).get(it.id) for it in items])
+    reward = CiderD([it.captions for it in items])  # document frequencies of the training captions
+
+    def expected_reward() -> float:
+        model.eval()
+        with torch.no_grad():  # the same random numbers before and after: only the policy differs
+            s = sample(model, feats, lengths, num_samples=24, generator=torch.Generator().manual_seed(5))
+        return reward.score(s.texts, [items[int(i)].captions for i in s.image_index])[0]
+
+    before = expected_reward()
+    # --max-steps 0 --scst: SCST alone, one step over all 8 images
+    result = train(quick(max_steps=0, scst=True, scst_epochs=1, scst_batch_size=8, scst_samples=8,
+                         scst_lr=1e-3, name="scst"), ws, model=model, quiet=True)
+    assert result.scst_steps == 1 and result.history[0]["phase"] == "scst"
+    after = expected_reward()
+    assert after > before + 0.01, (before, after)
+
+
+def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
+    lm_dir = tmp_path / "tiny-gpt2"
+    tiny = tiny_captioner()
+    tiny.lm.save_pretrained(lm_dir)
+    tiny.tokenizer.save_pretrained(lm_dir)
+    ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2)
+    (tmp_path / "train.yaml").write_text(f"lm: {lm_dir}\nbatch-size: 3\nmax_steps: 5\nlr: 1.0e-3\n")
+    result = runner.invoke(app, ["-w", str(ws.root), "train", "--config", str(tmp_path / "train.yaml"),
+                                 "--max-steps", "2", "--encoder-layers", "1", "--device", "cpu", "--name", "cli",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["steps"] == 2 and out["run_dir"] == str(ws.run_dir("cli"))
+    saved = json.loads((ws.run_dir("cli") / "config.json").read_text())
+    assert (saved["lm"], saved["batch_size"], saved["max_steps"], saved["encoder_layers"]) == (str(lm_dir), 3, 2, 1)
+    assert "vgpt evaluate --split test" in result.stderr
+    model = Captioner.from_pretrained(ws.run_dir("cli") / "best")
+    assert model.config.encoder_layers == 1 and model.config.d_in == D_IN
+    # resume with more steps continues at step 2
+    result = runner.invoke(app, ["-w", str(ws.root), "train", "--resume", "--max-steps", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 3
