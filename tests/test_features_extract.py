@@ -93,6 +93,9 @@ def test_store_equals_timm_forward_features_and_multiview_concatenates(photos, t
     direct = tiny.features_for_images([photos["coffee"], Image.open(photos["rocket"])])
     np.testing.assert_array_equal(direct[0], store.get("coffee"))
     np.testing.assert_array_equal(direct[1], store.get("rocket"))
+    rebuilt = load_backbone_from_meta(store.meta)  # --image-size 64 and random init come back exactly
+    assert rebuilt.fingerprint == store.fingerprint
+    np.testing.assert_array_equal(rebuilt.features_for_images([photos["coffee"]])[0], direct[0])
     # a rerun recomputes nothing; a larger dataset extracts only the new items
     again = extract_items(items, tiny, tmp_path / "s", progress=False, num_workers=0)
     assert again.already == len(items) and again.extracted == 0 and again.images == 0

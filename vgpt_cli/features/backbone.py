@@ -220,11 +220,14 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
-                  device: str | torch.device = "cpu", image_size: int | None = None) -> Backbone:
+                  device: str | torch.device = "cpu", image_size: int | None = None,
+                  data_config: dict[str, Any] | None = None) -> Backbone:
     """A timm backbone by name, with weights from `weights` (a local file), the offline
     EfficientNet-Lite0 package, the hub, or (pretrained=False only) a seeded random init.
 
-    `image_size` overrides the square input size of the model's data config (a new fingerprint).
+    `image_size` overrides the square input size of the model's data config (a new fingerprint);
+    `data_config` replaces the whole of it (how a store's own preprocessing is rebuilt exactly,
+    whatever a newer timm says the model's defaults are).
     """
     import timm
     from timm.data import resolve_model_data_config
@@ -274,7 +277,7 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         weights_record = {"kind": "random", "seed": RANDOM_INIT_SEED}
         weights_id = f"random-init:seed={RANDOM_INIT_SEED}"
 
-    data_config = _clean_data_config(resolve_model_data_config(model))
+    data_config = _clean_data_config(data_config or resolve_model_data_config(model))
     if image_size is not None:
         if model.pretrained_cfg.get("fixed_input_size") and image_size != data_config["input_size"][-1]:
             raise ConfigError(f"--image-size {image_size}: backbone {name!r} takes only "
@@ -313,7 +316,6 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
                              f"{meta.get('source')} have no backbone to run on new images; extract grid "
                              "features with `vgpt extract-features --backbone ...` and train on those")
     w = meta["weights"]
-    size = meta["data_config"]["input_size"][-1]
     if w["kind"] in ("file", "package"):
         path = Path(w["path"])
         if not path.is_file():
@@ -322,10 +324,11 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
             else:
                 raise ModelLoadError(f"{path}: the weights this feature store was made with are gone; "
                                      "restore the file or extract features again")
-        bb = load_backbone(meta["backbone"], weights=path, device=device, image_size=size)
+        bb = load_backbone(meta["backbone"], weights=path, device=device, data_config=meta["data_config"])
         bb.meta["weights"]["kind"] = w["kind"]
     else:
-        bb = load_backbone(meta["backbone"], pretrained=w["kind"] != "random", device=device, image_size=size)
+        bb = load_backbone(meta["backbone"], pretrained=w["kind"] != "random", device=device,
+                           data_config=meta["data_config"])
     if bb.fingerprint != meta["fingerprint"]:
         raise ModelLoadError(f"backbone {meta['backbone']!r} rebuilt here has fingerprint {bb.fingerprint}, the "
                              f"store says {meta['fingerprint']} (other weights or timm version?); extract again")
