@@ -116,6 +116,8 @@ def test_corrupt_file_among_good_ones_is_a_partial_run(photos, model_dir, tmp_pa
     assert by_image["broken.jpg"]["caption"] is None and by_image["broken.jpg"]["error"]
     assert by_image["*.jpg"]["error"] == "the pattern matches no file"
     assert "failed:" in r.stderr and "broken.jpg" in r.stderr and "Traceback" not in r.output
+    only_bad = run("caption", str(bad), "--model", str(model_dir), "--device", "cpu")
+    assert only_bad.exit_code == 2 and "broken.jpg" in only_bad.output
 
 
 def test_gates_table_and_plot(photos, model_dir, tmp_path):

@@ -98,6 +98,9 @@ def command(
     for r in bad:
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir}", highlight=False)
+    if bad and not good:
+        raise DataError(f"no image could be captioned (first: {bad[0].source}: {bad[0].error}); give readable "
+                        "JPEG/PNG files")
     if bad:
         raise PartialRunError(f"{len(bad)} of {len(results)} images could not be captioned (first: {bad[0].source}: "
                               f"{bad[0].error}); the others were captioned")
