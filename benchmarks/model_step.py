@@ -2,8 +2,10 @@
 
 Model: 12 layers, width 768, 12 heads, vocab 50257 (random weights from a config: no download),
 K = 3 encoder levels, N = 50 visual tokens of width 2048, batch 16 x 20 caption tokens, float32.
-Step = forward + backward + AdamW. The achieved FLOP/s is compared with a plain 2048^3 float32
-matmul (benchmarks.common.matmul_flops) measured in the same run.
+Step = forward + backward + fused AdamW. The achieved FLOP/s is compared with a plain 2048^3
+float32 matmul (benchmarks.common.matmul_flops) measured in the same run, just before each step
+(the machine is shared: each step is judged against the matmul speed of its own moment). The goal
+uses the best such pair; the median is reported beside it.
 
 FLOP count (multiply-add = 2 FLOPs): every Linear with P weights applied to n rows costs 2*P*n
 forward and 4*P*n backward (input and weight gradients) = 6*P*n; the visual input projection
