@@ -4,7 +4,6 @@ a tiny random captioner as the run's best model, then the decoded split, its fil
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,12 +84,19 @@ def test_evaluate_test_split_writes_predictions_and_scores(ws):
     assert all(p["references"] == i.captions for p, i in zip(per_image, items))
 
     # scores: the metrics of those captions (METEOR aside, recomputed here without its JVM start)
-    again = compute_metrics(captions, {i.id: i.captions for i in items}, skip=("METEOR",), log=lambda m: None)
-    for k, v in again.scores.items():
+    direct = compute_metrics(captions, {i.id: i.captions for i in items}, skip=("METEOR",), log=lambda m: None)
+    for k, v in direct.scores.items():
         assert metrics["scores"][k] == v, k
     assert metrics["scores"]["grounded"] == grounded_score(captions, {i.id: i.extra["objects"] for i in items})
     assert "SPICE" in metrics["skipped"] or "SPICE" in metrics["scores"]
     assert "Bleu_4" in r.stdout and "grounded" in r.stdout
+
+    # the written predictions file, scored again against the workspace's split: the same numbers
+    again = cli("-w", str(ws.root), "evaluate", "-p", str(out / "predictions.json"), "--split", "test", "--json")
+    assert again.exit_code == 0, again.output
+    rescored = json.loads(again.stdout)["predictions.json"]
+    assert rescored["scores"] == {k: v for k, v in metrics["scores"].items() if k != "grounded"}
+    assert any("TEST SPLIT CUT" in n for n in rescored["notes"]) and "TEST SPLIT CUT" in again.stderr
 
 
 def test_evaluate_errors_are_one_line(ws, tmp_path):

@@ -127,13 +127,17 @@ def decode_progress():
 
 def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,
                  output: Path | None, as_json: bool) -> None:
+    notes: list[str] = []
     if references is not None:
         refs = load_references(references)
         ref_name = str(references)
     else:
-        from vgpt_cli.evaluate.report import workspace_references
+        from vgpt_cli.evaluate.report import split_notes, workspace_manifest, workspace_references
 
         refs, ref_name = workspace_references(workspace(ctx), split)
+        notes = split_notes(workspace_manifest(workspace(ctx)), split)
+        for n in notes:
+            err.print(f"[yellow]note:[/] {n}", highlight=False)
     # short row names: the file names, unless two files share one
     names = [f.name for f in files] if len({f.name for f in files}) == len(files) else [str(f) for f in files]
     sets = {n: load_predictions(f, refs) for n, f in zip(names, files)}
@@ -142,12 +146,15 @@ def _score_files(ctx: typer.Context, files: list[Path], references: Path | None,
             err.print(f"[yellow]note:[/] {name} covers {len(preds)} of the {len(refs)} items of {ref_name}; "
                       "scored over its own items", highlight=False)
     reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False))
-    payload = {name: {"references": ref_name, **r.to_dict()} for name, r in reports.items()}
+    payload = {name: {"references": ref_name, **r.to_dict(), "notes": notes} for name, r in reports.items()}
     if output is not None:
         atomic_write_json(output, payload)
     if as_json:
         print_json(payload)
     else:
-        print_table(metrics_table({n: r.scores for n, r in reports.items()}, title=f"references: {ref_name}"))
+        table = metrics_table({n: r.scores for n, r in reports.items()}, title=f"references: {ref_name}")
+        if notes:
+            table.caption = "; ".join(notes)
+        print_table(table)
     if output is not None:
         err.print(f"wrote {output}", highlight=False)
