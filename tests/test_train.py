@@ -46,6 +46,14 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a thread pool only adds waiting on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
 def tokenizer():
     from transformers import GPT2TokenizerFast
 
@@ -134,21 +142,21 @@ def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
 # --- training behaviour ------------------------------------------------------------------------------
 def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)  # 8 images, one caption each
-    result = train(quick(lr=2e-2, max_steps=60, name="fit"), ws, model=tiny_captioner(), quiet=True)
+    result = train(quick(lr=1e-2, max_steps=80, name="fit"), ws, model=tiny_captioner(), quiet=True)
     losses = [r["loss"] for r in result.history]
-    assert len(losses) == 60
+    assert len(losses) == 80
     assert losses[0] > 10.0  # ln(50257) = 10.8 at random initialisation
-    assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 50, 10))
+    assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 70, 10))
     assert losses[-1] < 0.05, losses[-10:]  # near zero: about 95% probability on every caption token
     run = result.run_dir
     assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
     assert (run / "best" / "backbone.json").is_file()
     assert json.loads((run / "last" / "backbone.json").read_text())["backbone"] == "toy"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 81))
     assert ws.state()["run"] == "fit"
     saved = json.loads((run / "config.json").read_text())
-    assert saved["lr"] == 2e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
+    assert saved["lr"] == 1e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
 
 
 def test_accumulation_2x8_equals_batch_16(tmp_path):
@@ -291,25 +299,30 @@ def test_one_scst_step_raises_the_expected_reward(tmp_path):
     from vgpt_cli.train.data import pad_features
 
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)
-    model = tiny_captioner()
-    train(quick(lr=2e-2, max_steps=20, name="xe"), ws, model=model, quiet=True)  # half-trained: varied samples
+    model = tiny_captioner(seed=1)
+    train(quick(lr=1e-2, max_steps=30, name="xe"), ws, model=model, quiet=True)  # half-trained: varied samples
     items = Manifest.load(ws.manifest_path("toy")).items("train")
     feats, lengths = pad_features([open_workspace_store(ws).get(it.id) for it in items])
     reward = CiderD([it.captions for it in items])  # document frequencies of the training captions
 
     def expected_reward() -> float:
+        """Mean CIDEr-D of 2 x 16 samples per image, with the same random numbers before and after."""
         model.eval()
-        with torch.no_grad():  # the same random numbers before and after: only the policy differs
-            s = sample(model, feats, lengths, num_samples=24, generator=torch.Generator().manual_seed(5))
-        return reward.score(s.texts, [items[int(i)].captions for i in s.image_index])[0]
+        scores = []
+        for seed in (5, 6):
+            with torch.no_grad():
+                s = sample(model, feats, lengths, num_samples=16, generator=torch.Generator().manual_seed(seed))
+            scores.append(reward.score(s.texts, [items[int(i)].captions for i in s.image_index])[0])
+        return float(np.mean(scores))
 
     before = expected_reward()
-    # --max-steps 0 --scst: SCST alone, one step over all 8 images
-    result = train(quick(max_steps=0, scst=True, scst_epochs=1, scst_batch_size=8, scst_samples=8,
+    # --max-steps 0 --scst: SCST alone, one step over all 8 images, 16 samples each
+    result = train(quick(max_steps=0, scst=True, scst_epochs=1, scst_batch_size=8, scst_samples=16,
                          scst_lr=1e-3, name="scst"), ws, model=model, quiet=True)
     assert result.scst_steps == 1 and result.history[0]["phase"] == "scst"
+    assert result.history[0]["reward"] > 0
     after = expected_reward()
-    assert after > before + 0.01, (before, after)
+    assert after > before + 0.02, (before, after)  # seen: 0.617 -> 0.656
 
 
 def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):

@@ -33,6 +33,7 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
+    import torch
     from safetensors.torch import load_file
     from test_train import make_workspace, max_diff, quick, tiny_captioner
 
@@ -51,7 +52,12 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
 
-    train(quick(batch_size=16, grad_accum=1, name="one"), ws, model=tiny_captioner(), quiet=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
+    try:
+        train(quick(batch_size=16, grad_accum=1, name="one"), ws, model=tiny_captioner(), quiet=True)
+    finally:
+        torch.set_num_threads(before)
     ddp = load_file(str(ws.run_dir("ddp") / "last" / "model.safetensors"))
     one = load_file(str(ws.run_dir("one") / "last" / "model.safetensors"))
     start = {k: v for k, v in tiny_captioner().state_dict().items() if k in one}
