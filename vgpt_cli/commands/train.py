@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -98,13 +99,16 @@ def command(
         base = load_config_file(config) if config is not None else TrainConfig()
     cfg = base.override(**flags).validate()
     result = train(cfg, ws, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
 
     best = result.run_dir / "best"
     score = "n/a (no validation split)" if result.best_score is None else f"{result.best_score:.4f}"
     err.print(f"[bold green]done[/]: {result.steps} cross-entropy steps"
               + (f" + {result.scst_steps} SCST steps" if result.scst_steps else "")
               + f" ({result.stopped}); best validation CIDEr-D {score}"
-              + (f" at step {result.best_step}" if result.best_step is not None else ""), highlight=False)
+              + (f" at {result.best_phase} step {result.best_step}" if result.best_step is not None else ""),
+              highlight=False)
     err.print(f"wrote {result.run_dir}/: config.json, metrics.jsonl, best/ (the model to use), last/ "
               "(resumable state)", highlight=False)
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)

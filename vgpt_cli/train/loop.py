@@ -63,16 +63,17 @@ class NonFiniteLossError(VgptError):
 class TrainResult:
     run_dir: Path
     best_score: float | None  # best validation CIDEr-D (None without a validation split)
-    best_step: int | None
+    best_step: int | None  # the step of its phase (best_phase) at which it was reached
     steps: int  # cross-entropy optimiser steps done
     scst_steps: int = 0
     stopped: str = ""  # why cross-entropy ended: max_steps, epochs, early_stopping
     last_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per optimiser step
+    best_phase: str | None = None  # "xe" or "scst"
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "best_cider": self.best_score, "best_step": self.best_step,
-                "steps": self.steps, "scst_steps": self.scst_steps, "stopped": self.stopped,
+                "best_phase": self.best_phase, "steps": self.steps, "scst_steps": self.scst_steps, "stopped": self.stopped,
                 "last_loss": self.last_loss}
 
 
@@ -172,7 +173,7 @@ class Trainer:
         self.show_progress = not quiet and dist.is_main
         self.backbone = dict(getattr(store, "meta", {}) or {})
         self.state: dict[str, Any] = {"phase": "xe", "step": 0, "xe_steps": 0, "best_score": None,
-                                      "best_step": None, "bad_validations": 0, "stopped": "", "validations": 0}
+                                      "best_step": None, "best_phase": None, "bad_validations": 0, "stopped": "", "validations": 0}
         self.history: list[dict[str, Any]] = []
         self._val_scorer = None
         self._reward_scorer = None
@@ -313,19 +314,21 @@ class Trainer:
         improved = st["best_score"] is None or score > st["best_score"]
         if improved:
             st["best_score"], st["best_step"], st["bad_validations"] = score, step_label, 0
+            st["best_phase"] = st["phase"]
             if self.dist.is_main:
                 save_checkpoint(self.core, self.run_dir, "best", self.backbone)
         else:
             st["bad_validations"] += 1
         if self.dist.is_main:
             record = {"event": "validation", "phase": st["phase"], "step": step_label, "cider": score,
-                      "best_cider": st["best_score"], "best_step": st["best_step"], "improved": improved,
+                      "best_cider": st["best_score"], "best_step": st["best_step"],
+                      "best_phase": st["best_phase"], "improved": improved,
                       "bad_validations": st["bad_validations"], "time": time.time()}
             self.log(record)
             table = Table(title=f"validation at {st['phase']} step {step_label}", title_justify="left")
             for col in ("CIDEr-D", "best", "best step", "patience left", "seconds"):
                 table.add_column(col, justify="right")
-            table.add_row(f"{score:.4f}", f"{st['best_score']:.4f}", str(st["best_step"]),
+            table.add_row(f"{score:.4f}", f"{st['best_score']:.4f}", f"{st['best_phase']} {st['best_step']}",
                           str(self.cfg.patience - st["bad_validations"]), f"{self.last_val['seconds']:.1f}")
             self.console.print(table)
             for ex in self.last_val["examples"]:
@@ -524,6 +527,8 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", config.to_dict())
+            if ckpt is None:  # a fresh start: no records of an earlier attempt that never checkpointed
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         trainer = Trainer(config, workspace, dist, model=model, store=store, train_items=train_items,
                           val_items=val_items, run_dir=run_dir, on_step=on_step, quiet=quiet)
         phase = "xe"
@@ -535,6 +540,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             if ckpt is not None:
                 trainer.restore(ckpt)
                 trainer.say(f"resuming {run_dir} at step {trainer.state['step']}")
+                trainer.log({"event": "resume", "phase": "xe", "step": trainer.state["step"], "time": time.time()})
             else:
                 trainer.say(_summary(config, trainer, dist))
             if dist.enabled:
@@ -557,6 +563,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             if meta_phase == "scst":
                 trainer.restore(ckpt)
                 trainer.say(f"resuming SCST in {run_dir} at step {trainer.state['step']}")
+                trainer.log({"event": "resume", "phase": "scst", "step": trainer.state["step"], "time": time.time()})
             if dist.enabled:
                 trainer.model = torch.nn.parallel.DistributedDataParallel(
                     core, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -567,6 +574,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         if dist.is_main:
             workspace.set_current(run=config.name)
         result = TrainResult(run_dir=run_dir, best_score=st["best_score"], best_step=st["best_step"],
+                             best_phase=st["best_phase"],
                              steps=st["xe_steps"], scst_steps=st["step"] if phase == "scst" else 0,
                              stopped=st["stopped"], last_loss=trainer.history[-1]["loss"] if trainer.history else None,
                              history=trainer.history)
