@@ -253,6 +253,18 @@ def test_bad_configuration_fails_before_training(tmp_path, args, message):
     assert not (ws.run_dir("bad") / "last").exists()
 
 
+def test_a_hub_lm_that_is_not_cached_fails_offline_before_training(tmp_path):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
+        pytest.skip("gpt2 is in this machine's Hugging Face cache: it would load")
+    ws = make_workspace(tmp_path)
+    result = runner.invoke(app, ["-w", str(ws.root), "train", "--device", "cpu", "--name", "hub", "--lm", "gpt2"])
+    assert result.exit_code == 2, result.output
+    assert "gpt2: cannot load the language model" in " ".join(result.output.split())
+    assert not (ws.run_dir("hub") / "last").exists()
+
+
 def test_missing_features_fail_before_loading_any_model(tmp_path):
     ws = make_workspace(tmp_path, missing=("t2",))
     with pytest.raises(DataError, match="t2.*not extracted.*vgpt extract-features"):
