@@ -62,10 +62,11 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the paper's settings (GPT-2 when it can be loaded, tau 0.2, K = 3, AdamW lr 1e-4,
-    gradient clipping 1.0, early stopping on validation CIDEr-D by beam 5 / 20 tokens). Writes
-    runs/<name>/: config.json, metrics.jsonl, best/ and last/ checkpoints. Several GPUs or processes:
-    torchrun --nproc-per-node N -m vgpt_cli train ...
+    With no options: the paper's settings (GPT-2 when it can be loaded, tau 0.2, K = 3, AdamW lr 1e-4, gradient clipping 1.0, early stopping on validation CIDEr-D by beam 5 / 20 tokens).
+
+    Writes runs/<name>/: config.json, metrics.jsonl, best/ (the model to use) and last/ (resumable).
+
+    Several GPUs or processes: torchrun --nproc-per-node N -m vgpt_cli train ...
 
     Example:
 
