@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, goal, matmul_flops, print_table, write_results
+from benchmarks.common import RESULTS, goal, machine, matmul_flops, print_table, write_results
 
 PRESETS = {
     # layers, width, heads, d_in, visual tokens, batch
@@ -202,7 +202,8 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     raw = {k: v for k, v in old.get("raw", {}).items() if k != label}
     goals = {k: v for k, v in old.get("goals", {}).items() if not k.endswith(f"_{label}")}
-    raw[label] = dict(row, shape=p, loop_runs_s=loop_runs, bare_runs_s=bare_runs, threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    raw[label] = dict(row, shape=p, loop_runs_s=loop_runs, bare_runs_s=bare_runs, machine=machine(),
+                      threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     goals[f"loop_over_bare_{label}"] = goal(overhead, 1.10, higher_is_better=False)
     write_results(__file__, raw, goals)
 
