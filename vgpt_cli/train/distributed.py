@@ -42,6 +42,17 @@ class DistInfo:
         dist.broadcast(t, src=0)
         return t
 
+    def broadcast_str(self, value: str) -> str:
+        if not self.enabled:
+            return value
+        # bytes in a fixed-size tensor (broadcast_object_list would pickle)
+        raw = value.encode("utf-8")[:255]
+        t = torch.zeros(256, dtype=torch.uint8)
+        t[0] = len(raw)
+        t[1:1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        t = self.broadcast_from_main(t).cpu()
+        return bytes(t[1:1 + int(t[0])].tolist()).decode("utf-8")
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -475,19 +475,21 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
     """Train a captioner on the workspace's dataset and features; returns where the run was written.
 
     model: an in-memory Captioner to train (tests, the demo); otherwise one is built from config.
+        On resume the model always comes from the run's last/ checkpoint.
     resume: continue runs/<config.name>/last (optimiser, schedule, RNG and data position included).
     on_step: called with each optimiser step's record (phase, step, loss ...), e.g. to stop a run.
     """
     config.validate()
     dist = setup_distributed(config.device)
-    if config.precision == "fp16" and dist.device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
     trainer = None
     try:
+        if config.precision == "fp16" and dist.device.type != "cuda":
+            raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
         store, train_items, val_items, dataset = prepare_inputs(config, workspace, store)
         name = config.name or (_default_run_name() if not resume else None)
         if name is None:
             name = workspace.current("run", "training run", "vgpt train")
+        name = dist.broadcast_str(name)  # every process must agree on a timestamped name
         config = config.override(name=name, dataset=dataset)
         run_dir = workspace.run_dir(name)
         n_examples = sum(len(it.captions) for it in train_items)
