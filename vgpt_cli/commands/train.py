@@ -54,6 +54,12 @@ def command(
                                       "cross-entropy, from the best checkpoint.")] = None,
     scst_lr: Annotated[float | None, _opt("--scst-lr", help="SCST learning rate (default 1e-5).")] = None,
     scst_epochs: Annotated[int | None, _opt("--scst-epochs", help="SCST epochs (default 5).")] = None,
+    scst_samples: Annotated[int | None, _opt("--scst-samples", help="Sampled captions per image in SCST; their "
+                                             "mean reward is the baseline (default 5).")] = None,
+    save_every: Annotated[int | None, _opt("--save-every", help="Also write last/ every N steps (default: at "
+                                           "each validation and at the end).")] = None,
+    dataset: Annotated[str | None, _opt("--dataset", help="Dataset name in the workspace (default: the current "
+                                        "one, from the last `vgpt prepare`).")] = None,
     device: Annotated[str | None, _opt("--device", help="auto (default), cpu, cuda or cuda:N.")] = None,
     name: Annotated[str | None, _opt("--name", help="Run folder name under runs/ (default: a timestamp).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run named by --name (default: the "
@@ -85,7 +91,8 @@ def command(
                  warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                  max_steps=max_steps, label_smoothing=label_smoothing, precision=precision, seed=seed,
                  patience=patience, val_every=val_every, val_size=val_size, max_length=max_length, scst=scst,
-                 scst_lr=scst_lr, scst_epochs=scst_epochs, device=device, name=name)
+                 scst_lr=scst_lr, scst_epochs=scst_epochs, scst_samples=scst_samples, save_every=save_every,
+                 dataset=dataset, device=device, name=name)
     if resume:
         # A resumed run starts from its saved config; flags given now override it (architecture excepted).
         run = name or ws.current("run", "training run", "vgpt train")
