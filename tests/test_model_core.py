@@ -336,3 +336,23 @@ def test_decoding_past_gpt2_positions_is_refused(tok):
         model(f, lengths, ids)
     with pytest.raises(DataError, match="no captions"):
         model.tokenize([])
+
+
+def test_gate_init_bias_starts_every_gate_at_sigmoid_b(tok):
+    # The authors' init spreads g over (0, 1) (A is the unnormalised residual stream); a bias init
+    # puts every gate at exactly sigmoid(b), so with K = 1 and a large b the model starts as the LM.
+    model = build(tok, encoder_layers=1, gate_init_bias=50.0)
+    assert all(float(g.weight.abs().max()) == 0.0 for g in model.gates)
+    batch = model.tokenize(["a dog lying on a red couch", "two cats"])
+    f, lengths = features(2, 5, [5, 3])
+    with torch.no_grad():
+        out = model(f, lengths, batch["input_ids"], batch["attention_mask"], return_gates=True)
+        ref = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert (out.logits - ref)[real].abs().max().item() <= 1e-4
+    assert torch.allclose(out.gates[..., 0][real], torch.ones(()))  # linguistic gate 1, visual 0
+    assert float(out.gates[..., 1][real].abs().max()) == 0.0
+    default = build(tok, encoder_layers=1)
+    assert float(default.gates[0].weight.std()) == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ConfigError):
+        CaptionerConfig(gate_init_bias=float("nan")).validate()

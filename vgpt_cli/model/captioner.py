@@ -109,7 +109,7 @@ class Captioner(nn.Module):
         self.xattn = nn.ModuleList([CrossAttention(D, heads, config.cross_attn_dropout)
                                     for _ in range(a.num_layers)])
         if config.gating == "srau":
-            self.gates = nn.ModuleList([LevelGates(config.encoder_layers, D) for _ in range(a.num_layers)])
+            self.gates = nn.ModuleList([LevelGates(config.encoder_layers, D, config.gate_init_bias) for _ in range(a.num_layers)])
         else:
             self.gates = None
         self._init_new()

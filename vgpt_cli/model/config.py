@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -33,6 +34,10 @@ class CaptionerConfig:
     tau: float = 0.2
     # "srau" (the paper) or "none": plain residual cross-attention O = A + mean_k C_k, no gates.
     gating: str = "srau"
+    # Gate initialisation. None: the authors' (weights N(0, 0.02), bias 0), so g = sigmoid(W [A; C]) is
+    # spread over (0, 1) because A is the unnormalised residual stream. A number b: weights 0 and bias b,
+    # every gate starts at sigmoid(b); with K = 1 and b >= 5 the block starts as the pretrained LM's.
+    gate_init_bias: float | None = None
     # Caption length in tokens, EOS included, BOS not (the authors decode at most 20).
     max_caption_tokens: int = 20
 
@@ -52,6 +57,8 @@ class CaptionerConfig:
             raise ConfigError(f"d_in={self.d_in}, encoder_ffn={self.encoder_ffn}: widths must be positive")
         if self.max_caption_tokens < 2:
             raise ConfigError(f"max_caption_tokens={self.max_caption_tokens}: needs room for a word and EOS (>= 2)")
+        if self.gate_init_bias is not None and not math.isfinite(self.gate_init_bias):
+            raise ConfigError(f"gate_init_bias={self.gate_init_bias}: must be a finite number (or unset)")
         for name in ("encoder_dropout", "cross_attn_dropout"):
             p = getattr(self, name)
             if not (0.0 <= p < 1.0):

@@ -62,11 +62,17 @@ class LevelGates(nn.Module):
     all levels are evaluated in one batched matmul instead of K small ones.
     """
 
-    def __init__(self, levels: int, d_model: int):
+    def __init__(self, levels: int, d_model: int, init_bias: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(levels, d_model, 2 * d_model))
         self.bias = nn.Parameter(torch.zeros(levels, d_model))
-        nn.init.normal_(self.weight, std=0.02)
+        if init_bias is None:
+            nn.init.normal_(self.weight, std=0.02)  # the authors' random init: g near 0.5 on average
+        else:
+            # Every gate starts at exactly sigmoid(init_bias), whatever the (large, unnormalised)
+            # residual stream A holds: a large bias starts from the pretrained LM (with K = 1).
+            nn.init.zeros_(self.weight)
+            nn.init.constant_(self.bias, init_bias)
 
     @property
     def levels(self) -> int:

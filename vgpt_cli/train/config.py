@@ -34,6 +34,7 @@ class TrainConfig:
     tau: float = 0.2  # SRAU threshold, 0 <= tau < 0.5 (authors' README: 0.2)
     encoder_layers: int = 3  # K
     gating: str = "srau"  # "srau" or "none" (plain residual cross-attention, for ablations)
+    gate_init_bias: float | None = None  # None: the authors' gate init; b: W = 0, bias b (see CaptionerConfig)
     max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None

@@ -81,7 +81,7 @@ class TrainResult:
 def captioner_config(config: TrainConfig, d_in: int, lm: str) -> Any:
     from vgpt_cli.model import CaptionerConfig
 
-    extra = {k: getattr(config, k) for k in ("encoder_dropout", "cross_attn_dropout") if getattr(config, k) is not None}
+    extra = {k: getattr(config, k) for k in ("encoder_dropout", "cross_attn_dropout", "gate_init_bias") if getattr(config, k) is not None}
     return CaptionerConfig(lm=lm, lm_init=config.lm_init, d_in=d_in, encoder_layers=config.encoder_layers,
                            tau=config.tau, gating=config.gating, max_caption_tokens=config.max_length,
                            **extra).validate()
