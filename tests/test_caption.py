@@ -27,12 +27,7 @@ SKIMAGE = Path(skimage.__file__).parent / "data"
 PHOTOS = [SKIMAGE / n for n in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png")]  # camera: grey
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: a thread pool only adds waiting on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from vgpt_cli.workspace import Workspace, atomic_write_json
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "64", "--num-workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: a thread pool only adds waiting on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
 def cli(*args: str):

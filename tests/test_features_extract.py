@@ -33,13 +33,7 @@ TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "6
 PHOTOS = ["astronaut", "chelsea", "coffee", "camera", "rocket", "coins"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny forwards: a thread pool only adds waiting, badly so on a busy 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
 @pytest.fixture(scope="module")
