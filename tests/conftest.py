@@ -8,9 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers import GPT2_BPE, gpt2_tokenizer  # noqa: E402
 
 TESTS = Path(__file__).parent
-GPT2_BPE = TESTS / "assets" / "gpt2-bpe"
 SHARED = TESTS.parent.parent / "shared"
 REALDATA = SHARED / "realdata"
 
@@ -18,6 +18,12 @@ REALDATA = SHARED / "realdata"
 @pytest.fixture(scope="session")
 def gpt2_bpe_dir() -> Path:
     return GPT2_BPE
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The real GPT-2 BPE tokenizer, one per test module."""
+    return gpt2_tokenizer()
 
 
 @pytest.fixture(scope="module")

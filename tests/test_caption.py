@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from vgpt_cli.api import load_captioner
@@ -52,9 +52,7 @@ def backbone():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gpt2_bpe_dir, backbone) -> Path:
-    tok = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
-    assert len(tok) > 50000
+def model_dir(tmp_path_factory, tok, backbone) -> Path:
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=32,
                                     tie_word_embeddings=False))

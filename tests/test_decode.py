@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from vgpt_cli.decode.reference import reference_beam_search
 from vgpt_cli.decode.search import DecodeOptions, beam_search, decode, greedy, sample, sequence_log_probs
@@ -16,13 +16,6 @@ D_IN = 16
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
-
-
-@pytest.fixture(scope="module")
-def tok(gpt2_bpe_dir):
-    t = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
-    assert len(t) > 50000
-    return t
 
 
 def tiny_captioner(tok, family: str = "gpt2") -> Captioner:

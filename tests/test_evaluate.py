@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
@@ -30,7 +30,7 @@ def cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, gpt2_bpe_dir) -> Workspace:
+def ws(tmp_path_factory, tok) -> Workspace:
     root = tmp_path_factory.mktemp("ws")
     r = cli("-w", str(root), "prepare", "shapes", "--count", "40", "--test-size", "3")
     assert r.exit_code == 0, r.output
@@ -38,7 +38,6 @@ def ws(tmp_path_factory, gpt2_bpe_dir) -> Workspace:
     assert r.exit_code == 0, r.output
     ws = Workspace(root)
     store = open_workspace_store(ws)
-    tok = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=32,
                                     tie_word_embeddings=False))

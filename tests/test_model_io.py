@@ -6,18 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import vgpt_cli.model.lm as lm_module
 from vgpt_cli.errors import ModelLoadError
 from vgpt_cli.model import CONFIG_FILE, WEIGHTS_FILE, Captioner, CaptionerConfig, load_language_model
-
-
-@pytest.fixture(scope="module")
-def tok(gpt2_bpe_dir):
-    t = GPT2TokenizerFast(vocab=str(gpt2_bpe_dir / "vocab.json"), merges=str(gpt2_bpe_dir / "merges.txt"))
-    assert len(t) > 50000
-    return t
 
 
 def build(tok, family: str) -> Captioner:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import gpt2_tokenizer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -24,7 +25,6 @@ from vgpt_cli.train.data import collate, epoch_order, make_plan
 from vgpt_cli.train.loop import token_loss_sum
 from vgpt_cli.workspace import Workspace
 
-GPT2_BPE = Path(__file__).parent / "assets" / "gpt2-bpe"
 D_IN = 16
 SENTENCES = [
     "a man riding a wave on top of a surfboard",
@@ -49,14 +49,6 @@ SENTENCES = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
-def tokenizer():
-    from transformers import GPT2TokenizerFast
-
-    tok = GPT2TokenizerFast(vocab=str(GPT2_BPE / "vocab.json"), merges=str(GPT2_BPE / "merges.txt"))
-    assert len(tok) > 50000  # the empty-tokenizer trap of transformers 5 (see offline-assets.md)
-    return tok
-
-
 def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2, width: int = 32) -> Captioner:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -65,7 +57,7 @@ def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2, width:
                                     embd_pdrop=dropout, attn_pdrop=dropout))
     cfg = CaptionerConfig(lm="gpt2", d_in=D_IN, encoder_layers=2, encoder_ffn=2 * width, encoder_dropout=dropout,
                           cross_attn_dropout=dropout, tau=tau)
-    return Captioner.from_config(cfg, lm=lm, tokenizer=tokenizer())
+    return Captioner.from_config(cfg, lm=lm, tokenizer=gpt2_tokenizer())
 
 
 def make_workspace(root: Path, n_train: int = 4, caps_per_item: int = 2, n_val: int = 0,
