@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -62,10 +63,7 @@ def test_save_load_is_bit_identical(tok, tmp_path, family):
 def test_missing_weights_file(saved, tmp_path):
     _, folder = saved
     dst = tmp_path / "m"
-    dst.mkdir()
-    for p in folder.iterdir():
-        if p.name != WEIGHTS_FILE:
-            (dst / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns(WEIGHTS_FILE))
     with pytest.raises(ModelLoadError, match=WEIGHTS_FILE):
         Captioner.from_pretrained(dst)
 
@@ -74,9 +72,7 @@ def test_missing_weights_file(saved, tmp_path):
 def test_corrupt_weights_file(saved, tmp_path, damage):
     _, folder = saved
     dst = tmp_path / "m"
-    dst.mkdir()
-    for p in folder.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, dst)
     w = dst / WEIGHTS_FILE
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file at all")
@@ -88,9 +84,7 @@ def test_corrupt_weights_file(saved, tmp_path, damage):
 def test_config_not_matching_weights(saved, tmp_path, change):
     _, folder = saved
     dst = tmp_path / "m"
-    dst.mkdir()
-    for p in folder.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, dst)
     meta = json.loads((dst / CONFIG_FILE).read_text())
     meta["captioner"][change[0]] = change[1]
     (dst / CONFIG_FILE).write_text(json.dumps(meta))
