@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 from vgpt_cli.errors import VgptError
 from vgpt_cli.workspace import Workspace
@@ -42,6 +44,18 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second for a progress bar, e.g. '812 scenes/s' or, with decimals=1, '3.4 img/s'."""
+
+    def __init__(self, unit: str, decimals: int = 0) -> None:
+        super().__init__()
+        self.unit = unit
+        self.decimals = decimals
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.{self.decimals}f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
 def print_json(obj: Any) -> None:

@@ -13,15 +13,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
-from rich.text import Text
 
-from vgpt_cli.commands.common import err, friendly_errors, out, print_json, workspace
+from vgpt_cli.commands.common import RateColumn, err, friendly_errors, out, print_json, workspace
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.evaluate.metrics import METRICS, compute_metrics_many, load_predictions, load_references
 from vgpt_cli.workspace import atomic_write_json
@@ -108,16 +105,11 @@ def command(
     err.print("next: `vgpt caption IMAGE...` captions new images with this model", highlight=False)
 
 
-class RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s")
-
-
 @contextlib.contextmanager
 def decode_progress():
     """A progress bar on stderr with a rate; yields progress(total) -> advance(n)."""
-    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn(),
-                  console=err, transient=True) as bar:
+    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), RateColumn("img", decimals=1),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
         def progress(total: int):
             task = bar.add_task("decoding", total=total)
             return lambda n: bar.advance(task, n)

@@ -12,16 +12,13 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
-from rich.text import Text
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import RateColumn, err, friendly_errors, print_json, workspace
 from vgpt_cli.data.build import SamplingOptions, build_manifest, summary, write_manifest
 from vgpt_cli.data.source import Source
 
@@ -62,17 +59,6 @@ def _options(fraction: float | None, count: int | None, unit: Unit, seed: int, v
              test_size: int | None, skip_missing: bool) -> SamplingOptions:
     return SamplingOptions(fraction=fraction, count=count, unit=unit.value, seed=seed, val_size=val_size,
                            test_size=test_size, skip_missing=skip_missing)
-
-
-class RateColumn(ProgressColumn):
-    """Items per second, e.g. '812 scenes/s'."""
-
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:,.0f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
 def progress_bar(unit: str) -> Progress:
