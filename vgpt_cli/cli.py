@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vgpt_cli import __version__
-from vgpt_cli.commands import caption, evaluate, extract_features, prepare, train
+from vgpt_cli.commands import caption, demo, evaluate, extract_features, prepare, train
 from vgpt_cli.workspace import WORKSPACE_ENV, Workspace
 
 app = typer.Typer(
@@ -56,6 +56,7 @@ app.command("extract-features")(extract_features.command)
 app.command("train")(train.command)
 app.command("caption")(caption.command)
 app.command("evaluate")(evaluate.command)
+app.command("demo")(demo.command)
 
 
 def main() -> None:

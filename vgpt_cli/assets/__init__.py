@@ -1,0 +1,1 @@
+"""Small files shipped with vgpt: the demo photograph (CC0)."""
