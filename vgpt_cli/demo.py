@@ -32,7 +32,7 @@ class DemoSettings:
     encoder_layers: int = 1
     tau: float = 0.2
     gate_init_bias: float = 5.0
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     lr: float = 1e-3  # the new parameters
     lm_lr: float = 1e-4  # the pretrained LM's own
