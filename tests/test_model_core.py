@@ -342,7 +342,7 @@ def test_gate_init_bias_starts_every_gate_at_sigmoid_b(tok):
     # The authors' init spreads g over (0, 1) (A is the unnormalised residual stream); a bias init
     # puts every gate at exactly sigmoid(b), so with K = 1 and a large b the model starts as the LM.
     model = build(tok, encoder_layers=1, gate_init_bias=50.0)
-    assert all(float(g.weight.abs().max()) == 0.0 for g in model.gates)
+    assert all(float(g.weight.detach().abs().max()) == 0.0 for g in model.gates)
     batch = model.tokenize(["a dog lying on a red couch", "two cats"])
     f, lengths = features(2, 5, [5, 3])
     with torch.no_grad():
