@@ -78,9 +78,7 @@ def demo_photo() -> Path:
 def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: str = "cpu",
              log: Callable[[str], None] = print) -> DemoReport:
     from vgpt_cli.api import load_captioner
-    from vgpt_cli.data.build import SamplingOptions, build_manifest, write_manifest
-    from vgpt_cli.data.karpathy import read_karpathy
-    from vgpt_cli.data.shapes import write_shapes
+    from vgpt_cli.data.build import SamplingOptions, prepare_shapes
     from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import load_backbone
     from vgpt_cli.features.extract import extract_items
@@ -97,10 +95,8 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
 
     # 1. data
     t0 = time.perf_counter()
-    root = ws.root / "sources" / "shapes"
-    source = read_karpathy(write_shapes(root, settings.scenes, settings.seed), root.resolve(), "shapes")
-    manifest = build_manifest(source, "shapes", SamplingOptions(seed=settings.seed))
-    report.paths["manifest"] = str(write_manifest(ws, manifest))
+    manifest, manifest_path = prepare_shapes(ws, settings.scenes, settings.seed, SamplingOptions(seed=settings.seed))
+    report.paths["manifest"] = str(manifest_path)
     counts = manifest.counts()
     step("prepare", f"{settings.scenes} shapes scenes: " + ", ".join(
         f"{s} {c['items']} images / {c['captions']} captions" for s, c in counts.items()), t0)

@@ -19,7 +19,8 @@ from rich.progress import (
 from rich.table import Table
 
 from vgpt_cli.commands.common import RateColumn, err, friendly_errors, print_json, workspace
-from vgpt_cli.data.build import SamplingOptions, build_manifest, summary, write_manifest
+from vgpt_cli.data.build import SamplingOptions, build_manifest, prepare_shapes, summary, write_manifest
+from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.data.source import Source
 
 app = typer.Typer(
@@ -73,12 +74,16 @@ def progress_bar(unit: str) -> Progress:
 
 def _finish(ctx: typer.Context, source: Source, name: str, opts: SamplingOptions, as_json: bool) -> None:
     manifest = build_manifest(source, name, opts)
-    path = write_manifest(workspace(ctx), manifest)
+    _report(manifest, write_manifest(workspace(ctx), manifest), source.format, as_json)
+
+
+def _report(manifest: Manifest, path: Path, fmt: str, as_json: bool) -> None:
     info = summary(manifest, path)
+    name = manifest.dataset
     if as_json:
         print_json(info)
         return
-    table = Table(title=f"dataset {name!r} ({source.format})", title_justify="left")
+    table = Table(title=f"dataset {name!r} ({fmt})", title_justify="left")
     for col in ("split", "images", "captions"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, c in info["counts"].items():
@@ -157,22 +162,16 @@ def shapes(
 
         vgpt prepare shapes --count 500 --seed 1 --name shapes-small
     """
-    from vgpt_cli.data.karpathy import read_karpathy
-    from vgpt_cli.data.shapes import write_shapes
     from vgpt_cli.errors import ConfigError
 
     if count < 10:
         raise ConfigError(f"--count {count}: need at least 10 scenes for an 80/10/10 split")
-    ws = workspace(ctx)
-    name = name or "shapes"
-    root = Path(root) if root else ws.root / "sources" / name
+    opts = _options(fraction, None, unit, seed, val_size, test_size, False)
     with progress_bar("scenes") as bar:
         task = bar.add_task("rendering scenes", total=count)
-        path = write_shapes(root, count, seed, on_progress=lambda n: bar.advance(task, n))
-    source = read_karpathy(path, root.resolve(), "shapes")
-    source.extra = {"scenes": count, "generator_seed": seed}
-    opts = _options(fraction, None, unit, seed, val_size, test_size, False)
-    _finish(ctx, source, name, opts, as_json)
+        manifest, path = prepare_shapes(workspace(ctx), count, seed, opts, name=name or "shapes", root=root,
+                                        on_progress=lambda n: bar.advance(task, n))
+    _report(manifest, path, "shapes", as_json)
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,22 @@ def write_manifest(ws: Workspace, manifest: Manifest) -> Path:
         manifest.save(path)
     ws.set_current(dataset=manifest.dataset)
     return path
+
+
+def prepare_shapes(ws: Workspace, count: int, seed: int, opts: SamplingOptions, *, name: str = "shapes",
+                   root: Path | None = None, on_progress: Callable[[int], None] | None = None
+                   ) -> tuple[Manifest, Path]:
+    """Render `count` shapes scenes under root (default <workspace>/sources/<name>) and write their
+    manifest: what `vgpt prepare shapes` and `vgpt demo` both do."""
+    from vgpt_cli.data.karpathy import read_karpathy
+    from vgpt_cli.data.shapes import write_shapes
+
+    root = Path(root) if root else ws.root / "sources" / name
+    path = write_shapes(root, count, seed, on_progress=on_progress)
+    source = read_karpathy(path, root.resolve(), "shapes")
+    source.extra = {"scenes": count, "generator_seed": seed}
+    manifest = build_manifest(source, name, opts)
+    return manifest, write_manifest(ws, manifest)
 
 
 def summary(manifest: Manifest, path: Path) -> dict[str, Any]:
