@@ -12,6 +12,7 @@ Sized for about 90 minutes on a 2-core CPU (4 fractions x 4 models x 2 seeds, 50
     python benchmarks/data_efficiency.py
 Larger, on a GPU (more steps, all of the test split):
     python benchmarks/data_efficiency.py --device cuda --steps 1000 --test-size 2000 --seeds 1,2,3
+Finished runs are kept in the workspace: rerunning the same command skips them (resumable).
 A 3-minute check that everything runs:
     python benchmarks/data_efficiency.py --smoke
 Writes benchmarks/results/data_efficiency.json, docs/results-data-efficiency.md (the table) and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -118,15 +120,20 @@ def main() -> None:
                     batch_size=a.batch_size, max_steps=a.steps, val_size=a.val_size, val_beam=1,
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
                     name=f"{dataset}-{model}", patience=10**6, **MODELS[model])
-                result = train(cfg, ws, quiet=True)
+                run_dir = ws.run_dir(cfg.name)
+                if (run_dir / "result.json").exists():  # finished by an earlier, interrupted invocation
+                    last_loss = json.loads((run_dir / "result.json").read_text()).get("last_loss")
+                else:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
+                    last_loss = train(cfg, ws, quiet=True).last_loss
                 ws.set_current(dataset=dataset)
-                ev = evaluate_split(ws, "test", model_dir=result.run_dir / "best", beam_size=3,
+                ev = evaluate_split(ws, "test", model_dir=run_dir / "best", beam_size=3,
                                     max_length=demo.max_length, device=a.device, spice=False, log=lambda s: None)
                 row = {"fraction": fraction, "seed": seed, "model": model, "train_images": n_train,
                        "train_captions": n_caps, "CIDEr": round(ev.scores.get("CIDEr", float("nan")), 4),
                        "grounded": round(ev.scores.get("grounded", float("nan")), 4),
                        "BLEU-4": round(ev.scores.get("Bleu_4", float("nan")), 4),
-                       "last_loss": round(result.last_loss or float("nan"), 4),
+                       "last_loss": round(last_loss or float("nan"), 4),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
