@@ -7,7 +7,7 @@ from vgpt_cli import __version__
 from vgpt_cli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["prepare", "extract-features", "train", "caption", "evaluate"]
+COMMANDS = ["prepare", "extract-features", "train", "caption", "evaluate", "demo"]
 
 
 def test_help_lists_the_five_commands():
