@@ -126,6 +126,7 @@ def main() -> None:
                 else:
                     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
                     last_loss = train(cfg, ws, quiet=True).last_loss
+                    shutil.rmtree(run_dir / "last")  # optimiser state: ~2 GB a run with SmolLM2, not needed here
                 ws.set_current(dataset=dataset)
                 ev = evaluate_split(ws, "test", model_dir=run_dir / "best", beam_size=3,
                                     max_length=demo.max_length, device=a.device, spice=False, log=lambda s: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -31,3 +32,4 @@ def test_demo_runs_every_step_and_reports_what_it_wrote(tmp_path):
         assert (ws / report["paths"][key]).exists(), key
     assert (ws / "runs" / "demo" / "best" / "backbone.json").exists()
     assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]
+    shutil.rmtree(ws)  # a SmolLM2 run folder is ~3 GB (weights + optimiser state): do not keep it
