@@ -96,7 +96,7 @@ def main() -> None:
     fractions = [float(f) for f in a.fractions.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     models = a.models.split(",")
-    backbone = load_backbone(BACKBONE, device=a.device)
+    backbone = load_backbone(BACKBONE, device=a.device, add_stages=demo.add_stages)
     rows, t_all = [], time.perf_counter()
     stopped = ""
     # fraction outermost, then seed: a run cut short by --max-minutes leaves whole fractions behind it
@@ -121,7 +121,7 @@ def main() -> None:
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
                     name=f"{dataset}-{model}", patience=10**6, **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
-                if (run_dir / "result.json").exists():  # finished by an earlier, interrupted invocation
+                if _finished(run_dir, cfg, backbone.fingerprint):  # by an earlier, interrupted invocation
                     last_loss = json.loads((run_dir / "result.json").read_text()).get("last_loss")
                 else:
                     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
@@ -159,6 +159,17 @@ def main() -> None:
     write_results(__file__, raw, goals)
     if not a.smoke:
         write_docs(table, fractions, models, a, seconds, stopped)
+
+
+def _finished(run_dir: Path, cfg, fingerprint: str) -> bool:
+    """A finished run made with exactly these settings and features (else it is trained again)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        features = json.loads((run_dir / "best" / "backbone.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return False
+    return (run_dir / "result.json").exists() and features == fingerprint and \
+        saved == json.loads(json.dumps(asdict(cfg)))
 
 
 def _at(table: list[dict], model: str, fraction: float) -> float:

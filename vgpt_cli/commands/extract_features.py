@@ -52,6 +52,13 @@ def command(
     image_size: Annotated[
         int | None, typer.Option(min=32, help="Square input size instead of the backbone's own (new store).")
     ] = None,
+    add_stage: Annotated[
+        list[int] | None,
+        typer.Option("--add-stage", min=0,
+                     help="CNNs: also take this early feature stage (timm feature_info index), pooled to the "
+                          "final grid and appended to every token; keeps colour a classifier's last layers "
+                          "lose. Repeatable; a new store."),
+    ] = None,
     from_hdf5: Annotated[
         Path | None,
         typer.Option("--from-hdf5", exists=True, dir_okay=False, resolve_path=True,
@@ -84,6 +91,8 @@ def command(
 
         vgpt extract-features --backbone convnext_base --batch-size 64
 
+        vgpt extract-features --backbone tf_efficientnet_lite0 --add-stage 2
+
         torchrun --nproc-per-node 4 -m vgpt_cli extract-features --device cuda
 
         vgpt extract-features --from-hdf5 coco_detections.hdf5
@@ -105,7 +114,7 @@ def command(
         summary = import_hdf5(items, from_hdf5, ws.features_root, warn=warn)
     else:
         bb = load_backbone(backbone, weights=weights, pretrained=pretrained, device=_device(device),
-                           image_size=image_size)
+                           image_size=image_size, add_stages=add_stage or ())
         if not bb.meta["pretrained"] and is_main:
             warn(f"--no-pretrained: {backbone} has RANDOM weights; these features are for tests, not captions")
         if is_main:

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vgpt_cli.data.source import sha256_file
@@ -165,11 +166,15 @@ class Backbone:
         mean = torch.tensor(self.meta["data_config"]["mean"], device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.meta["data_config"]["std"], device=self.device).view(1, 3, 1, 1) * 255
         x = (x - mean) / std
-        if self.device.type == "cuda":  # autocast: tensor cores; the store keeps float16 anyway
-            with torch.autocast("cuda", dtype=torch.float16):
+        stages = self.meta.get("add_stages") or []
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):  # tensor cores
+            if stages:
+                y, early = self.model.forward_intermediates(x, indices=stages)
+                # Early stages keep colour and texture that a classifier's last layers discard:
+                # average-pool each to the final grid and append its channels to every token.
+                y = torch.cat([y, *(F.adaptive_avg_pool2d(e.to(y.dtype), y.shape[-2:]) for e in early)], 1)
+            else:
                 y = self.model.forward_features(x)
-        else:
-            y = self.model.forward_features(x)
         if isinstance(y, (list, tuple)):
             y = y[-1]
         if y.ndim == 4:
@@ -214,9 +219,12 @@ def _device(device: str | torch.device) -> torch.device:
 
 def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
                   device: str | torch.device = "cpu", image_size: int | None = None,
-                  data_config: dict[str, Any] | None = None) -> Backbone:
+                  data_config: dict[str, Any] | None = None, add_stages: Sequence[int] = ()) -> Backbone:
     """A timm backbone by name, with weights from `weights` (a local file), the offline
     EfficientNet-Lite0 package, the hub, or (pretrained=False only) a seeded random init.
+
+    `add_stages`: indices into the model's feature_info (CNNs only) whose maps are average-pooled
+    to the final grid and concatenated to its channels (a new fingerprint).
 
     `image_size` overrides the square input size of the model's data config (a new fingerprint);
     `data_config` replaces the whole of it (how a store's own preprocessing is rebuilt exactly,
@@ -276,21 +284,42 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
             raise ConfigError(f"--image-size {image_size}: backbone {name!r} takes only "
                               f"{data_config['input_size'][-1]} px")
         data_config["input_size"] = [3, int(image_size), int(image_size)]
+    stages = _check_stages(model, name, add_stages)
     model.eval().requires_grad_(False).to(dev)
-    return _finish(model, name, arch, weights_record, weights_id, data_config, dev, key_match)
+    return _finish(model, name, arch, weights_record, weights_id, data_config, dev, key_match, stages)
+
+
+def _check_stages(model: torch.nn.Module, name: str, add_stages: Sequence[int]) -> list[int]:
+    stages = sorted({int(i) for i in add_stages})
+    if not stages:
+        return []
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "forward_intermediates") or not info or getattr(model, "output_fmt", "NCHW") != "NCHW" \
+            or getattr(model, "num_prefix_tokens", 0):
+        raise ConfigError(f"--add-stage: backbone {name!r} is not a CNN with timm feature stages; "
+                          "use it without --add-stage")
+    n = len(info)
+    bad = [i for i in stages if not 0 <= i < n - 1]
+    if bad:
+        raise ConfigError(f"--add-stage {bad[0]}: backbone {name!r} has early stages 0..{n - 2} "
+                          f"(channels {[f['num_chs'] for f in info][:-1]}); pick one of those")
+    return stages
 
 
 def _finish(model: torch.nn.Module, name: str, arch: str, weights_record: dict[str, Any], weights_id: str,
-            data_config: dict[str, Any], dev: torch.device, key_match: str | None) -> Backbone:
+            data_config: dict[str, Any], dev: torch.device, key_match: str | None,
+            add_stages: list[int]) -> Backbone:
     from timm.data import create_transform
 
     transform = create_transform(**data_config, is_training=False, use_prefetcher=True)  # uint8 out
     record = {"format": STORE_FORMAT, "architecture": arch, "weights": weights_id,
               "data_config": data_config, "features": "forward_features tokens (N, C)", "dtype": "float16"}
+    if add_stages:  # absent otherwise: stores made before the option keep their fingerprints
+        record["add_stages"] = add_stages
     meta: dict[str, Any] = {
         "backbone": name, "architecture": arch, "weights": weights_record, "pretrained": weights_record["kind"] != "random",
         "data_config": data_config, "fingerprint": fingerprint_of(record), "fingerprint_record": record,
-        "dtype": "float16", "kind": "grid",
+        "dtype": "float16", "kind": "grid", "add_stages": add_stages,
     }
     if key_match:
         meta["weights"]["key_match"] = key_match
@@ -317,11 +346,12 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
             else:
                 raise ModelLoadError(f"{path}: the weights this feature store was made with are gone; "
                                      "restore the file or extract features again")
-        bb = load_backbone(meta["backbone"], weights=path, device=device, data_config=meta["data_config"])
+        bb = load_backbone(meta["backbone"], weights=path, device=device, data_config=meta["data_config"],
+                           add_stages=meta.get("add_stages") or ())
         bb.meta["weights"]["kind"] = w["kind"]
     else:
         bb = load_backbone(meta["backbone"], pretrained=w["kind"] != "random", device=device,
-                           data_config=meta["data_config"])
+                           data_config=meta["data_config"], add_stages=meta.get("add_stages") or ())
     if bb.fingerprint != meta["fingerprint"]:
         raise ModelLoadError(f"backbone {meta['backbone']!r} rebuilt here has fingerprint {bb.fingerprint}, the "
                              f"store says {meta['fingerprint']} (other weights or timm version?); extract again")
