@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.data.shapes import grounded_score
+from vgpt_cli.data.shapes import grounded_score, object_scores
 from vgpt_cli.decode import DecodeOptions, decode_arrays
 from vgpt_cli.evaluate.metrics import compute_metrics
 from vgpt_cli.features import open_workspace_store
@@ -81,7 +81,9 @@ def test_evaluate_test_split_writes_predictions_and_scores(ws):
     direct = compute_metrics(captions, {i.id: i.captions for i in items}, skip=("METEOR",), log=lambda m: None)
     for k, v in direct.scores.items():
         assert metrics["scores"][k] == v, k
-    assert metrics["scores"]["grounded"] == grounded_score(captions, {i.id: i.extra["objects"] for i in items})
+    objects = {i.id: i.extra["objects"] for i in items}
+    assert metrics["scores"]["grounded"] == grounded_score(captions, objects)
+    assert {k: metrics["scores"][k] for k in ("grounded", "object_f1", "shape_f1")} == object_scores(captions, objects)
     assert "SPICE" in metrics["skipped"] or "SPICE" in metrics["scores"]
     assert "Bleu_4" in r.stdout and "grounded" in r.stdout
 
@@ -89,7 +91,8 @@ def test_evaluate_test_split_writes_predictions_and_scores(ws):
     again = cli("-w", str(ws.root), "evaluate", "-p", str(out / "predictions.json"), "--split", "test", "--json")
     assert again.exit_code == 0, again.output
     rescored = json.loads(again.stdout)["predictions.json"]
-    assert rescored["scores"] == {k: v for k, v in metrics["scores"].items() if k != "grounded"}
+    assert rescored["scores"] == {k: v for k, v in metrics["scores"].items()
+                                  if k not in ("grounded", "object_f1", "shape_f1")}
     assert any("TEST SPLIT CUT" in n for n in rescored["notes"]) and "TEST SPLIT CUT" in again.stderr
 
 

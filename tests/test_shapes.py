@@ -19,6 +19,7 @@ from vgpt_cli.data.shapes import (
     grounded_correct,
     grounded_score,
     make_scene,
+    object_scores,
     scene_captions,
     write_shapes,
 )
@@ -129,3 +130,19 @@ def test_grounded_score():
     assert grounded_score({"b": "a yellow star"}, objects) == 0.0
     with pytest.raises(KeyError):
         grounded_score({"zzz": "a red circle"}, objects)
+
+
+def test_object_scores_give_partial_credit_by_hand():
+    objects = {"a": SCENE, "b": [{"colour": "green", "shape": "star"}]}
+    perfect = object_scores({"a": "a red circle and a blue square", "b": "a green star"}, objects)
+    assert perfect == {"grounded": 1.0, "object_f1": 1.0, "shape_f1": 1.0}
+    # a: one pair right, one colour wrong (red square: a wrong pair, and the blue square missed);
+    # b: a yellow star (colour wrong, shape right). Pairs: said 3, true 3, right 1 -> F1 2/6.
+    # Shapes: said {circle, square} + {star}, true the same -> 1.0.
+    got = object_scores({"a": "a red circle and a red square", "b": "a yellow star"}, objects)
+    assert got["grounded"] == 0.0 and got["object_f1"] == pytest.approx(2 / 6) and got["shape_f1"] == 1.0
+    # nothing named: recall 0 -> F1 0; an extra triangle costs shape precision: 2*3 / (4 + 3)
+    assert object_scores({"a": "a picture", "b": "nothing"}, objects)["object_f1"] == 0.0
+    extra = object_scores({"a": "a red circle, a blue square and a triangle", "b": "a green star"}, objects)
+    assert extra["grounded"] == 1.0  # an uncoloured extra shape names no (colour, shape) pair
+    assert extra["shape_f1"] == pytest.approx(6 / 7)

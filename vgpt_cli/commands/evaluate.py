@@ -94,7 +94,7 @@ def command(
     if as_json:
         print_json(result.to_dict())
     else:
-        extra = ["grounded"] if "grounded" in result.scores else []
+        extra = [k for k in ("grounded", "object_f1", "shape_f1") if k in result.scores]
         table = metrics_table({f"{result.dataset}/{result.split}": result.scores},
                               title=f"{result.model_dir}: {result.n_items} items, beam {beam_size}", extra=extra)
         if result.notes:

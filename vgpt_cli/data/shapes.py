@@ -187,6 +187,26 @@ def grounded_score(captions: dict[str, str], objects: dict[str, list[dict]]) -> 
     return sum(grounded_correct(c, objects[i]) for i, c in captions.items()) / len(captions)
 
 
+def mentioned_shapes(caption: str) -> set[str]:
+    return {_SHAPE_WORDS[w] for w in _WORD.findall(caption.lower()) if w in _SHAPE_WORDS}
+
+
+def _micro_f1(pairs: list[tuple[set, set]]) -> float:
+    tp = sum(len(said & true) for said, true in pairs)
+    said_n, true_n = sum(len(s) for s, _ in pairs), sum(len(t) for _, t in pairs)
+    return 2 * tp / (said_n + true_n) if said_n + true_n else 0.0
+
+
+def object_scores(captions: dict[str, str], objects: dict[str, list[dict]]) -> dict[str, float]:
+    """Partial credit where grounded_score gives none, micro-averaged over all captions:
+    object_f1 over the (colour, shape) pairs named vs those in the scene, shape_f1 over the shapes
+    alone (colour ignored). Both 1.0 for perfectly grounded captions."""
+    score = grounded_score(captions, objects)  # also validates the ids
+    obj = [(mentioned_objects(c), {(o["colour"], o["shape"]) for o in objects[i]}) for i, c in captions.items()]
+    shp = [(mentioned_shapes(c), {o["shape"] for o in objects[i]}) for i, c in captions.items()]
+    return {"grounded": score, "object_f1": _micro_f1(obj), "shape_f1": _micro_f1(shp)}
+
+
 # --- the data set on disk -------------------------------------------------------------------
 def write_shapes(root: Path, count: int, seed: int,
                  on_progress: Callable[[int], None] | None = None) -> Path:

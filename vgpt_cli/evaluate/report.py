@@ -184,9 +184,9 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     report = compute_metrics(preds, refs, spice=spice, log=log)
     scores = dict(report.scores)
     if manifest.format == "shapes" and all("objects" in it.extra for it in items):
-        from vgpt_cli.data.shapes import grounded_score
+        from vgpt_cli.data.shapes import object_scores
 
-        scores["grounded"] = float(grounded_score(preds, {it.id: it.extra["objects"] for it in items}))
+        scores.update(object_scores(preds, {it.id: it.extra["objects"] for it in items}))
 
     out_dir = run_folder(ws, mdir) / "eval" / split
     result = SplitEvaluation(
