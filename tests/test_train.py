@@ -346,3 +346,15 @@ def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
     result = runner.invoke(app, ["-w", str(ws.root), "train", "--resume", "--max-steps", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 3
+
+
+def test_val_every_replaces_the_per_epoch_validation(tmp_path):
+    ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)  # 4 captions, batch 2: 2 steps an epoch
+
+    def validated(**kw) -> list[int]:
+        result = train(quick(batch_size=2, max_steps=7, val_size=1, **kw), ws, model=tiny_captioner(), quiet=True)
+        records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if r.get("event") == "validation"]
+
+    assert validated(name="epochs") == [2, 4, 6, 7]  # each epoch's end, and the last step
+    assert validated(name="every3", val_every=3) == [3, 6, 7]  # not at the epoch ends 2 and 4

@@ -46,8 +46,8 @@ def command(
                                      "(default 42).")] = None,
     patience: Annotated[int | None, _opt("--patience", help="Stop cross-entropy after this many validations "
                                          "without a better CIDEr (default 5).")] = None,
-    val_every: Annotated[int | None, _opt("--val-every", help="Validate every N steps (always also at each "
-                                          "epoch's end).")] = None,
+    val_every: Annotated[int | None, _opt("--val-every", help="Validate every N steps and at the end (default: "
+                                          "at each epoch's end).")] = None,
     val_size: Annotated[int | None, _opt("--val-size", help="Validate on at most N items.")] = None,
     max_length: Annotated[int | None, _opt("--max-length", help="Caption tokens incl. EOS (default 20).")] = None,
     scst: Annotated[bool | None, _opt("--scst/--no-scst", help="Self-critical training (CIDEr-D reward) after "

@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 42
     # --- validation and early stopping -------------------------------------------------------------
     patience: int = 5  # validations without a better CIDEr before cross-entropy stops
-    val_every: int | None = None  # optimiser steps between validations (always also at epoch end)
+    val_every: int | None = None  # optimiser steps between validations (None: at each epoch end)
     val_size: int | None = None  # cap on validation items (None: the whole split)
     val_beam: int = 5
     save_every: int | None = None  # steps between `last` checkpoints besides validations

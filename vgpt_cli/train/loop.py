@@ -421,8 +421,10 @@ class Trainer:
                     self.log(dict(record, tokens_per_s=rate, time=time.time()))
                     progress.update(task, completed=st["step"], loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
                     window_tokens, window_start = 0, time.perf_counter()
-                validate = bool(self.val_items) and (
-                    done_epoch or st["step"] == total or (cfg.val_every and st["step"] % cfg.val_every == 0))
+                # --val-every replaces the per-epoch validation: a few-shot epoch is a handful of steps,
+                # and each validation also writes a checkpoint
+                validate = bool(self.val_items) and (st["step"] == total or (
+                    st["step"] % cfg.val_every == 0 if cfg.val_every else done_epoch))
                 stop = False
                 if validate:
                     stop = self.after_validation(self.validate(), st["step"])
