@@ -220,6 +220,8 @@ def summarise(rows: list[dict], fractions: list[float], models: list[str]) -> li
             out.append({"model": model, "fraction": fraction, "train_captions": rs[0]["train_captions"],
                         "CIDEr": round(statistics.mean(c), 4), "CIDEr_sd": round(statistics.pstdev(c), 4),
                         "grounded": round(statistics.mean(g), 4), "object_f1": round(statistics.mean(o), 4),
+                        "object_f1_sd": round(statistics.pstdev(o), 4),
+                        "shape_f1": round(statistics.mean(r.get("shape_f1", float("nan")) for r in rs), 4),
                         "seeds": len(rs)})
     return out
 
@@ -249,16 +251,17 @@ def write_docs(table: list[dict], fractions: list[float], models: list[str], a: 
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in models:
-        rs = [r for r in table if r["model"] == m]
-        ax.errorbar([r["fraction"] * 100 for r in rs], [r["CIDEr"] for r in rs], yerr=[r["CIDEr_sd"] for r in rs],
-                    marker="o", capsize=3, label=m)
-    ax.set_xscale("log")
-    ax.set_xlabel("training data (% of the pool)")
-    ax.set_ylabel("test CIDEr-D")
-    ax.set_title("shapes: caption quality vs training data")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "CIDEr", "test CIDEr-D"), (axes[1], "object_f1", "test object F1 (colour + shape)")):
+        for m in models:
+            rs = [r for r in table if r["model"] == m]
+            ax.errorbar([r["fraction"] * 100 for r in rs], [r[key] for r in rs],
+                        yerr=[r[f"{key}_sd"] for r in rs], marker="o", capsize=3, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("training data (% of the pool)")
+        ax.set_ylabel(label)
+    axes[0].set_title(f"shapes: {a.steps} steps per run, mean ± sd of {len(a.seeds.split(','))} seeds", fontsize=10)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(DOCS / "data_efficiency.png", dpi=120)
 
