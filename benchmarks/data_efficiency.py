@@ -10,7 +10,7 @@ its last step, with the demo's settings: lite0 features with stage 2 appended, K
 at sigmoid(5) (see docs/results.md for why), bf16 autocast where the CPU has AMX. Scores: CIDEr-D,
 and on the scenes' recorded objects object F1 (partial credit) and grounded (all or nothing).
 
-Sized for about 90 minutes on a 2-core CPU (4 fractions x 4 models x 2 seeds, 50 steps each):
+Sized for about 100 minutes on a 2-core CPU (4 fractions x 4 models x 2 seeds, 50 steps each):
     python benchmarks/data_efficiency.py
 Larger, on a GPU (more steps, all of the test split):
     python benchmarks/data_efficiency.py --device cuda --steps 1000 --test-size 2000 --seeds 1,2,3
