@@ -124,15 +124,15 @@ def main() -> None:
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
                     name=f"{dataset}-{model}", patience=10**6, **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
-                if _finished(run_dir, cfg, backbone.fingerprint):  # by an earlier, interrupted invocation
+                reused = _finished(run_dir, cfg, backbone.fingerprint)  # by an earlier, interrupted invocation
+                if reused:
                     last_loss = json.loads((run_dir / "result.json").read_text()).get("last_loss")
                 else:
                     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
                     last_loss = train(cfg, ws, quiet=True).last_loss
                     shutil.rmtree(run_dir / "last")  # optimiser state: ~2 GB a run with SmolLM2, not needed here
                 ws.set_current(dataset=dataset)
-                scores = _rescore(run_dir, manifest, demo.max_length) if _finished(run_dir, cfg, backbone.fingerprint) \
-                    else None
+                scores = _rescore(run_dir, manifest, demo.max_length) if reused else None
                 if scores is None:
                     scores = evaluate_split(ws, "test", model_dir=run_dir / "best", beam_size=BEAM,
                                             max_length=demo.max_length, device=a.device, spice=False,
@@ -189,8 +189,7 @@ def _finished(run_dir: Path, cfg, fingerprint: str) -> bool:
 def _rescore(run_dir: Path, manifest, max_length: int) -> dict | None:
     """The test scores of a finished run from its saved captions (no decoding), or None when it has
     none decoded with these settings."""
-    from vgpt_cli.data.shapes import object_scores
-    from vgpt_cli.evaluate.metrics import compute_metrics
+    from vgpt_cli.evaluate.report import score_items
 
     ev = run_dir / "eval" / "test"
     try:
@@ -201,8 +200,7 @@ def _rescore(run_dir: Path, manifest, max_length: int) -> dict | None:
     items = manifest.items("test")
     if decode.get("beam_size") != BEAM or decode.get("max_length") != max_length or set(preds) != {i.id for i in items}:
         return None
-    scores = dict(compute_metrics(preds, {i.id: list(i.captions) for i in items}, spice=False, log=lambda s: None).scores)
-    return {**scores, **object_scores(preds, {i.id: i.extra["objects"] for i in items})}
+    return score_items(preds, items, manifest.format, spice=False, log=lambda s: None)[1]
 
 
 def _at(table: list[dict], model: str, fraction: float) -> float:

@@ -138,6 +138,19 @@ class SplitEvaluation:
         return d
 
 
+def score_items(preds: dict[str, str], items: list, dataset_format: str, *, spice: bool,
+                log: Callable[[str], None]) -> tuple[Any, dict[str, float]]:
+    """The metrics of {id: caption} against the items' references, plus on shapes the grounded
+    scores against each scene's recorded objects: (the metric report, all scores)."""
+    report = compute_metrics(preds, {it.id: list(it.captions) for it in items}, spice=spice, log=log)
+    scores = dict(report.scores)
+    if dataset_format == "shapes" and all("objects" in it.extra for it in items):
+        from vgpt_cli.data.shapes import object_scores
+
+        scores.update(object_scores(preds, {it.id: it.extra["objects"] for it in items}))
+    return report, scores
+
+
 def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int = 5,
                    max_length: int = 20, batch_size: int = 32, device: str | None = None, spice: bool = True,
                    log: Callable[[str], None] = print,
@@ -180,13 +193,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
         hyps = decode_arrays(model, [store.get(i) for i in ids], opts, batch_size=batch_size, device=dev,
                              progress=advance)
     preds = {i: h.text for i, h in zip(ids, hyps)}
-    refs = {it.id: list(it.captions) for it in items}
-    report = compute_metrics(preds, refs, spice=spice, log=log)
-    scores = dict(report.scores)
-    if manifest.format == "shapes" and all("objects" in it.extra for it in items):
-        from vgpt_cli.data.shapes import object_scores
-
-        scores.update(object_scores(preds, {it.id: it.extra["objects"] for it in items}))
+    report, scores = score_items(preds, items, manifest.format, spice=spice, log=log)
 
     out_dir = run_folder(ws, mdir) / "eval" / split
     result = SplitEvaluation(

@@ -337,7 +337,7 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
         raise ModelLoadError(f"feature store {meta.get('fingerprint')}: region features imported from "
                              f"{meta.get('source')} have no backbone to run on new images; extract grid "
                              "features with `vgpt extract-features --backbone ...` and train on those")
-    w = meta["weights"]
+    w, stages = meta["weights"], meta.get("add_stages") or ()
     if w["kind"] in ("file", "package"):
         path = Path(w["path"])
         if not path.is_file():
@@ -347,11 +347,11 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
                 raise ModelLoadError(f"{path}: the weights this feature store was made with are gone; "
                                      "restore the file or extract features again")
         bb = load_backbone(meta["backbone"], weights=path, device=device, data_config=meta["data_config"],
-                           add_stages=meta.get("add_stages") or ())
+                           add_stages=stages)
         bb.meta["weights"]["kind"] = w["kind"]
     else:
         bb = load_backbone(meta["backbone"], pretrained=w["kind"] != "random", device=device,
-                           data_config=meta["data_config"], add_stages=meta.get("add_stages") or ())
+                           data_config=meta["data_config"], add_stages=stages)
     if bb.fingerprint != meta["fingerprint"]:
         raise ModelLoadError(f"backbone {meta['backbone']!r} rebuilt here has fingerprint {bb.fingerprint}, the "
                              f"store says {meta['fingerprint']} (other weights or timm version?); extract again")
