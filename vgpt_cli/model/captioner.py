@@ -114,6 +114,9 @@ class Captioner(nn.Module):
             self.gates = None
         self._init_new()
         self.bos_token_id, self.eos_token_id, self.pad_token_id = a.special_tokens(tokenizer)
+        # Training may run a first phase with soft gates (tau 0) before the configured threshold; the
+        # config keeps the architecture's tau, so anything saved or decoded later uses that.
+        self.tau_override: float | None = None
 
     def _init_new(self) -> None:
         # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
@@ -222,6 +225,7 @@ class Captioner(nn.Module):
             allowed = ((causal & key_mask[:, None, :].bool()) | diag).unsqueeze(1)
         new_cache = []
         ling_sum = vis_sum = None
+        tau = self.config.tau if self.tau_override is None else self.tau_override
         rep = a.num_heads // a.num_kv_heads
         for i in range(self.num_layers):
             x = a.ln1(i, h)
@@ -242,7 +246,7 @@ class Captioner(nn.Module):
             A = h + a.attn_out(i, y)                                     # (B, T, D)
             C = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask)  # (B, K, T, D)
             if self.gates is not None:
-                o, ling, vis = srau_combine(A, C, self.gates[i], self.config.tau, want_gates)
+                o, ling, vis = srau_combine(A, C, self.gates[i], tau, want_gates)
                 if want_gates:
                     ling_sum = ling if ling_sum is None else ling_sum + ling
                     vis_sum = vis if vis_sum is None else vis_sum + vis

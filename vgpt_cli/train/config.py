@@ -36,6 +36,12 @@ class TrainConfig:
     gating: str = "srau"  # "srau" or "none" (plain residual cross-attention, for ablations)
     gate_init_bias: float | None = None  # None: the authors' gate init; b: W = 0, bias b (see CaptionerConfig)
     max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
+    # --- how the new parts are started (docs/results.md, "Grounding") -------------------------------
+    # The first N cross-entropy steps use soft gates (tau 0): with gates that start linguistic (g near 1)
+    # and tau 0.2 the visual branch is switched off and the cross-attention gets no gradient at all.
+    soft_gate_steps: int = 0
+    # The first N cross-entropy steps train only the new parameters (the LM frozen: cheaper steps).
+    freeze_lm_steps: int = 0
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None
     cross_attn_dropout: float | None = None
@@ -155,6 +161,9 @@ class TrainConfig:
                 bad(f"--{name.replace('_', '-')} {v}: must be at least 1 (or leave it unset)")
         if self.scst_epochs < 0:
             bad(f"--scst-epochs {self.scst_epochs}: must be >= 0")
+        for name in ("soft_gate_steps", "freeze_lm_steps"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if self.warmup < 0:
             bad(f"--warmup {self.warmup}: must be >= 0")
         if self.patience < 1:

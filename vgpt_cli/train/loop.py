@@ -109,7 +109,11 @@ def make_optimizer(model: Any, lr: float, lm_lr: float, weight_decay: float) -> 
         no_decay = [p for p in params if p.dim() < 2]
         groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay, "name": f"{part}.decay"},
                    {"params": no_decay, "lr": rate, "weight_decay": 0.0, "name": f"{part}.no_decay"}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999))
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel is the same AdamW in one pass over memory: 5x faster than the per-tensor loop on
+    # the CPU (0.11 vs 0.51 s for 88M parameters), a quarter of a SmolLM2 step there.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.999), fused=fused or None)
 
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -179,6 +183,7 @@ class Trainer:
         self._reward_scorer = None
         self._order_cache: tuple[int, list[int]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1)
+        self._lm_frozen = False
 
     # .. helpers .......................................................................................
     def say(self, text: str) -> None:
@@ -206,6 +211,19 @@ class Trainer:
         order = self.order(epoch, len(self.examples))
         micro = self.plan.micro_batches(order, pos, self.dist.rank)
         return [collate(self.store, self.core, [self.examples[i] for i in mb], self.cfg.max_length) for mb in micro]
+
+    def enter_step(self, phase: str, step: int) -> None:
+        """Soft gates and a frozen LM during the first steps of cross-entropy (TrainConfig); off in SCST."""
+        cfg, core = self.cfg, self.core
+        xe = phase == "xe"
+        core.tau_override = 0.0 if xe and step < cfg.soft_gate_steps else None
+        frozen = xe and step < cfg.freeze_lm_steps
+        if frozen != self._lm_frozen:
+            # No gradient means AdamW skips the LM's tensors (no update, no decay), and backward
+            # computes no weight gradients for them.
+            for p in core.lm.parameters():
+                p.requires_grad_(not frozen)
+            self._lm_frozen = frozen
 
     def xe_step(self, batches: list[Batch]) -> tuple[float, int]:
         cfg, dist = self.cfg, self.dist
@@ -364,6 +382,11 @@ class Trainer:
         if phase == "xe":
             self.plan = make_plan(len(self.examples), cfg.batch_size, cfg.grad_accum, dist.world_size)
             total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.plan.steps_per_epoch
+            if cfg.soft_gate_steps and cfg.soft_gate_steps >= total:
+                raise ConfigError(f"--soft-gate-steps {cfg.soft_gate_steps}: must be fewer than the {total} "
+                                  "cross-entropy steps (the model is validated and kept with its own tau)")
+            if cfg.freeze_lm_steps and dist.world_size > 1:
+                raise ConfigError("--freeze-lm-steps is not supported with several processes; use 0 under torchrun")
             self.optimizer = make_optimizer(self.core, cfg.lr, cfg.resolved_lm_lr, cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, cfg.warmup, total))
         else:
@@ -390,6 +413,7 @@ class Trainer:
             task = progress.add_task(label, total=total, completed=st["step"], loss="-", rate="-")
             while st["step"] < total:
                 step = st["step"]
+                self.enter_step(phase, step)
                 if phase == "xe":
                     batches = pending.result() if pending is not None else self.xe_batches(step)
                     # Load the next step's batches in a thread while this step computes.
@@ -423,8 +447,9 @@ class Trainer:
                     window_tokens, window_start = 0, time.perf_counter()
                 # --val-every replaces the per-epoch validation: a few-shot epoch is a handful of steps,
                 # and each validation also writes a checkpoint
-                validate = bool(self.val_items) and (st["step"] == total or (
-                    st["step"] % cfg.val_every == 0 if cfg.val_every else done_epoch))
+                # Not while the gates are soft: the model would be validated (and kept) as it is not used.
+                validate = bool(self.val_items) and st["step"] > cfg.soft_gate_steps * (phase == "xe") and (
+                    st["step"] == total or (st["step"] % cfg.val_every == 0 if cfg.val_every else done_epoch))
                 stop = False
                 if validate:
                     stop = self.after_validation(self.validate(), st["step"])
@@ -438,6 +463,7 @@ class Trainer:
                     self.on_step(record)  # after the checkpoint: a hook that raises acts as a kill
                 if stop:
                     break
+        self.enter_step("done", 0)
         if phase == "xe" and not st["stopped"]:
             st["stopped"] = "max_steps" if cfg.max_steps else "epochs"
 

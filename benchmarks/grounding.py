@@ -1,0 +1,271 @@
+"""Why the demo's captions guess colours, and which way of training SRAU fixes it.
+
+On `vgpt demo`'s data (1,000 shapes scenes, seed 42; lite0 + stage 2 tokens) this trains SmolLM2-135M +
+SRAU (K = 1) with several recipes, 2+ seeds each, and for every run records
+- the gradient path at steps 0, 50 and the last: per block, the share of gate channels whose visual
+  branch is open (1 - g > tau), and the gradient norm reaching the cross-attention and the visual encoder
+  (one fixed batch of 16 training captions, dropout off);
+- the test scores of the model at its last step (100 scenes, beam 3): object F1, grounded, shape F1, CIDEr;
+- the mean visual gate on colour words, shape words and other words (teacher-forced test captions).
+
+    python benchmarks/grounding.py --variants demo,recipe --seeds 1,2    # a few minutes per run
+    python benchmarks/grounding.py --list                               # the recipes
+
+Writes benchmarks/results/grounding.json (runs are added to the file, keyed by variant and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS, goal, print_table, write_results  # noqa: E402
+
+
+def grid_positions(model, n: int) -> None:
+    """Learned row + column embeddings added to every grid token after the encoder's input projection."""
+    g, d = int(math.isqrt(n)), model.encoder.proj.out_features
+    model.encoder.row_pos = torch.nn.Parameter(torch.randn(g, 1, d) * 0.02)
+    model.encoder.col_pos = torch.nn.Parameter(torch.randn(1, g, d) * 0.02)
+    model.encoder.proj.register_forward_hook(
+        lambda m, i, o: o + (model.encoder.row_pos + model.encoder.col_pos).reshape(n, d).to(o.dtype))
+
+
+def open_visual_init(bias: float):
+    """Gates start at sigmoid(bias) (visual branch open when 1 - g > tau); cross-attention output 0."""
+    def hook(model, n: int) -> None:
+        with torch.no_grad():
+            for gates in model.gates:
+                gates.bias.fill_(bias)
+            for x in model.xattn:
+                x.o.weight.zero_()
+    return hook
+
+
+# Everything not named here is the demo's (vgpt_cli.demo.DemoSettings). step_factor: more steps for
+# recipes whose step is cheaper, so that every recipe trains for about the same wall-clock time.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "soft-start": {"soft_gate_steps_frac": 0.25},
+    "lr-3e-3": {"lr": 3e-3},
+    "frozen-lm": {"freeze_lm_steps_frac": 1.0, "step_factor": 1.3},
+    "pos2d": {"model_hooks": [grid_positions]},
+    "open-init": {"model_hooks": [open_visual_init(1.2)]},
+}
+
+
+def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, precision: str):
+    from vgpt_cli.demo import LM, DemoSettings
+    from vgpt_cli.train import TrainConfig
+
+    d = DemoSettings()
+    base = dict(lm=LM, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
+                lm_lr=d.lm_lr, warmup=d.warmup, schedule="cosine", batch_size=d.batch_size, max_steps=steps,
+                val_every=steps, val_size=5, val_beam=d.eval_beam, max_length=d.max_length,
+                precision=precision, seed=seed, device="cpu", name=name, patience=100)
+    base.update({k: v for k, v in variant.items() if k in TrainConfig.__dataclass_fields__})
+    for key in ("soft_gate_steps", "freeze_lm_steps"):  # given as a fraction of the run's steps
+        if f"{key}_frac" in variant:
+            base[key] = int(round(variant[f"{key}_frac"] * steps))
+    return TrainConfig(**base)
+
+
+# --- the gradient path ------------------------------------------------------------------------------
+def gradient_path(model, batch, tau: float) -> dict[str, Any]:
+    """Open visual channels per block and gradient norms on one batch (eval mode: no dropout)."""
+    core = model
+    gates: list[torch.Tensor] = []
+    hooks = [g.register_forward_hook(lambda m, i, o: gates.append(o.detach())) for g in core.gates]
+    was_training, was_tau = core.training, core.tau_override
+    core.eval()
+    core.tau_override = tau
+    try:
+        core.zero_grad(set_to_none=True)
+        out = core(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, labels=batch.labels)
+        out.loss.backward()
+    finally:
+        core.tau_override = was_tau
+        for h in hooks:
+            h.remove()
+    real = batch.attention_mask.bool()  # (B, T)
+    open_share = []
+    for g in gates:  # (B, K, T, D)
+        vis_open = (1 - g) > tau
+        open_share.append(float(vis_open[real.unsqueeze(1).expand(g.shape[:3])].float().mean()))
+
+    def norm(params) -> float:
+        sq = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+    xattn = [norm(x.parameters()) for x in core.xattn]
+    rec = {"loss": round(float(out.loss.detach()), 4),
+           "open_share_per_block": [round(v, 4) for v in open_share],
+           "open_share_mean": round(sum(open_share) / len(open_share), 4),
+           "xattn_grad_norm_per_block": [float(f"{v:.3g}") for v in xattn],
+           "xattn_grad_norm": float(f"{math.sqrt(sum(v * v for v in xattn)):.3g}"),
+           "encoder_grad_norm": float(f"{norm(core.encoder.parameters()):.3g}")}
+    core.zero_grad(set_to_none=True)
+    core.train(was_training)
+    return rec
+
+
+def word_gates(model, items, store, max_length: int) -> dict[str, float]:
+    """Mean effective visual gate on colour / shape / other words of the test references (teacher-forced)."""
+    from vgpt_cli.data.shapes import COLOURS, SHAPES
+    from vgpt_cli.train.data import pad_features
+
+    sums = {"colour": [0.0, 0], "shape": [0.0, 0], "other": [0.0, 0]}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), 25):
+            chunk = items[start:start + 25]
+            caps = [it.captions[0] for it in chunk]
+            feats, lengths = pad_features([store.get(it.id) for it in chunk])
+            tok = model.tokenize(caps, max_length)
+            out = model(feats, lengths, tok["input_ids"], tok["attention_mask"], return_gates=True)
+            for b in range(len(chunk)):
+                # gates at position t belong to the token fed there; the word predicted next is labels[t]
+                for t in range(int(tok["attention_mask"][b].sum())):
+                    label = int(tok["labels"][b, t])
+                    if label < 0:
+                        continue
+                    word = model.tokenizer.decode([label]).strip().lower()
+                    kind = "colour" if word in COLOURS else "shape" if word.rstrip("s") in SHAPES else "other"
+                    sums[kind][0] += float(out.gates[b, t, 1])
+                    sums[kind][1] += 1
+    return {k: round(s / max(1, n), 4) for k, (s, n) in sums.items()}
+
+
+def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str, Any]:
+    from vgpt_cli.decode import DecodeOptions, decode
+    from vgpt_cli.evaluate.report import score_items
+    from vgpt_cli.train.data import pad_features
+
+    items = manifest.items("test")
+    model.eval()
+    preds: dict[str, str] = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
+        for start in range(0, len(items), 50):
+            chunk = items[start:start + 50]
+            feats, lengths = pad_features([store.get(it.id) for it in chunk])
+            hyps = decode(model, feats, lengths, DecodeOptions(beam_size=beam, max_length=max_length))
+            preds.update({it.id: h.text for it, h in zip(chunk, hyps)})
+    _, scores = score_items(preds, items, "shapes", spice=False, log=lambda s: None)
+    truth = {it.id: " and ".join(f"{o['colour']} {o['shape']}" for o in it.extra["objects"]) for it in items}
+    return {"scores": {k: round(float(v), 4) for k, v in scores.items()},
+            "captions": [{"id": i, "caption": preds[i], "truth": truth[i]} for i in list(preds)[:6]]}
+
+
+def _bf16() -> bool:
+    from vgpt_cli.demo import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
+
+
+# --- one run ----------------------------------------------------------------------------------------
+def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
+    from vgpt_cli.train import train
+    from vgpt_cli.train.data import caption_examples, collate
+    from vgpt_cli.train.loop import build_model
+
+    precision = "bf16" if _bf16() else "fp32"
+    steps = int(round(steps * variant.get("step_factor", 1.0)))
+    run_name = f"{name}-s{seed}"
+    shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
+    config = recipe_config(variant, seed, steps, run_name, precision)
+    torch.manual_seed(seed)
+    model = build_model(config, int(store.dim))
+    for hook in variant.get("model_hooks", []):
+        hook(model, int(store.get(manifest.items("train")[0].id).shape[0]))
+    diag_examples = caption_examples(manifest.items("train"))[:16]
+    diag_batch = collate(store, model, diag_examples, config.max_length)
+    tau_at = lambda step: 0.0 if step < config.soft_gate_steps else config.tau  # noqa: E731
+    path = [dict(step=0, **gradient_path(model, diag_batch, tau_at(0)))]
+    marks = {50, steps}
+
+    def on_step(record: dict[str, Any]) -> None:
+        step = record["step"]
+        if record.get("phase") == "xe" and step in marks:
+            path.append(dict(step=step, **gradient_path(model, diag_batch, tau_at(step))))
+
+    t0 = time.perf_counter()
+    result = train(config, ws, model=model, on_step=on_step, quiet=True)
+    seconds = time.perf_counter() - t0
+    test = test_scores(model, manifest, store, config.val_beam, config.max_length)
+    gates_by_word = word_gates(model, manifest.items("test")[:50], store, config.max_length)
+    shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)  # a SmolLM2 run folder is ~3 GB
+    return {"variant": name, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
+            "last_loss": round(result.last_loss or float("nan"), 4), **test["scores"],
+            "visual_gate_by_word": gates_by_word, "gradient_path": path, "captions": test["captions"],
+            "recipe": {k: v for k, v in variant.items() if k != "model_hooks"}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-grounding"))
+    p.add_argument("--variants", default="demo")
+    p.add_argument("--seeds", default="1,2")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps of the demo recipe (others scale)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
+    p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
+    p.add_argument("--results", default="grounding", help="results file stem (parallel runs: one each)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.list:
+        for k, v in VARIANTS.items():
+            print(k, v)
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from grounding_ceiling import demo_data
+
+    from vgpt_cli.workspace import Workspace
+
+    manifest, store = demo_data(a.workspace, image_size=a.image_size)
+    ws = Workspace.from_option(a.workspace)
+    ws.set_current(features=store.fingerprint)
+    out = RESULTS / f"{a.results}.json"
+    runs = json.loads(out.read_text())["raw"]["runs"] if out.exists() else []
+    for name in a.variants.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            label = name + (f"@{a.image_size}px" if a.image_size else "")
+            r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps)
+            runs = [x for x in runs if (x["variant"], x["seed"]) != (label, seed)] + [r]
+            print(json.dumps({k: v for k, v in r.items() if k not in ("gradient_path", "captions")}), flush=True)
+            summarise_and_write(runs, out)
+
+
+def summarise_and_write(runs: list[dict[str, Any]], out: Path) -> None:
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == name]
+
+        def ms(key: str, rs=rs) -> str:
+            vals = [r[key] for r in rs]
+            mean = sum(vals) / len(vals)
+            sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            return f"{mean:.3f} ± {sd:.3f}"
+
+        rows.append({"variant": name, "seeds": len(rs), "steps": rs[0]["steps"],
+                     "train s": round(sum(r["train_seconds"] for r in rs) / len(rs)),
+                     "object_f1": ms("object_f1"), "grounded": ms("grounded"), "shape_f1": ms("shape_f1"),
+                     "CIDEr": ms("CIDEr")})
+    print_table(rows, "grounding recipes (test 100 scenes, beam 3; mean ± sd over seeds)")
+    best = max((sum(r["object_f1"] for r in runs if r["variant"] == v) / sum(1 for r in runs if r["variant"] == v)
+                for v in {r["variant"] for r in runs}), default=0.0)
+    write_results(str(out), {"runs": runs, "table": rows}, {"best_recipe_object_f1": goal(best, 0.9)})
+
+
+if __name__ == "__main__":
+    main()
