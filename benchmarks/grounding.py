@@ -91,7 +91,8 @@ def gradient_path(model, batch, tau: float) -> dict[str, Any]:
     core.tau_override = tau
     try:
         core.zero_grad(set_to_none=True)
-        out = core(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, labels=batch.labels)
+        out = core(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, labels=batch.labels,
+                   image_index=batch.image_index)
         out.loss.backward()
     finally:
         core.tau_override = was_tau

@@ -261,9 +261,14 @@ class Captioner(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, return_gates: bool = False,
-                label_smoothing: float = 0.0) -> CaptionerOutput:
-        """Teacher-forced pass. features (B, N, d_in), lengths (B,), input_ids (B, T) -> logits (B, T, V)."""
+                label_smoothing: float = 0.0, image_index: Tensor | None = None) -> CaptionerOutput:
+        """Teacher-forced pass. features (B, N, d_in), lengths (B,), input_ids (B, T) -> logits (B, T, V).
+
+        image_index (B,): caption row b reads image row image_index[b] of features (I, N, d_in), so an
+        image with several captions in the batch is encoded once."""
         memory = self.encode(features, lengths)
+        if image_index is not None:
+            memory = memory.index_select(image_index.to(memory.mask.device))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         logits, _, gates = self._decode(input_ids, memory, attention_mask.to(input_ids.device).bool(), None,

@@ -55,6 +55,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch x accum x processes)
     epochs: int = 100  # upper bound on cross-entropy epochs (early stopping usually ends sooner)
     max_steps: int | None = None  # optimiser steps of cross-entropy; overrides epochs; 0 + scst: SCST only
+    # Batches of few images, each with its captions one after another: the image memory (the visual
+    # encoder and every block's cross-attention keys/values) is computed once per image. False: captions
+    # are drawn independently (the paper).
+    group_by_image: bool = False
     label_smoothing: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)

@@ -27,11 +27,29 @@ def caption_examples(items: Sequence[Any]) -> list[Example]:
     return [Example(item.id, caption) for item in items for caption in item.captions]
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example indices of one epoch: a pure function of (n, seed, epoch)."""
+def epoch_order(n: int, seed: int, epoch: int, groups: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """The shuffled example indices of one epoch: a pure function of (n, seed, epoch).
+
+    With `groups` (the example indices of each image), the images are shuffled and each image's
+    captions follow one another in a shuffled order, so a batch holds few images, each encoded once.
+    """
     g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    if groups is None:
+        return torch.randperm(n, generator=g).tolist()
+    order: list[int] = []
+    for gi in torch.randperm(len(groups), generator=g).tolist():
+        members = groups[gi]
+        order += [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+    return order
+
+
+def image_groups(examples: Sequence[Example]) -> list[list[int]]:
+    """The example indices of each image, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.item_id, []).append(i)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -74,11 +92,12 @@ def pad_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tens
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # (B, N, C) float32
-    lengths: torch.Tensor  # (B,)
+    features: torch.Tensor  # (I, N, C) float32: each distinct image of the batch once
+    lengths: torch.Tensor  # (I,)
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 where no loss
+    image_index: torch.Tensor | None = None  # (B,) the image row of each caption (None: row b is image b)
 
     @property
     def n_targets(self) -> int:
@@ -87,11 +106,17 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         nb = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=nb) for t in
-                       (self.features, self.lengths, self.input_ids, self.attention_mask, self.labels)))
+        moved = [t.to(device, non_blocking=nb) for t in
+                 (self.features, self.lengths, self.input_ids, self.attention_mask, self.labels)]
+        index = None if self.image_index is None else self.image_index.to(device, non_blocking=nb)
+        return Batch(*moved, image_index=index)
 
 
 def collate(store: Any, model: Any, examples: Sequence[Example], max_length: int) -> Batch:
-    feats, lengths = pad_features([store.get(e.item_id) for e in examples])
+    """Captions of one micro-batch; an image with several captions there is loaded and encoded once."""
+    rows: dict[str, int] = {}
+    index = [rows.setdefault(e.item_id, len(rows)) for e in examples]
+    feats, lengths = pad_features([store.get(item_id) for item_id in rows])
     tok = model.tokenize([e.caption for e in examples], max_length=max_length)
-    return Batch(feats, lengths, tok["input_ids"], tok["attention_mask"], tok["labels"])
+    image_index = None if len(rows) == len(examples) else torch.tensor(index, dtype=torch.long)
+    return Batch(feats, lengths, tok["input_ids"], tok["attention_mask"], tok["labels"], image_index)

@@ -46,6 +46,7 @@ from vgpt_cli.train.data import (
     caption_examples,
     collate,
     epoch_order,
+    image_groups,
     make_plan,
     pad_features,
 )
@@ -171,6 +172,7 @@ class Trainer:
         self.store = store
         self.train_items, self.val_items = list(train_items), list(val_items)
         self.examples: list[Example] = caption_examples(self.train_items)
+        self._groups = image_groups(self.examples)
         self.run_dir = run_dir
         self.on_step = on_step
         self.console = Console(stderr=True, quiet=quiet or not dist.is_main, soft_wrap=True)
@@ -202,7 +204,8 @@ class Trainer:
     def order(self, epoch: int, n: int, salt: int = 0) -> list[int]:
         key = (epoch, n, salt)
         if self._order_cache is None or self._order_cache[0] != key:
-            self._order_cache = (key, epoch_order(n, self.cfg.seed + salt, epoch))
+            groups = self._groups if (salt == 0 and self.cfg.group_by_image) else None
+            self._order_cache = (key, epoch_order(n, self.cfg.seed + salt, epoch, groups))
         return self._order_cache[1]
 
     # .. one cross-entropy step ..........................................................................
@@ -237,7 +240,7 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or not dist.enabled) else self.model.no_sync()
             with sync:
                 with autocast_context(self.device, cfg.precision):
-                    out = self.model(b.features, b.lengths, b.input_ids, b.attention_mask)
+                    out = self.model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index)
                 part = token_loss_sum(out.logits, b.labels, cfg.label_smoothing)
                 # DDP averages gradients over processes: scale by world size so the mean is over tokens.
                 self.scaler.scale(part * (dist.world_size / n_global)).backward()
