@@ -21,6 +21,7 @@ from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.features.store import StoreWriter
 from vgpt_cli.model import Captioner, CaptionerConfig
 from vgpt_cli.train import NonFiniteLossError, TrainConfig, load_config_file, train
+from vgpt_cli.train.config import PRESETS
 from vgpt_cli.train.data import collate, epoch_order, make_plan
 from vgpt_cli.train.loop import token_loss_sum
 from vgpt_cli.workspace import Workspace
@@ -80,7 +81,9 @@ def make_workspace(root: Path, n_train: int = 4, caps_per_item: int = 2, n_val: 
 
 
 def quick(**kw) -> TrainConfig:
-    base = dict(lm="gpt2", device="cpu", lr=1e-3, batch_size=8, max_steps=1, patience=100, log_every=1)
+    # The paper's recipe (these tests were written for it; tests/test_grounding_recipe.py covers the defaults)
+    base = dict(PRESETS["paper"], preset="paper", lm="gpt2", device="cpu", lr=1e-3, batch_size=8, max_steps=1,
+                patience=100, log_every=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -217,8 +220,17 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(ConfigError, match="unknown training option.*learning_rate"):
         load_config_file(tmp_path / "bad.json")
     defaults = TrainConfig()
-    assert (defaults.tau, defaults.encoder_layers, defaults.lr, defaults.clip_grad, defaults.val_beam,
-            defaults.max_length) == (0.2, 3, 1e-4, 1.0, 5, 20)
+    assert (defaults.tau, defaults.encoder_layers, defaults.lr, defaults.lm_lr, defaults.gate_init_bias,
+            defaults.preset) == (0.2, 1, 1e-3, 1e-4, 5.0, "vgpt")
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.tau, paper.encoder_layers, paper.lr, paper.resolved_lm_lr, paper.gate_init_bias, paper.warmup,
+            paper.batch_size, paper.clip_grad, paper.val_beam, paper.max_length, paper.freeze_lm_steps,
+            paper.preset) == (0.2, 3, 1e-4, 1e-4, None, 0, 50, 1.0, 5, 20, 0, "paper")
+    (tmp_path / "p.yaml").write_text("preset: paper\nlr: 2e-4\n")
+    from_file = load_config_file(tmp_path / "p.yaml")
+    assert (from_file.encoder_layers, from_file.lr, from_file.preset) == (3, 2e-4, "paper")
+    with pytest.raises(ConfigError, match="preset 'nope'"):
+        TrainConfig.from_preset("nope")
 
 
 runner = CliRunner()

@@ -18,6 +18,16 @@ from vgpt_cli.errors import ConfigError
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+# Named recipes: "vgpt" is the TrainConfig defaults (measured best here, docs/results.md); "paper" is the
+# authors' code and README (K = 3, random gate weights, AdamW 1e-4 for everything, no warm-up, batch 50,
+# captions drawn independently, the LM trained from the first step).
+PRESETS: dict[str, dict[str, Any]] = {
+    "vgpt": {},
+    "paper": {"encoder_layers": 3, "gate_init_bias": None, "lr": 1e-4, "lm_lr": None, "warmup": 0,
+              "schedule": "constant", "batch_size": 50, "group_by_image": False, "soft_gate_steps": 0,
+              "freeze_lm_steps": 0},
+}
+
 # Keys that fix the architecture: a resumed run must keep them.
 ARCHITECTURE_KEYS = ("lm", "lm_init", "tau", "encoder_layers", "gating", "max_length")
 
@@ -32,33 +42,38 @@ class TrainConfig:
     lm: str | None = None
     lm_init: str = "pretrained"  # "pretrained" (the paper) or "random"
     tau: float = 0.2  # SRAU threshold, 0 <= tau < 0.5 (authors' README: 0.2)
-    encoder_layers: int = 3  # K
+    # The defaults below are the recipe measured best on this project's CPU runs (docs/results.md,
+    # "Grounding"); --preset paper gives the authors' (K = 3, their gate init, lr 1e-4, batch 50).
+    encoder_layers: int = 1  # K (paper: 3)
     gating: str = "srau"  # "srau" or "none" (plain residual cross-attention, for ablations)
-    gate_init_bias: float | None = None  # None: the authors' gate init; b: W = 0, bias b (see CaptionerConfig)
+    # None: the authors' gate init; b: W = 0, bias b, every gate starts at sigmoid(b) (see CaptionerConfig).
+    # 5 with K = 1 starts from the pretrained LM itself.
+    gate_init_bias: float | None = 5.0
     max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
     # --- how the new parts are started (docs/results.md, "Grounding") -------------------------------
     # The first N cross-entropy steps use soft gates (tau 0): with gates that start linguistic (g near 1)
     # and tau 0.2 the visual branch is switched off and the cross-attention gets no gradient at all.
     soft_gate_steps: int = 0
-    # The first N cross-entropy steps train only the new parameters (the LM frozen: cheaper steps).
-    freeze_lm_steps: int = 0
+    # The first N cross-entropy steps train only the new parameters (the LM frozen: cheaper steps, and
+    # the image has to carry what the LM cannot guess).
+    freeze_lm_steps: int = 200
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None
     cross_attn_dropout: float | None = None
     # --- optimisation (authors: AdamW 1e-4, betas 0.9/0.999, no warm-up, clip 1.0, batch 50) ------
-    lr: float = 1e-4  # the new parameters (encoder, cross-attention, gates)
-    lm_lr: float | None = None  # the pretrained LM's own parameters; None: same as lr
+    lr: float = 1e-3  # the new parameters (encoder, cross-attention, gates) (paper: 1e-4)
+    lm_lr: float | None = 1e-4  # the pretrained LM's own parameters; None: same as lr
     weight_decay: float = 0.01  # torch's AdamW default, which the authors' code kept
-    warmup: int = 0  # optimiser steps of linear warm-up
-    schedule: str = "constant"  # after warm-up: constant, linear decay to 0, or cosine to 0
-    batch_size: int = 50  # captions per micro-batch per process
+    warmup: int = 20  # optimiser steps of linear warm-up (paper: 0)
+    schedule: str = "cosine"  # after warm-up: constant, linear decay to 0, or cosine to 0 (paper: constant)
+    batch_size: int = 16  # captions per micro-batch per process (paper: 50)
     grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch x accum x processes)
     epochs: int = 100  # upper bound on cross-entropy epochs (early stopping usually ends sooner)
     max_steps: int | None = None  # optimiser steps of cross-entropy; overrides epochs; 0 + scst: SCST only
     # Batches of few images, each with its captions one after another: the image memory (the visual
     # encoder and every block's cross-attention keys/values) is computed once per image. False: captions
     # are drawn independently (the paper).
-    group_by_image: bool = False
+    group_by_image: bool = True
     label_smoothing: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
@@ -80,9 +95,20 @@ class TrainConfig:
     name: str | None = None  # run folder name (None: a timestamp)
     log_every: int = 10  # steps between progress-bar / metrics.jsonl loss records
 
+    # The recipe these options started from (recorded in the run's config.json): "vgpt" (the defaults
+    # above) or "paper"; see PRESETS.
+    preset: str = "vgpt"
+
     # --- helpers -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str) -> TrainConfig:
+        """The defaults of a named recipe (PRESETS); other options can then override them."""
+        if name not in PRESETS:
+            raise ConfigError(f"--preset {name!r}: unknown; use one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name], preset=name)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -145,6 +171,8 @@ class TrainConfig:
                 bad(f"--{name.replace('_', '-')} {v}: a learning rate must be a positive number (paper: 1e-4)")
         if self.weight_decay < 0:
             bad(f"weight_decay={self.weight_decay}: must be >= 0")
+        if self.preset not in PRESETS:
+            bad(f"--preset {self.preset}: use one of {', '.join(PRESETS)}")
         if self.schedule not in SCHEDULES:
             bad(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
@@ -187,8 +215,9 @@ class TrainConfig:
         return self
 
 
-def load_config_file(path: Path) -> TrainConfig:
-    """Read a YAML or JSON file of training options (keys as in TrainConfig or as the flags)."""
+def load_config_file(path: Path, preset: str | None = None) -> TrainConfig:
+    """Read a YAML or JSON file of training options (keys as in TrainConfig or as the flags), on top of
+    its own `preset` key, else `preset`, else the defaults."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -206,4 +235,9 @@ def load_config_file(path: Path) -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    preset = raw.get("preset", preset)
+    if preset is not None:  # the file's values apply on top of its preset
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"{path}: preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
+        raw = {**PRESETS[preset], **raw, "preset": preset}
     return TrainConfig.from_dict(raw, source=str(path))

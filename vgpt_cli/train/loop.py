@@ -161,6 +161,10 @@ class _ForwardThrough:
         return self._forward(*args, **kwargs)
 
 
+def wrap_ddp(model: Any, device: torch.device) -> Any:
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: TrainConfig, workspace: Workspace, dist: DistInfo, *, model: Any, store: Any,
@@ -227,6 +231,8 @@ class Trainer:
             for p in core.lm.parameters():
                 p.requires_grad_(not frozen)
             self._lm_frozen = frozen
+            if self.dist.enabled and phase != "done":
+                self.model = wrap_ddp(core, self.device)  # DDP fixes the trainable set when it is built
 
     def xe_step(self, batches: list[Batch]) -> tuple[float, int]:
         cfg, dist = self.cfg, self.dist
@@ -388,8 +394,6 @@ class Trainer:
             if cfg.soft_gate_steps and cfg.soft_gate_steps >= total:
                 raise ConfigError(f"--soft-gate-steps {cfg.soft_gate_steps}: must be fewer than the {total} "
                                   "cross-entropy steps (the model is validated and kept with its own tau)")
-            if cfg.freeze_lm_steps and dist.world_size > 1:
-                raise ConfigError("--freeze-lm-steps is not supported with several processes; use 0 under torchrun")
             self.optimizer = make_optimizer(self.core, cfg.lr, cfg.resolved_lm_lr, cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, cfg.warmup, total))
         else:
@@ -577,8 +581,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             else:
                 trainer.say(_summary(config, trainer, dist))
             if dist.enabled:
-                trainer.model = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+                trainer.model = wrap_ddp(model, dist.device)
             trainer.run_phase("xe")
         if config.scst and config.scst_epochs > 0:
             phase = "scst"
@@ -598,8 +601,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                 trainer.say(f"resuming SCST in {run_dir} at step {trainer.state['step']}")
                 trainer.log({"event": "resume", "phase": "scst", "step": trainer.state["step"], "time": time.time()})
             if dist.enabled:
-                trainer.model = torch.nn.parallel.DistributedDataParallel(
-                    core, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+                trainer.model = wrap_ddp(core, dist.device)
             trainer.run_phase("scst")
         st = trainer.state
         if not val_items and dist.is_main:  # no validation split: the final weights are the best we know
