@@ -15,7 +15,7 @@ def command(
     ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="A 2-minute smoke run: 120 scenes, 20 steps.")] = False,
     scenes: Annotated[int | None, typer.Option("--scenes", help="Shapes scenes to generate (default 1000).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 200).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 280, the LM frozen).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data, initialisation and order (42).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,

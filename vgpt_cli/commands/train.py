@@ -72,7 +72,7 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau 0.2 on K = 1 encoder level, gates starting at sigmoid(5) (the pretrained LM itself), the LM frozen for the first 200 steps, AdamW 1e-3 for the new parameters and 1e-4 for the LM, warm-up 20 then cosine, batches of 16 captions grouped by image, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = 3, their gate init, lr 1e-4, batch 50).
+    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau 0.2 on K = 1 encoder level, gates starting at sigmoid(5) (the pretrained LM itself), the LM frozen for the first 200 steps, AdamW 1e-3 for the new parameters and 1e-4 for the LM, warm-up 20 then cosine, batches of 16 captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = 3, their gate init, lr 1e-4, batch 50).
 
     Writes runs/<name>/: config.json, metrics.jsonl, best/ (the model to use) and last/ (resumable).
 

@@ -24,8 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PRESETS: dict[str, dict[str, Any]] = {
     "vgpt": {},
     "paper": {"encoder_layers": 3, "gate_init_bias": None, "lr": 1e-4, "lm_lr": None, "warmup": 0,
-              "schedule": "constant", "batch_size": 50, "group_by_image": False, "soft_gate_steps": 0,
-              "freeze_lm_steps": 0},
+              "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0},
 }
 
 # Keys that fix the architecture: a resumed run must keep them.
@@ -73,7 +72,7 @@ class TrainConfig:
     # Batches of few images, each with its captions one after another: the image memory (the visual
     # encoder and every block's cross-attention keys/values) is computed once per image. False: captions
     # are drawn independently (the paper).
-    group_by_image: bool = True
+    group_by_image: bool = False
     label_smoothing: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
