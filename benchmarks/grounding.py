@@ -61,6 +61,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen-lm": {"freeze_lm_steps_frac": 1.0, "step_factor": 1.3},
     "pos2d": {"model_hooks": [grid_positions]},
     "open-init": {"model_hooks": [open_visual_init(1.2)]},
+    "grouped": {"group_by_image": True},
+    "grouped-soft": {"group_by_image": True, "soft_gate_steps_frac": 0.25},
+    "grouped-frozen": {"group_by_image": True, "freeze_lm_steps_frac": 1.0, "step_factor": 1.3},
 }
 
 
