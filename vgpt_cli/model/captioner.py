@@ -288,7 +288,7 @@ class Captioner(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, -1)
             A = h + a.attn_out(i, y)                                     # (B, T, D)
             if fused:
-                o, ling, vis = self._cross_srau(i, A, memory, xmask, want_gates)
+                o, ling, vis = self._cross_srau(i, A, memory, xmask, tau, want_gates)
                 if want_gates:
                     ling_sum = ling if ling_sum is None else ling_sum + ling
                     vis_sum = vis if vis_sum is None else vis_sum + vis
@@ -318,13 +318,13 @@ class Captioner(nn.Module):
         m.masked_fill_(~memory.mask, float("-inf"))
         return m.view(Bm, 1, 1, 1, N).expand(Bm, K, 1, 1, N).reshape(Bm * K, 1, 1, N)
 
-    def _cross_srau(self, i: int, A: Tensor, memory: VisualMemory, xmask: Tensor, want_gates: bool):
+    def _cross_srau(self, i: int, A: Tensor, memory: VisualMemory, xmask: Tensor, tau: float, want_gates: bool):
         """Block i's cross-attention and SRAU combine at inference: the maths of CrossAttention.forward
         + srau_combine in fewer kernels. The K levels stay level-major (K, B*T, D) from the output
         projection through the gates (no permutes), the gate bias rides in the batched matmul, and
         each threshold is one F.threshold (x if x > tau else 0, i.e. torch.where(x > tau, x, 0)).
         A (B, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)) like srau_combine."""
-        xa, gates, tau = self.xattn[i], self.gates[i], self.config.tau
+        xa, gates = self.xattn[i], self.gates[i]
         B, T, D = A.shape
         k, v = memory.keys[i], memory.values[i]
         Bm, K, h, N, hd = k.shape
