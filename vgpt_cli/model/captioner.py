@@ -61,7 +61,9 @@ class DecodeState:
     The cache is one preallocated tensor for all layers, (layers, 2, B, H_kv, capacity, hd) with
     k at [:, 0] and v at [:, 1]; a step writes its token's k/v in place at position `length`
     (no torch.cat of the whole cache per layer), and a beam reorder is one index_select of all
-    layers at once. Stepping from a state therefore consumes it: keep using the returned state.
+    layers at once, into a second buffer kept for that (`spare`: the previous step's, so no step
+    allocates and page-faults a fresh tens-of-MB buffer). A state is therefore consumed by
+    decode_step, reorder, select_images and repeat_rows: keep using the returned state only.
     """
 
     memory: VisualMemory
@@ -73,6 +75,7 @@ class DecodeState:
     padded: bool = False               # some step was given an attention mask: attention reads key_mask
     capacity_hint: int = 0             # tokens to allocate room for at the first step
     xmask: Tensor | None = None        # the memory's additive cross-attention mask, made once per memory
+    spare: Tensor | None = None        # a free buffer of the same shape, the target of the next reorder
 
     @property
     def cache(self) -> list[tuple[Tensor, Tensor]]:
@@ -83,15 +86,19 @@ class DecodeState:
 
     def _rows(self, idx: Tensor, memory: VisualMemory, beams: int) -> DecodeState:
         """A new state whose row b is old row idx[b] (the cache copied, the memory as given)."""
-        buf = mask = None
+        buf = mask = spare = None
         if self.buffer is not None:
-            # only the filled part is copied, straight into a buffer of the same capacity
-            buf = self.buffer.new_empty(self.buffer.shape[:2] + (idx.shape[0],) + self.buffer.shape[3:])
+            # only the filled part is copied, into the spare buffer when it has the shape (else a new
+            # one); this state's buffer becomes the next one's spare
+            shape = self.buffer.shape[:2] + (idx.shape[0],) + self.buffer.shape[3:]
+            buf = self.spare if self.spare is not None and self.spare.shape == shape else self.buffer.new_empty(shape)
             torch.index_select(self.buffer[..., :self.length, :], 2, idx, out=buf[..., :self.length, :])
+            spare = self.buffer if self.buffer.shape == shape else None
             mask = None if self.key_mask is None else self.key_mask.index_select(0, idx)
         gates = None if self.gates is None else self.gates.index_select(0, idx)
         xmask = self.xmask if memory is self.memory else None
-        return DecodeState(memory, beams, buf, mask, gates, self.length, self.padded, self.capacity_hint, xmask)
+        return DecodeState(memory, beams, buf, mask, gates, self.length, self.padded, self.capacity_hint, xmask,
+                           spare)
 
     def reorder(self, beam_idx: Tensor, within_groups: bool | None = None) -> DecodeState:
         """New row b continues old row beam_idx[b] (beam search). Returns a new state.
@@ -422,8 +429,9 @@ class Captioner(nn.Module):
         xmask = state.xmask if state.xmask is not None else self._memory_mask(state.memory)
         logits, gates = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0, return_gates,
                                      xmask)
+        spare = state.spare if buf is state.buffer else None  # a grown buffer leaves the old spare behind
         new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1] if gates is not None else None,
-                          L0 + 1, padded, state.capacity_hint, xmask)
+                          L0 + 1, padded, state.capacity_hint, xmask, spare)
         return logits[:, -1], new
 
     # ------------------------------------------------------------------ save / load
