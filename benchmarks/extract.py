@@ -2,12 +2,16 @@
 
     python benchmarks/extract.py                                  # lite0, offline weights, CPU
     python benchmarks/extract.py --device cuda --backbone vit_base_patch16_clip_224 --no-pretrained
+    python benchmarks/extract.py --device cuda --gpu-decode       # JPEGs decoded + resized on the GPU
 
 Measured in one run, on the same machine:
   forward_only   forward_tokens on preprocessed tensors already in (host) memory: the ceiling
   end_to_end     extract_items: read + decode + resize in DataLoader workers, forward, fp16 store writes
   store_read     random-order batches from the memory-mapped store (store.batch), what training does
 Goals: end_to_end / forward_only >= 0.85; store_read >= 20 x end_to_end.
+With --gpu-decode, end_to_end decodes the JPEGs on the device (extract-features --gpu-decode), and the
+pixels and features of the first 64 images are compared with the CPU (PIL) path's: pixel_diff in the
+results (mean and max |difference| in 0..255 levels, and the features' relative difference).
 Random weights (--no-pretrained) cost exactly the same compute as pretrained ones.
 """
 
@@ -58,6 +62,21 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (640, 480), distinct:
     return paths
 
 
+def compare_decoders(bb, paths: list[Path]) -> dict[str, float]:
+    """The device path's pixels and features against the CPU (PIL) path's, on the same files."""
+    from vgpt_cli.features.extract import decode_on_device, jpeg_bytes_or_pixels
+
+    cpu = torch.stack([bb.preprocess(open_rgb(p)) for p in paths])
+    entries = [jpeg_bytes_or_pixels(p, bb.transform, 10**9) for p in paths]
+    dev = torch.stack(decode_on_device(entries, [str(p) for p in paths], bb.transform, bb.device, 10**9)).cpu()
+    d = (dev.int() - cpu.int()).abs().float()
+    fc, fd = bb.forward_tokens(cpu).float(), bb.forward_tokens(dev).float()
+    rel = ((fd - fc).flatten(1).norm(dim=1) / fc.flatten(1).norm(dim=1))
+    return {"pixel_mean_abs": float(d.mean()), "pixel_max_abs": float(d.max()),
+            "pixels_differing": float((d > 0).float().mean()), "feature_rel_diff_mean": float(rel.mean()),
+            "feature_rel_diff_max": float(rel.max()), "images": len(paths)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
@@ -67,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
     ap.add_argument("--num-workers", type=int, default=None, help="default: CPUs - 1")
     ap.add_argument("--read-batch", type=int, default=64)
+    ap.add_argument("--gpu-decode", action="store_true", help="end to end decodes JPEGs on the device (CUDA)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     n = args.images or (16384 if cuda else 256)
@@ -98,9 +118,10 @@ def main() -> None:
 
         # end to end: files on disk -> store
         items = [Item(p.stem, [str(p)], []) for p in paths]
-        extract_items(items[:bs], bb, root / "warm", batch_size=bs, num_workers=0, progress=False)  # warm-up
+        dd = {"device_decode": args.gpu_decode}
+        extract_items(items[:bs], bb, root / "warm", batch_size=bs, num_workers=0, progress=False, **dd)  # warm-up
         t = time.perf_counter()
-        summary = extract_items(items, bb, root / "store", batch_size=bs, num_workers=workers, progress=False)
+        summary = extract_items(items, bb, root / "store", batch_size=bs, num_workers=workers, progress=False, **dd)
         e2e_rate = len(items) / (time.perf_counter() - t)
         assert summary.extracted == len(items), summary
 
@@ -116,7 +137,9 @@ def main() -> None:
                 reads += feats.shape[0]
         read_rate = reads / (time.perf_counter() - t)
 
-    raw = {"backbone": args.backbone, "pretrained": bool(bb.meta["pretrained"]), "device": args.device,
+        pixel_diff = compare_decoders(bb, paths[:64]) if args.gpu_decode else None
+
+    raw = {"gpu_decode": args.gpu_decode, "pixel_diff": pixel_diff, "backbone": args.backbone, "pretrained": bool(bb.meta["pretrained"]), "device": args.device,
            "images": n, "image_size": "640x480 JPEG q90", "batch_size": bs, "num_workers": workers,
            "tokens": bb.meta["tokens_per_image"], "dim": bb.dim, "forward_only_img_s": round(forward_rate, 1),
            "end_to_end_img_s": round(e2e_rate, 1), "store_read_img_s": round(read_rate, 1),

@@ -18,11 +18,15 @@ softmax, the loss and the AdamW update are not counted (they are a few percent a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import goal, matmul_flops, print_table, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import goal, matmul_flops, print_table, write_results  # noqa: E402
 
 
 def build(args):

@@ -11,14 +11,15 @@ FLOPs of one step are counted by torch.utils.flop_counter (matmuls and attention
 backward) on a real step; the achieved FLOP/s is compared with a float32 matmul measured in the same
 run (benchmarks.common.matmul_flops on the CPU; the same n x n matmul on the GPU).
 
-    python -m benchmarks.train_step                 # CPU: a 4-layer, 256-wide GPT-2, batch 16
-    python -m benchmarks.train_step --preset gpt2   # GPT-2-small shape, batch 50, N = 50 x 2048 (GPU)
+    python benchmarks/train_step.py                 # CPU: a 4-layer, 256-wide GPT-2, batch 16
+    python benchmarks/train_step.py --preset gpt2   # GPT-2-small shape, batch 50, N = 50 x 2048 (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, goal, machine, matmul_flops, print_table, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, goal, machine, matmul_flops, print_table, write_results  # noqa: E402
 
 PRESETS = {
     # layers, width, heads, d_in, visual tokens, batch

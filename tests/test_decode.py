@@ -140,3 +140,24 @@ def test_bad_options_are_config_errors(model):
             beam_search(model, f, lengths, opts)
     with pytest.raises(ConfigError):
         sample(model, f, lengths, temperature=0)
+
+
+def test_cache_grows_past_its_first_allocation_and_a_late_mask_counts(model):
+    # No max_length hint: the cache starts at 16 tokens and must double, keeping what it holds; a
+    # padding mask given only from step 5 on must still hide the later padded token from the rest.
+    f, lengths = images(3, seed=4)
+    T = 21
+    ids = torch.randint(0, model.vocab_size, (3, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, 9] = 0
+    with torch.no_grad():
+        full = model(f, lengths, ids, mask).logits
+        state = model.start_decoding(model.encode(f, lengths))
+        steps = []
+        for t in range(T):
+            step_mask = mask[:, t:t + 1] if t >= 5 else None
+            logits, state = model.decode_step(ids[:, t:t + 1], state, step_mask)
+            steps.append(logits)
+    assert state.length == T and state.buffer.shape[4] >= T and state.padded
+    real = mask.bool()
+    assert (torch.stack(steps, 1) - full)[real].abs().max().item() <= 1e-4

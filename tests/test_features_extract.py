@@ -342,3 +342,48 @@ def test_add_stage_appends_the_pooled_early_map_to_every_token(photos, tmp_path)
         load_backbone("tf_efficientnet_lite0", add_stages=[4])
     with pytest.raises(ConfigError, match="not a CNN"):
         load_backbone("test_vit", pretrained=False, add_stages=[0])
+
+
+# --gpu-decode: the refusal without a GPU, and the device path itself run on the CPU ------------------
+def test_gpu_decode_is_refused_without_a_cuda_backbone(photos, tiny, tmp_path):
+    with pytest.raises(ConfigError, match="--device cuda"):
+        extract_items(_items(photos), tiny, tmp_path / "s", device_decode=True, progress=False)
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    ws = _write_workspace(tmp_path / "ws", _items(photos))
+    result = CliRunner().invoke(app, ["-w", str(ws.root), "extract-features", *TINY, "--device", "cpu",
+                                      "--gpu-decode"])
+    assert result.exit_code == 2 and "--gpu-decode" in result.stderr and "--device cuda" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_device_decode_path_on_the_cpu_keeps_items_skips_and_features_close(photos, tiny, tmp_path):
+    # The device path (workers read bytes; decode_jpeg + the backbone's transform on tensors) run
+    # with torchvision's CPU decoder: what --gpu-decode does apart from nvJPEG itself.
+    from vgpt_cli.features.extract import _extract
+
+    rot = tmp_path / "rotated.jpg"  # EXIF orientation 6: must be decoded upright (the CPU path does it)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(skimage.data.astronaut()[::2, ::2]).save(rot, quality=90, exif=exif)
+    png = tmp_path / "coins.png"
+    Image.fromarray(skimage.data.coins()).save(png)
+    data = photos["chelsea"].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    items = _items(photos) + [Item("rot", [str(rot)], ["x"]), Item("png", [str(png)], ["x"]),
+                              Item("pair", [str(photos["coffee"]), str(photos["camera"])], ["x"]),
+                              Item("cut", [str(tmp_path / "cut.jpg")], ["x"]),
+                              Item("notes", [str(tmp_path / "notes.jpg")], ["x"])]
+    cpu = extract_items(items, tiny, tmp_path / "cpu", batch_size=3, num_workers=0, progress=False)
+    dev = _extract(items, tiny, tmp_path / "dev", 3, 1, 10**9, False, None, True)
+    assert sorted(dev.skipped) == sorted(cpu.skipped) == ["cut", "notes"]
+    assert dev.images == cpu.images == len(photos) + 4
+    a, b = FeatureStore.open(tmp_path / "cpu"), FeatureStore.open(tmp_path / "dev")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        x, y = np.asarray(a.get(k), np.float32), np.asarray(b.get(k), np.float32)
+        assert x.shape == y.shape
+        if k == "png":  # not a JPEG: the CPU path's own pixels, exactly
+            np.testing.assert_array_equal(x, y)
+        else:  # JPEG bytes: only the resize backend differs (tensor vs PIL bicubic), a little
+            assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.1, k

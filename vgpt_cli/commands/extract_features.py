@@ -11,6 +11,7 @@ import typer
 
 from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
 from vgpt_cli.data.manifest import Manifest
+from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
 
 # CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
@@ -73,6 +74,9 @@ def command(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Images with more pixels are skipped (decompression bombs).")
     ] = DEFAULT_MAX_PIXELS,
+    gpu_decode: Annotated[bool, typer.Option(
+        "--gpu-decode", help="Decode and resize JPEGs on the GPU (torchvision.io.decode_jpeg) instead of in CPU "
+                             "workers; needs --device cuda. Other formats still decode on the CPU.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Extract backbone features for every image of the dataset into the workspace's feature store.
@@ -110,6 +114,9 @@ def command(
     def warn(msg: str) -> None:
         err.print(f"[yellow]warning:[/] {msg}", highlight=False)
 
+    if gpu_decode and (from_hdf5 is not None or not _device(device).startswith("cuda")):
+        raise ConfigError("--gpu-decode decodes JPEGs on the GPU: use it with --device cuda (and without "
+                          "--from-hdf5), or drop it to decode on the CPU")
     if from_hdf5 is not None:
         summary = import_hdf5(items, from_hdf5, ws.features_root, warn=warn)
     else:
@@ -122,7 +129,8 @@ def command(
                       f"tokens x {bb.dim} per image -> {ws.features_root / bb.fingerprint}", highlight=False)
         workers = num_workers if num_workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
         summary = extract_items(items, bb, ws.features_root / bb.fingerprint, batch_size=batch_size,
-                                num_workers=workers, max_pixels=max_pixels, progress=is_main, warn=warn)
+                                num_workers=workers, max_pixels=max_pixels, progress=is_main, warn=warn,
+                                device_decode=gpu_decode)
     if not is_main:
         return
     ws.set_current(features=summary.fingerprint)

@@ -131,17 +131,6 @@ def _is_done(pool: _Pool, best_running: float, cur_len: int) -> bool:
     return pool.worst >= bound
 
 
-def _select_rows(state, images: Tensor, rows: Tensor, beams: int):
-    """Keep only some images' rows of a DecodeState (done images leave the batch)."""
-    from vgpt_cli.model import DecodeState
-
-    memory = state.memory.index_select(images if state.beams == beams else rows)
-    cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in state.cache]
-    key_mask = None if state.key_mask is None else state.key_mask.index_select(0, rows)
-    gates = None if state.gates is None else state.gates.index_select(0, rows)
-    return DecodeState(memory, state.beams, cache, key_mask, gates)
-
-
 @torch.no_grad()
 def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None = None, *,
                 num_return: int = 1, return_gates: bool = False) -> list[list[Hypothesis]]:
@@ -155,7 +144,9 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
     dev = features.device
     eos, bos = model.eos_token_id, model.bos_token_id
     memory = model.encode(features, lengths)
-    state = model.start_decoding(memory, beams=K)
+    # step 0 runs one row per image (its K beams would be K copies of the same BOS row), then the
+    # rows are repeated; the other K-1 beams start at -inf, so only beam 0's candidates count
+    state = model.start_decoding(memory, beams=1, max_length=opts.max_length)
     pools = [_Pool(K, opts.length_penalty) for _ in range(B)]
     img = torch.arange(B, device=dev)              # original index of each active image
     scores = torch.full((B, K), NEG_INF, device=dev)
@@ -163,10 +154,12 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
     seqs = torch.empty(B * K, 0, dtype=torch.long, device=dev)
     lps = torch.empty(B * K, 0, device=dev)
     gts = torch.empty(B * K, 0, 2, device=dev)
-    tokens = torch.full((B * K, 1), bos, dtype=torch.long, device=dev)
+    tokens = torch.full((B, 1), bos, dtype=torch.long, device=dev)
     rank = torch.arange(2 * K, device=dev)
     for step in range(opts.max_length):
         logits, state = model.decode_step(tokens, state, return_gates=return_gates)
+        if step == 0 and K > 1:
+            logits, state = logits.repeat_interleave(K, dim=0), state.repeat_rows(K)
         logp = _prepare_logp(logits, step, opts, eos, seqs)       # (R, V)
         Ba, V = scores.shape[0], logp.shape[1]
         top, idx = (scores.reshape(-1, 1) + logp).reshape(Ba, K * V).topk(2 * K, dim=1)
@@ -191,7 +184,7 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
         lps = torch.cat([lps.index_select(0, rows), logp[rows, ntok][:, None]], 1)
         if return_gates:
             gts = torch.cat([gts.index_select(0, rows), state.gates.index_select(0, rows)[:, None]], 1)
-        state = state.reorder(rows)
+        state = state.reorder(rows, within_groups=True)  # rows never leave their image's group
         tokens = ntok[:, None]
         cur_len = step + 1
         if cur_len == opts.max_length:
@@ -205,7 +198,7 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
                 img = img[:0]
                 break
             krows = (keep[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
-            state = _select_rows(state, keep, krows, K)
+            state = state.select_images(keep, krows)
             seqs, lps, gts, tokens = seqs[krows], lps[krows], gts[krows], tokens[krows]
             scores, img = scores[keep], img[keep]
     # beams still running at max_length are scored as they are
@@ -225,7 +218,7 @@ def greedy(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None 
     opts = (opts or DecodeOptions(beam_size=1)).validate()
     B, dev = features.shape[0], features.device
     eos = model.eos_token_id
-    state = model.start_decoding(model.encode(features, lengths))
+    state = model.start_decoding(model.encode(features, lengths), max_length=opts.max_length)
     tokens = torch.full((B, 1), model.bos_token_id, dtype=torch.long, device=dev)
     seqs = torch.empty(B, 0, dtype=torch.long, device=dev)
     lps = torch.empty(B, 0, device=dev)
@@ -303,7 +296,7 @@ def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, ma
     B, dev = features.shape[0], features.device
     R = B * num_samples
     eos = model.eos_token_id
-    state = model.start_decoding(model.encode(features, lengths), beams=num_samples)
+    state = model.start_decoding(model.encode(features, lengths), beams=num_samples, max_length=max_length)
     tokens = torch.full((R, 1), model.bos_token_id, dtype=torch.long, device=dev)
     alive = torch.ones(R, dtype=torch.bool, device=dev)
     ids, lps, masks = [], [], []

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vgpt_cli.data.manifest import Item
-from vgpt_cli.errors import DataError
+from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.features.backbone import Backbone, fingerprint_of
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
 from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter
@@ -107,6 +107,75 @@ class _ItemImages(torch.utils.data.Dataset):
         return i, torch.stack(pixels), None
 
 
+class _ItemFiles(torch.utils.data.Dataset):
+    """For decoding on the device: one item -> (index, per image the JPEG file's bytes (1-D uint8) or,
+    for anything else, the CPU path's pixels (3, H, W), reason or None). Workers only read files."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable, max_pixels: int):
+        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
+        item = self.items[i]
+        if not item.images:
+            return i, None, "the item lists no image"
+        try:
+            return i, [jpeg_bytes_or_pixels(p, self.transform, self.max_pixels) for p in item.images], None
+        except BadImage as e:
+            return i, None, f"{e.path}: {e.reason}"
+
+
+def jpeg_bytes_or_pixels(path: str | Path, transform: Callable, max_pixels: int) -> torch.Tensor:
+    """A plain JPEG (RGB or greyscale, upright, within max_pixels; judged from its header) -> its bytes,
+    to decode on the device; any other image -> decoded and transformed here, as without the option."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # the header only
+            plain = (im.format == "JPEG" and im.mode in ("RGB", "L") and im.size[0] * im.size[1] <= max_pixels
+                     and im.getexif().get(0x0112, 1) == 1)  # EXIF orientation 1: nothing to rotate
+    except (OSError, SyntaxError, ValueError):
+        plain = False  # open_rgb below says what is wrong
+    if plain:
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    return transform(open_rgb(path, max_pixels))
+
+
+def decode_on_device(entries: list[torch.Tensor], paths: list[str], transform: Callable, device: torch.device,
+                     max_pixels: int) -> list[torch.Tensor | str]:
+    """JPEG bytes (1-D) -> pixels (3, H, W) uint8 on `device`: torchvision.io.decode_jpeg on the device
+    (nvJPEG on CUDA), then the backbone's own eval transform (torchvision Resize + CenterCrop, which
+    run on tensors too). Entries that are pixels already are moved to the device. A file the device
+    decoder refuses is decoded on the CPU instead; the reason is returned in its place if that fails too."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpeg = [k for k, e in enumerate(entries) if e.dim() == 1]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpeg:
+        try:  # one batched call for the whole batch
+            decoded = dict(zip(jpeg, decode_jpeg([entries[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)))
+        except RuntimeError:  # a bad file spoils the batch: one by one
+            for k in jpeg:
+                try:
+                    decoded[k] = decode_jpeg(entries[k], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+    out: list[torch.Tensor | str] = []
+    for k, e in enumerate(entries):
+        if e.dim() != 1:
+            out.append(e.to(device, non_blocking=True))
+        elif k in decoded:
+            out.append(transform(decoded[k]))
+        else:
+            try:
+                out.append(transform(open_rgb(paths[k], max_pixels)).to(device))
+            except BadImage as err:
+                out.append(err.reason)
+    return out
+
+
 def _collate(batch: list) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[tuple[int, str]]]:
     """In the worker: one stacked uint8 tensor per batch (one shared-memory block to pass, not one
     per image), the (item index, image count) of each good item, and the (index, reason) of bad ones."""
@@ -159,12 +228,24 @@ def _progress(total: int, enabled: bool):  # noqa: ANN202 - rich types
 
 def extract_items(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, batch_size: int = 32,
                   num_workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
-                  warn: Callable[[str], None] | None = None) -> ExtractSummary:
+                  warn: Callable[[str], None] | None = None, device_decode: bool = False) -> ExtractSummary:
     """Extract every item not yet in the store at `store_dir` (one folder per backbone fingerprint).
 
     Items with a bad image are recorded as skipped (with the reason) and listed in skipped.json.
     Killed at any point, a rerun continues from the last fsynced batch.
+    device_decode: JPEGs are decoded and resized on the backbone's CUDA device (workers only read
+    the files); for when the CPU decoding, not the backbone, is the bottleneck. Needs a CUDA backbone.
     """
+    if device_decode and backbone.device.type != "cuda":
+        raise ConfigError(f"--gpu-decode decodes JPEGs on the GPU, but the backbone runs on {backbone.device}; "
+                          "use it with --device cuda, or drop --gpu-decode (the CPU decodes in workers)")
+    return _extract(items, backbone, store_dir, batch_size, num_workers, max_pixels, progress, warn,
+                    device_decode)
+
+
+def _extract(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, batch_size: int, num_workers: int,
+             max_pixels: int, progress: bool, warn: Callable[[str], None] | None,
+             device_decode: bool) -> ExtractSummary:
     store_dir = Path(store_dir)
     dist = _dist(backbone.device)
     try:
@@ -189,7 +270,7 @@ def extract_items(items: Sequence[Item], backbone: Backbone, store_dir: str | Pa
             mine = todo[dist.rank::dist.world]
             t0 = time.perf_counter()
             n_images = _run(mine, backbone, writer, batch_size, num_workers, max_pixels,
-                            progress and dist.rank == 0, len(todo), dist.world)
+                            progress and dist.rank == 0, len(todo), dist.world, device_decode)
             seconds = time.perf_counter() - t0
         n_images = dist.total(n_images)  # also a barrier: every rank has finished writing
         return _summarise(items, store_dir, [it.id for it in todo], n_images, seconds,
@@ -198,22 +279,52 @@ def extract_items(items: Sequence[Item], backbone: Backbone, store_dir: str | Pa
         dist.close()
 
 
+def _device_batches(loader, items: Sequence[Item], backbone: Backbone, max_pixels: int):
+    """Batches of _ItemFiles decoded on the device, in _collate's form (pixels, good, bad)."""
+    for batch in loader:
+        entries, paths, owner, bad = [], [], [], []
+        for i, files, reason in batch:
+            if files is None:
+                bad.append((i, reason))
+                continue
+            entries.extend(files)
+            paths.extend(items[i].images)
+            owner.extend([i] * len(files))
+        pixels = decode_on_device(entries, paths, backbone.transform, backbone.device, max_pixels)
+        failed = {}
+        for i, px in zip(owner, pixels):
+            if isinstance(px, str) and i not in failed:
+                failed[i] = px
+        bad.extend(failed.items())
+        kept = [(i, px) for i, px in zip(owner, pixels) if i not in failed]
+        good: list[tuple[int, int]] = []
+        for i, _ in kept:
+            if good and good[-1][0] == i:
+                good[-1] = (i, good[-1][1] + 1)
+            else:
+                good.append((i, 1))
+        yield (torch.stack([px for _, px in kept]) if kept else None), good, bad
+
+
 def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_size: int, num_workers: int,
-         max_pixels: int, show: bool, total: int, world: int) -> int:
+         max_pixels: int, show: bool, total: int, world: int, device_decode: bool = False) -> int:
     if not items:
         return 0
     loader = torch.utils.data.DataLoader(
-        _ItemImages(items, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=backbone.device.type == "cuda",
+        (_ItemFiles if device_decode else _ItemImages)(items, backbone.transform, max_pixels),
+        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=list if device_decode else _collate,
+        pin_memory=backbone.device.type == "cuda" and not device_decode,
         persistent_workers=False,  # default prefetch (2 batches a worker): shared memory stays modest
     )
+    batches = _device_batches(loader, items, backbone, max_pixels) if device_decode else loader
     n_images = 0
     t0 = time.perf_counter()
     background = _BackgroundWriter(writer)
     try:
         with _progress(total, show) as bar:
             task = bar.add_task(f"extracting ({backbone.name})", total=total, rate="-")
-            for pixels, good, bad in loader:
+            for pixels, good, bad in batches:
                 feats = []
                 if pixels is not None:
                     tokens = backbone.forward_tokens(pixels).numpy()  # (sum k, N, C) float16

@@ -6,9 +6,10 @@ Shapes: B batch, N visual tokens, K encoder levels, T caption tokens, D the LM w
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,37 +58,77 @@ class DecodeState:
     """Incremental-decoding state: the self-attention cache plus the (shared) visual memory.
 
     Rows are `beams` consecutive copies per memory row: row b reads memory row b // beams.
+    The cache is one preallocated tensor for all layers, (layers, 2, B, H_kv, capacity, hd) with
+    k at [:, 0] and v at [:, 1]; a step writes its token's k/v in place at position `length`
+    (no torch.cat of the whole cache per layer), and a beam reorder is one index_select of all
+    layers at once, into a second buffer kept for that (`spare`: the previous step's, so no step
+    allocates and page-faults a fresh tens-of-MB buffer). A state is therefore consumed by
+    decode_step, reorder, select_images and repeat_rows: keep using the returned state only.
     """
 
     memory: VisualMemory
     beams: int
-    cache: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer (B, H_kv, L, hd) k and v
-    key_mask: Tensor | None = None    # (B, L) True where the cached token is real
-    gates: Tensor | None = None       # (B, 2) of the last step, when asked for
+    buffer: Tensor | None = None       # (layers, 2, B, H_kv, capacity, hd), filled up to `length`
+    key_mask: Tensor | None = None     # (B, capacity) True where the cached token is real
+    gates: Tensor | None = None        # (B, 2) of the last step, when asked for
+    length: int = 0                    # cached tokens
+    padded: bool = False               # some step was given an attention mask: attention reads key_mask
+    capacity_hint: int = 0             # tokens to allocate room for at the first step
+    xmask: Tensor | None = None        # the memory's additive cross-attention mask, made once per memory
+    spare: Tensor | None = None        # a free buffer of the same shape, the target of the next reorder
 
     @property
-    def length(self) -> int:
-        return 0 if self.key_mask is None else self.key_mask.shape[1]
+    def cache(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer (k, v), each (B, H_kv, length, hd): views of the filled part of the buffer."""
+        if self.buffer is None:
+            return []
+        return [(layer[0, :, :, :self.length], layer[1, :, :, :self.length]) for layer in self.buffer]
 
-    def reorder(self, beam_idx: Tensor) -> DecodeState:
+    def _rows(self, idx: Tensor, memory: VisualMemory, beams: int) -> DecodeState:
+        """A new state whose row b is old row idx[b] (the cache copied, the memory as given)."""
+        buf = mask = spare = None
+        if self.buffer is not None:
+            # only the filled part is copied, into the spare buffer when it has the shape (else a new
+            # one); this state's buffer becomes the next one's spare
+            shape = self.buffer.shape[:2] + (idx.shape[0],) + self.buffer.shape[3:]
+            buf = self.spare if self.spare is not None and self.spare.shape == shape else self.buffer.new_empty(shape)
+            torch.index_select(self.buffer[..., :self.length, :], 2, idx, out=buf[..., :self.length, :])
+            spare = self.buffer if self.buffer.shape == shape else None
+            mask = None if self.key_mask is None else self.key_mask.index_select(0, idx)
+        gates = None if self.gates is None else self.gates.index_select(0, idx)
+        xmask = self.xmask if memory is self.memory else None
+        return DecodeState(memory, beams, buf, mask, gates, self.length, self.padded, self.capacity_hint, xmask,
+                           spare)
+
+    def reorder(self, beam_idx: Tensor, within_groups: bool | None = None) -> DecodeState:
         """New row b continues old row beam_idx[b] (beam search). Returns a new state.
 
         Reordering within each image's group of `beams` rows (what beam search does) touches only
         the self-attention cache; a row taken from another image's group makes the memory
         follow (one index_select of the memory, then one memory row per decoder row).
+        within_groups=True promises the former (beam search knows it), which skips the check (a
+        host-device synchronisation on a GPU).
         """
         beam_idx = beam_idx.to(device=self.memory.mask.device, dtype=torch.long)
         B = self.memory.batch_size * self.beams
         if beam_idx.shape != (B,):
             raise ValueError(f"beam_idx must have shape ({B},), got {tuple(beam_idx.shape)}")
         memory, beams = self.memory, self.beams
-        group = torch.arange(B, device=beam_idx.device) // beams
-        if not torch.equal(beam_idx // beams, group):
-            memory, beams = memory.index_select(beam_idx // self.beams), 1
-        cache = [(k.index_select(0, beam_idx), v.index_select(0, beam_idx)) for k, v in self.cache]
-        key_mask = None if self.key_mask is None else self.key_mask.index_select(0, beam_idx)
-        gates = None if self.gates is None else self.gates.index_select(0, beam_idx)
-        return DecodeState(memory, beams, cache, key_mask, gates)
+        if not within_groups:
+            group = torch.arange(B, device=beam_idx.device) // beams
+            if not torch.equal(beam_idx // beams, group):
+                memory, beams = memory.index_select(beam_idx // self.beams), 1
+        return self._rows(beam_idx, memory, beams)
+
+    def select_images(self, images: Tensor, rows: Tensor) -> DecodeState:
+        """Keep only some images (done images leave the batch): `images` their indices, `rows` their
+        decoder rows in order. The memory follows per image while it is shared, else per row."""
+        return self._rows(rows, self.memory.index_select(images if self.beams > 1 else rows), self.beams)
+
+    def repeat_rows(self, n: int) -> DecodeState:
+        """Each row becomes n consecutive identical rows (that share its memory row)."""
+        idx = torch.arange(self.memory.batch_size * self.beams, device=self.memory.mask.device)
+        return self._rows(idx.repeat_interleave(n), self.memory, self.beams * n)
 
 
 class Captioner(nn.Module):
@@ -198,52 +239,68 @@ class Captioner(nn.Module):
         return VisualMemory(keys, values, mask)
 
     # ------------------------------------------------------------------ decoder
-    def _decode(self, input_ids: Tensor, memory: VisualMemory, key_mask: Tensor,
-                past: list[tuple[Tensor, Tensor]] | None, want_gates: bool):
+    def _decode(self, input_ids: Tensor, memory: VisualMemory, key_mask: Tensor | None,
+                cache: Tensor | None, past: int, want_gates: bool, xmask: Tensor | None = None):
         """Run the SRAU decoder over new tokens input_ids (B, T) after `past` cached tokens.
 
-        key_mask (B, L_past + T): True where a token is real. Positions are step indices.
-        Returns logits (B, T, V), the new cache, gates (B, T, 2) or None.
+        key_mask (B, >= past + T): True where a token is real; None: every token is real, and then no
+        mask is built at all (a causal flag, or for one new token nothing: it sees every cached key),
+        so the step never asks the device whether the mask has holes.
+        cache: None (teacher forcing: nothing is kept), or the (layers, 2, B, H_kv, capacity, hd) buffer
+        of DecodeState, whose positions past..past+T-1 are written in place.
+        xmask: `_memory_mask(memory)` when the caller keeps it across steps.
+        Positions are step indices. Returns logits (B, T, V), gates (B, T, 2) or None.
         """
         a = self.adapter
         B, T = input_ids.shape
-        L0 = 0 if not past else past[0][0].shape[2]
-        if a.max_positions is not None and L0 + T > a.max_positions:
-            raise ValueError(f"{L0 + T} caption tokens exceed the LM's {a.max_positions} positions; "
+        L0, L = past, past + T
+        if a.max_positions is not None and L > a.max_positions:
+            raise ValueError(f"{L} caption tokens exceed the LM's {a.max_positions} positions; "
                              "decode fewer tokens (max_caption_tokens)")
-        positions = torch.arange(L0, L0 + T, device=input_ids.device)
+        positions = torch.arange(L0, L, device=input_ids.device)
         h = a.embed(input_ids, positions)
         ctx = a.position_context(h, positions)
-        # self-attention mask (B, 1, T, L0+T): causal and real keys; a query always sees itself so
-        # that a padded row never has an all-masked softmax (its output is never used).
-        use_causal_flag = L0 == 0 and bool(key_mask.all())
-        allowed = None
-        if not use_causal_flag:
-            causal = torch.ones(T, L0 + T, dtype=torch.bool, device=h.device).tril(L0)
+        allowed, is_causal = None, False
+        if key_mask is not None:
+            # (B, 1, T, L): causal and real keys; a query always sees itself so that a padded row
+            # never has an all-masked softmax (its output is never used)
+            causal = torch.ones(T, L, dtype=torch.bool, device=h.device).tril(L0)
             diag = torch.zeros_like(causal)
             diag[:, L0:] = torch.eye(T, dtype=torch.bool, device=h.device)
-            allowed = ((causal & key_mask[:, None, :].bool()) | diag).unsqueeze(1)
-        new_cache = []
+            allowed = ((causal & key_mask[:, None, :L]) | diag).unsqueeze(1)
+        elif T > 1 and L0 == 0:
+            is_causal = True
+        elif T > 1:
+            allowed = torch.ones(T, L, dtype=torch.bool, device=h.device).tril(L0)
         ling_sum = vis_sum = None
         tau = self.config.tau if self.tau_override is None else self.tau_override
         rep = a.num_heads // a.num_kv_heads
+        # inference takes the fused cross-attention + SRAU path (same maths, fewer kernels)
+        fused = self.gates is not None and not self.training and not torch.is_grad_enabled()
+        if fused and xmask is None:
+            xmask = self._memory_mask(memory)
         for i in range(self.num_layers):
             x = a.ln1(i, h)
             q, k, v = a.qkv(i, x, ctx)  # q (B, H, T, hd), k/v (B, H_kv, T, hd)
-            if past:
-                k = torch.cat([past[i][0], k], dim=2)
-                v = torch.cat([past[i][1], v], dim=2)
-            new_cache.append((k, v))
+            if cache is not None:
+                cache[i, 0, :, :, L0:L] = k
+                cache[i, 1, :, :, L0:L] = v
+                k, v = cache[i, 0, :, :, :L], cache[i, 1, :, :, :L]
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
             p = a.attn_dropout(i) if self.training else 0.0
-            if use_causal_flag:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, scale=a.attn_scale(i))
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p, scale=a.attn_scale(i))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=is_causal, dropout_p=p,
+                                               scale=a.attn_scale(i))
             y = y.transpose(1, 2).reshape(B, T, -1)
             A = h + a.attn_out(i, y)                                     # (B, T, D)
+            if fused:
+                o, ling, vis = self._cross_srau(i, A, memory, xmask, tau, want_gates)
+                if want_gates:
+                    ling_sum = ling if ling_sum is None else ling_sum + ling
+                    vis_sum = vis if vis_sum is None else vis_sum + vis
+                h = o + a.mlp(i, a.ln2(i, o))
+                continue
             C = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask)  # (B, K, T, D)
             if self.gates is not None:
                 o, ling, vis = srau_combine(A, C, self.gates[i], tau, want_gates)
@@ -257,7 +314,42 @@ class Captioner(nn.Module):
         gates = None
         if want_gates and ling_sum is not None:
             gates = torch.stack([ling_sum, vis_sum], dim=-1) / self.num_layers
-        return logits, new_cache, gates
+        return logits, gates
+
+    def _memory_mask(self, memory: VisualMemory) -> Tensor:
+        """The memory's padding as the additive mask (Bm*K, 1, 1, N) of the cross-attention's
+        scaled_dot_product_attention (0 on real tokens, -inf on padding): what it would otherwise
+        rebuild from the boolean mask in every layer of every step."""
+        Bm, K, _, N, _ = memory.keys[0].shape
+        m = torch.zeros(Bm, N, dtype=memory.keys[0].dtype, device=memory.mask.device)
+        m.masked_fill_(~memory.mask, float("-inf"))
+        return m.view(Bm, 1, 1, 1, N).expand(Bm, K, 1, 1, N).reshape(Bm * K, 1, 1, N)
+
+    def _cross_srau(self, i: int, A: Tensor, memory: VisualMemory, xmask: Tensor, tau: float, want_gates: bool):
+        """Block i's cross-attention and SRAU combine at inference: the maths of CrossAttention.forward
+        + srau_combine in fewer kernels. The K levels stay level-major (K, B*T, D) from the output
+        projection through the gates (no permutes), the gate bias rides in the batched matmul, and
+        each threshold is one F.threshold (x if x > tau else 0, i.e. torch.where(x > tau, x, 0)).
+        A (B, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)) like srau_combine."""
+        xa, gates = self.xattn[i], self.gates[i]
+        B, T, D = A.shape
+        k, v = memory.keys[i], memory.values[i]
+        Bm, K, h, N, hd = k.shape
+        beams, R = B // Bm, B * T
+        q = xa.q(self.adapter.ln1(i, A)).view(Bm, beams * T, h, hd).transpose(1, 2)
+        q = q.unsqueeze(1).expand(Bm, K, h, beams * T, hd).reshape(Bm * K, h, beams * T, hd)
+        y = F.scaled_dot_product_attention(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd),
+                                           attn_mask=xmask)                  # (Bm*K, h, beams*T, hd)
+        y = y.view(Bm, K, h, R // Bm, hd).permute(1, 0, 3, 2, 4).reshape(K, R, D)
+        c = F.linear(y, xa.o.weight, xa.o.bias)                              # (K, R, D): C_k
+        a = A.reshape(1, R, D)
+        x = torch.cat([a.expand(K, R, D), c], dim=-1)                        # (K, R, 2D): [A ; C_k]
+        g = torch.baddbmm(gates.bias.unsqueeze(1), x, gates.weight.transpose(1, 2)).sigmoid_()
+        ling = F.threshold(g, tau, 0.0)
+        vis = F.threshold(g.neg_().add_(1), tau, 0.0)                        # g is now 1 - g
+        means = (ling.mean(dim=(0, 2)).view(B, T), vis.mean(dim=(0, 2)).view(B, T)) if want_gates else (None, None)
+        o = (ling.mul_(a).add_(vis.mul_(c))).sum(dim=0).div_(math.sqrt(K))
+        return (o.view(B, T, D), *means)
 
     def forward(self, features: Tensor, lengths: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, return_gates: bool = False,
@@ -269,10 +361,8 @@ class Captioner(nn.Module):
         memory = self.encode(features, lengths)
         if image_index is not None:
             memory = memory.index_select(image_index.to(memory.mask.device))
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        logits, _, gates = self._decode(input_ids, memory, attention_mask.to(input_ids.device).bool(), None,
-                                        return_gates)
+        key_mask = None if attention_mask is None else attention_mask.to(input_ids.device).bool()
+        logits, gates = self._decode(input_ids, memory, key_mask, None, 0, return_gates)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -280,11 +370,15 @@ class Captioner(nn.Module):
         return CaptionerOutput(logits, loss, gates)
 
     # ------------------------------------------------------------------ incremental decoding
-    def start_decoding(self, memory: VisualMemory, beams: int = 1) -> DecodeState:
-        """An empty cache for memory.batch_size * beams rows (row b reads memory row b // beams)."""
+    def start_decoding(self, memory: VisualMemory, beams: int = 1, max_length: int | None = None) -> DecodeState:
+        """An empty cache for memory.batch_size * beams rows (row b reads memory row b // beams).
+
+        max_length: the tokens that will be fed, when known: the cache is allocated for that many
+        at once (else it starts small and doubles when full).
+        """
         if beams < 1:
             raise ValueError(f"beams must be >= 1, got {beams}")
-        return DecodeState(memory, beams)
+        return DecodeState(memory, beams, capacity_hint=max_length or 0)
 
     @staticmethod
     def expand_memory(memory: VisualMemory, beams: int) -> VisualMemory:
@@ -292,21 +386,52 @@ class Captioner(nn.Module):
         idx = torch.arange(memory.batch_size, device=memory.mask.device).repeat_interleave(beams)
         return memory.index_select(idx)
 
+    def _cache_for(self, state: DecodeState, B: int, T: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The state's cache buffer (and key mask) with room for T more tokens: allocated at the first
+        step (capacity_hint tokens, at least 16), doubled when full."""
+        a, L = self.adapter, state.length + T
+        buf, mask = state.buffer, state.key_mask
+        cap = 0 if buf is None else buf.shape[4]
+        if L <= cap:
+            return buf, mask
+        new_cap = max(L, state.capacity_hint, 16, 2 * cap)
+        hd = a.hidden_size // a.num_heads
+        new = like.new_empty(self.num_layers, 2, B, a.num_kv_heads, new_cap, hd)
+        if buf is not None:
+            new[..., :state.length, :] = buf[..., :state.length, :]
+        if mask is not None:
+            grown = mask.new_ones(B, new_cap)
+            grown[:, :state.length] = mask[:, :state.length]
+            mask = grown
+        return new, mask
+
     def decode_step(self, token_ids: Tensor, state: DecodeState, attention_mask: Tensor | None = None,
                     return_gates: bool = False) -> tuple[Tensor, DecodeState]:
         """Feed one token per row: token_ids (B, 1) -> (logits (B, V), new state).
 
         attention_mask (B, 1): 0 marks a padding token that later tokens must not attend to.
         With return_gates, the new state's `gates` holds this step's (B, 2) linguistic/visual gates.
+        The step writes into `state`'s cache buffer: continue from the returned state only.
         """
         B = state.memory.batch_size * state.beams
         if token_ids.dim() != 2 or token_ids.shape != (B, 1):
             raise ValueError(f"token_ids must have shape ({B}, 1), got {tuple(token_ids.shape)}")
-        step_mask = (torch.ones_like(token_ids, dtype=torch.bool) if attention_mask is None
-                     else attention_mask.to(token_ids.device).bool().view(B, 1))
-        key_mask = step_mask if state.key_mask is None else torch.cat([state.key_mask, step_mask], dim=1)
-        logits, cache, gates = self._decode(token_ids, state.memory, key_mask, state.cache or None, return_gates)
-        new = DecodeState(state.memory, state.beams, cache, key_mask, gates[:, -1] if gates is not None else None)
+        L0 = state.length
+        like = state.memory.keys[0] if state.memory.keys else state.memory.mask.float()
+        buf, key_mask = self._cache_for(state, B, 1, like)
+        padded = state.padded or attention_mask is not None
+        if padded:
+            if key_mask is None:  # the first mask given: every earlier token was real
+                key_mask = torch.ones(B, buf.shape[4], dtype=torch.bool, device=token_ids.device)
+            step = (torch.ones(B, dtype=torch.bool, device=token_ids.device) if attention_mask is None
+                    else attention_mask.to(token_ids.device).bool().view(B))
+            key_mask[:, L0] = step
+        xmask = state.xmask if state.xmask is not None else self._memory_mask(state.memory)
+        logits, gates = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0, return_gates,
+                                     xmask)
+        spare = state.spare if buf is state.buffer else None  # a grown buffer leaves the old spare behind
+        new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1] if gates is not None else None,
+                          L0 + 1, padded, state.capacity_hint, xmask, spare)
         return logits[:, -1], new
 
     # ------------------------------------------------------------------ save / load
