@@ -40,6 +40,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_name(name: str, option: str) -> str:
+    """A dataset or run name is one plain folder name inside the workspace: no path separators,
+    not absolute, not hidden, not '..' (the rule `train --name` applies)."""
+    if (not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or "\0" in name
+            or name.startswith(".")):
+        raise VgptError(f"{option} {name!r}: use a plain folder name such as coco-1pct (no '/', not "
+                        "starting with '.'); it names a folder inside the workspace")
+    return name
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -56,6 +66,7 @@ class Workspace:
         return self.root / "workspace.json"
 
     def dataset_dir(self, name: str) -> Path:
+        check_name(name, "--name")
         return self.root / "data" / name
 
     def manifest_path(self, name: str) -> Path:
