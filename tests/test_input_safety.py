@@ -61,8 +61,9 @@ def test_prepare_a_failure_while_rendering_leaves_the_old_dataset(tmp_path, monk
 
 
 # --- defect 4: dataset names stay inside the workspace ------------------------------------------
-@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs-name", ".hidden", "a/b", ""])
+@pytest.mark.parametrize("name", ["../../escaped", "ABS", ".hidden", "a/b", ""])
 def test_prepare_name_escaping_the_workspace_is_refused(tmp_path, name):
+    name = str(tmp_path / "abs-name") if name == "ABS" else name
     ws = tmp_path / "deep" / "ws"
     ws.mkdir(parents=True)
     (tmp_path / "images").mkdir()
@@ -74,3 +75,56 @@ def test_prepare_name_escaping_the_workspace_is_refused(tmp_path, name):
     _one_error_line(r, "--name")
     assert tree_digest(tmp_path) == before
     assert not json.dumps(before).count("manifest.json")
+
+
+# --- defect 3: folder CSV never drops text silently ------------------------------------------------
+def _folder(tmp_path: Path, csv_bytes: bytes, images=("a.png", "b.png", "c.png", "d.png", "e.png")):
+    d = tmp_path / "imgs"
+    d.mkdir(exist_ok=True)
+    from PIL import Image
+
+    for i, n in enumerate(images):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(d / n)
+    caps = tmp_path / "caps.csv"
+    caps.write_bytes(csv_bytes)
+    return d, caps
+
+
+def test_folder_csv_unquoted_comma_in_a_caption_is_refused_with_the_line_and_fix(tmp_path):
+    d, caps = _folder(tmp_path, b"image,caption\na.png,a cat\nb.png,a dog, running on grass\n")
+    ws = tmp_path / "ws"
+    line = _one_error_line(_vgpt(ws, "prepare", "folder", str(d), "--captions", str(caps)),
+                           str(caps), "line 3", "quotes")
+    assert "3 fields but the header has 2" in line
+    assert not ws.exists()
+    # quoted, the whole caption is kept
+    caps.write_bytes(b'image,caption\na.png,a cat\nb.png,"a dog, running on grass"\nc.png,x\nd.png,y\ne.png,z\n')
+    r = _vgpt(ws, "prepare", "folder", str(d), "--captions", str(caps), "--json", "--val-fraction", "0",
+              "--test-fraction", "0")
+    assert r.exit_code == 0, r.output
+    m = json.loads((ws / "data" / "folder" / "manifest.json").read_text())
+    assert ["a dog, running on grass"] in [it["captions"] for it in m["splits"]["train"]]
+
+
+def test_folder_csv_duplicate_rows_are_kept_once_with_a_note(tmp_path):
+    d, caps = _folder(tmp_path, b"image,caption\na.png,a cat\na.png,a cat\na.png,a red cat\nb.png,b\n"
+                                b"c.png,c\nd.png,d\ne.png,e\n")
+    ws = tmp_path / "ws"
+    r = _vgpt(ws, "prepare", "folder", str(d), "--captions", str(caps), "--json", "--val-fraction", "0",
+              "--test-fraction", "0")
+    assert r.exit_code == 0, r.output
+    m = json.loads((ws / "data" / "folder" / "manifest.json").read_text())
+    a = next(it for it in m["splits"]["train"] if it["id"] == "a.png")
+    assert a["captions"] == ["a cat", "a red cat"]
+    assert any("1 duplicate caption" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_folder_csv_with_a_utf8_bom_reads_like_without(tmp_path):
+    body = "image,caption\na.png,a café\nb.png,b\nc.png,c\nd.png,d\ne.png,e\n".encode()
+    d, caps = _folder(tmp_path, b"\xef\xbb\xbf" + body)
+    ws = tmp_path / "ws"
+    r = _vgpt(ws, "prepare", "folder", str(d), "--captions", str(caps), "--val-fraction", "0",
+              "--test-fraction", "0")
+    assert r.exit_code == 0, r.output
+    m = json.loads((ws / "data" / "folder" / "manifest.json").read_text())
+    assert {it["id"]: it["captions"] for it in m["splits"]["train"]}["a.png"] == ["a café"]
