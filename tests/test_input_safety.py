@@ -128,3 +128,40 @@ def test_folder_csv_with_a_utf8_bom_reads_like_without(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads((ws / "data" / "folder" / "manifest.json").read_text())
     assert {it["id"]: it["captions"] for it in m["splits"]["train"]}["a.png"] == ["a café"]
+
+
+# --- defect 8: partial predictions need --allow-partial; captions are cut for scoring --------------
+def _refs(tmp_path: Path, n: int = 4) -> Path:
+    refs = {str(i): [f"a red circle number {i}", f"a circle {i} that is red"] for i in range(n)}
+    p = tmp_path / "refs.json"
+    p.write_text(json.dumps(refs), encoding="utf-8")
+    return p
+
+
+def test_evaluate_partial_predictions_need_allow_partial_and_print_the_coverage(tmp_path):
+    refs = _refs(tmp_path)
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps({"0": "a red circle", "1": "a blue square"}), encoding="utf-8")
+    r = _vgpt(tmp_path, "evaluate", "-p", str(preds), "-r", str(refs), "--no-spice")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "preds.json: covers 2 of the 4 images" in r.stderr and "--allow-partial" in r.stderr
+    assert "Bleu" not in r.stdout  # nothing was scored
+    ok = _vgpt(tmp_path, "evaluate", "-p", str(preds), "-r", str(refs), "--no-spice", "--allow-partial", "--json")
+    assert ok.exit_code == 0, ok.output
+    got = json.loads(ok.stdout)["preds.json"]
+    assert got["n_items"] == 2 and any("--allow-partial" in n for n in got["notes"])
+
+
+def test_evaluate_caps_a_huge_caption_at_1000_words_with_a_note():
+    from vgpt_cli.evaluate.metrics import MAX_SCORED_WORDS, compute_metrics
+
+    assert MAX_SCORED_WORDS == 1000
+    refs = {"a": ["a red circle on a white background"], "b": ["a blue square"]}
+    huge = "a red circle " + "on a white background " * 25_000  # 100,000 words
+    cut = " ".join(huge.split()[:1000])
+    logs: list[str] = []
+    got = compute_metrics({"a": huge, "b": "a blue square"}, refs, use_java=False, spice=False, log=logs.append)
+    ref = compute_metrics({"a": cut, "b": "a blue square"}, refs, use_java=False, spice=False, log=lambda m: None)
+    assert got.scores == ref.scores  # scored exactly as its first 1,000 words
+    assert any("1 caption(s) longer than 1,000 words were cut" in w for w in got.warnings)
+    assert any("cut to their first 1,000 words" in m for m in logs)
