@@ -165,3 +165,88 @@ def test_evaluate_caps_a_huge_caption_at_1000_words_with_a_note():
     assert got.scores == ref.scores  # scored exactly as its first 1,000 words
     assert any("1 caption(s) longer than 1,000 words were cut" in w for w in got.warnings)
     assert any("cut to their first 1,000 words" in m for m in logs)
+
+
+# --- defect 5: archive members are resolved and checked; a bad archive leaves nothing behind -----
+def _zip(path: Path, members: list) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for m in members:
+            if isinstance(m, zipfile.ZipInfo):
+                zf.writestr(m, "link-target/../../outside")
+            else:
+                zf.writestr(m[0], m[1])
+    return path
+
+
+def _symlink_member(name: str):
+    import stat
+    import zipfile
+
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize("case", ["dot", "symlink-then-child", "file-then-child", "long-name", "dotdot",
+                                  "absolute"])
+def test_archive_extraction_bad_member_paths_are_refused_and_leave_nothing(tmp_path, case):
+    from vgpt_cli.data.download import extract_zip
+    from vgpt_cli.errors import DataError
+
+    members = {
+        "dot": [("ok.txt", "fine"), (".", "x")],
+        "symlink-then-child": [("ok.txt", "fine"), _symlink_member("link"), ("link/x", "y")],
+        "file-then-child": [("ok.txt", "fine"), ("x", "a file"), ("x/y", "under a file")],
+        "long-name": [("ok.txt", "fine"), ("d/" + "n" * 300 + ".jpg", "x")],
+        "dotdot": [("ok.txt", "fine"), ("a/../../up.txt", "x")],
+        "absolute": [("ok.txt", "fine"), ("/tmp/vgpt-abs-member.txt", "x")],
+    }[case]
+    area = tmp_path / "area"
+    area.mkdir()
+    archive = _zip(tmp_path / "bad.zip", members)
+    before = tree_digest(tmp_path)
+    with pytest.raises(DataError, match="member") as e:
+        extract_zip(archive, area / "root")
+    assert "\n" not in str(e.value) and str(archive) in str(e.value)
+    assert tree_digest(tmp_path) == before  # nothing inside, nothing beside (no root.tmp, no ok.txt)
+    assert not Path("/tmp/vgpt-abs-member.txt").exists()
+
+
+def test_archive_extraction_bad_crc_is_refused_and_leaves_nothing(tmp_path):
+    from vgpt_cli.data.download import extract_zip
+    from vgpt_cli.errors import DataError
+
+    archive = _zip(tmp_path / "crc.zip", [("a.txt", "first file"), ("b.txt", "B" * 1000)])
+    data = bytearray(archive.read_bytes())
+    i = data.index(b"B" * 20)  # stored uncompressed: flip a byte of b.txt's content
+    data[i] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    before = tree_digest(tmp_path)
+    with pytest.raises(DataError, match="damaged"):
+        extract_zip(archive, tmp_path / "root")
+    left = {k for k in tree_digest(tmp_path) if k not in before}
+    assert left <= {"root"}, left  # no a.txt, no b.txt.tmp
+
+
+def test_archive_extraction_full_disk_says_which_file_and_how_much(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from vgpt_cli.data import download
+    from vgpt_cli.errors import DataError
+
+    archive = _zip(tmp_path / "big.zip", [("a.txt", "a" * 100), ("b.txt", "b" * 5000), ("c.txt", "c" * 700)])
+    real = shutil.copyfileobj
+
+    def full_on_b(src, dst, length=0):
+        if dst.name.endswith("b.txt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, length)
+
+    monkeypatch.setattr(download.shutil, "copyfileobj", full_on_b)
+    with pytest.raises(DataError, match="disk full") as e:
+        download.extract_zip(archive, tmp_path / "root")
+    assert "'b.txt'" in str(e.value) and "5,700 more bytes" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["a.txt"]  # kept; no .tmp left
