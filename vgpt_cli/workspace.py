@@ -88,9 +88,13 @@ class Workspace:
         if not self.state_path.exists():
             return {}
         try:
-            return json.loads(self.state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise VgptError(f"{self.state_path}: not valid JSON ({e}); delete it and rerun the last step") from e
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VgptError(f"{self.state_path}: not valid JSON ({e}); delete it and rerun the last step") from None
+        if not isinstance(state, dict):
+            raise VgptError(f"{self.state_path}: expected an object such as {{\"dataset\": \"coco\"}}, found "
+                            f"{type(state).__name__}; delete it and rerun the last step")
+        return state
 
     def set_current(self, **items: Any) -> None:
         """Record what the last step produced (e.g. dataset='coco', features='<fp>', run='r1')."""

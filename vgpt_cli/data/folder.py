@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from vgpt_cli.data.sampling import split_assignment
-from vgpt_cli.data.source import Record, Source, require_file, sha256_file
+from vgpt_cli.data.source import Record, Source, not_utf8, require_file, sha256_file
 from vgpt_cli.errors import DataError
 
 _EXTRA = "\0extra"  # DictReader's key for fields past the header
@@ -28,7 +28,7 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     try:
         return _parse(path)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
+        raise not_utf8(path, e) from None
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV file ({e}); captions longer than "
                         f"{csv.field_size_limit() // 1024} KiB are not captions, check the quoting") from None

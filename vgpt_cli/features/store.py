@@ -17,6 +17,7 @@ writes its own pair of files; readers merge all of them (for one id, the newest 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -283,6 +284,19 @@ class StoreWriter:
 
     def append(self, features: Sequence[tuple],
                skipped: Sequence[tuple[str, Sequence[str], str]] = ()) -> None:
+        try:
+            self._append(features, skipped)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            need = sum(np.asarray(f[2]).shape[0] * 2 * self.dim for f in features)
+            # What reached the disk before is consistent: the next writer cuts rows no line points at.
+            raise DataError(f"{self.path / data_name(self.rank)}: disk full while writing the features of "
+                            f"{len(features)} items ({need:,} bytes for this batch alone); free space and rerun "
+                            "the same command to continue") from None
+
+    def _append(self, features: Sequence[tuple],
+                skipped: Sequence[tuple[str, Sequence[str], str]] = ()) -> None:
         """Write a batch: rows first (fsynced), then their index lines (fsynced).
 
         `features`: (id, images, (N, dim) array) or (id, images, array, file records), the records

@@ -383,6 +383,7 @@ class Captioner(nn.Module):
                 skeleton = cls(config, AutoModelForCausalLM.from_config(lm_config), tokenizer)
         except (ValueError, KeyError, TypeError, AttributeError, ConfigError, ModelLoadError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first if len(first) <= 160 else first[:160] + " ..."  # transformers lists every model type
             raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({first}); re-save the model "
                                  "or point to the right folder") from None
         check_shapes(skeleton, w_path, cfg_path)
