@@ -79,7 +79,8 @@ def command(
 
     One store per (backbone, weights, preprocessing) under features/<fingerprint>/.
 
-    Images already there are skipped, so a killed run or a bigger --fraction resumes.
+    Images already there (the same files: size and mtime, else sha256) are skipped, so a killed run or a
+    bigger --fraction resumes; changed images are extracted again.
 
     Under torchrun each rank extracts its share into the same store.
 
