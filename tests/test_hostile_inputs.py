@@ -333,3 +333,26 @@ def test_full_disk_while_saving_a_checkpoint_gives_one_line_and_keeps_the_last_o
         save_checkpoint(model, run, "last", {"backbone": "x"})
     assert "bytes" in str(e.value) and str(run / "last") in str(e.value) and "\n" not in str(e.value)
     assert tree_digest(tmp_path) == before  # the previous last/ bit for bit, no temporary folder left
+
+
+def test_full_disk_while_writing_the_manifest_gives_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from vgpt_cli import workspace as ws_module
+
+    d = tmp_path / "imgs"
+    _image(d / "a.png")
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,a red square\n", encoding="utf-8")
+    args = ["-w", str(tmp_path / "ws"), "prepare", "folder", str(d), "--captions", str(tmp_path / "caps.csv"),
+            "--val-fraction", "0", "--test-fraction", "0"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = tree_digest(tmp_path)
+    real = ws_module.os.fsync
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ws_module.os, "fsync", no_space)
+    r = CliRunner().invoke(app, args)
+    monkeypatch.setattr(ws_module.os, "fsync", real)
+    line = _check_one_line(r, tmp_path / "ws" / "data" / "folder" / "manifest.json")
+    assert "disk full" in line and "bytes needed" in line
+    assert tree_digest(tmp_path) == before

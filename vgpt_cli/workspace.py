@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,8 +32,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the old file is intact: say so, no traceback
+            raise VgptError(f"{path}: disk full while writing it ({len(text.encode('utf-8')):,} bytes needed); "
+                            "the previous version is unchanged, free space and rerun") from None
         raise
 
 
