@@ -387,3 +387,45 @@ def test_device_decode_path_on_the_cpu_keeps_items_skips_and_features_close(phot
             np.testing.assert_array_equal(x, y)
         else:  # JPEG bytes: only the resize backend differs (tensor vs PIL bicubic), a little
             assert np.linalg.norm(x - y) / np.linalg.norm(x) < 0.1, k
+
+
+def test_stale_features_replaced_images_are_extracted_again_and_said_so(tmp_path):
+    """Defect 1 (issue 15): the same ids and paths with other file contents were 'already in the
+    store', and training paired the new captions with the old images' features."""
+    ws = tmp_path / "ws"
+
+    def run(*args):
+        r = CliRunner().invoke(app, ["-w", str(ws), *args])
+        assert r.exit_code == 0, r.output
+        return r
+
+    def extract():
+        return json.loads(run("extract-features", *TINY, "--num-workers", "0", "--json").stdout)
+
+    run("prepare", "shapes", "--count", "10", "--seed", "1")
+    first = extract()
+    assert first["extracted"] == 10
+    again = extract()  # nothing changed: nothing recomputed
+    assert again["already"] == 10 and again["extracted"] == 0
+    run("prepare", "shapes", "--count", "10", "--seed", "0")  # same ids and paths, other images
+    r = run("extract-features", *TINY, "--num-workers", "0", "--json")
+    assert json.loads(r.stdout)["extracted"] == 10 and json.loads(r.stdout)["changed"] == 10
+    assert "10 extracted (10 of them again, their image files changed)" in r.stderr
+    store = open_workspace_store(Workspace(ws))
+    fresh = tmp_path / "fresh"
+    items = Manifest.load(Workspace(ws).manifest_path("shapes")).all_items()
+    extract_items(items, load_backbone(*TINY[1:2], pretrained=False, image_size=64), fresh, num_workers=0,
+                  progress=False)
+    ref = FeatureStore.open(fresh)
+    for it in items:  # the store now holds the features of the images on disk
+        np.testing.assert_array_equal(store.get(it.id), ref.get(it.id))
+    # Rewritten with the same bytes (a new mtime): verified by hash, not extracted again.
+    run("prepare", "shapes", "--count", "10", "--seed", "0")
+    assert extract()["extracted"] == 0
+    # One file replaced in a folder dataset: that item alone is extracted again.
+    victim = Path(items[0].images[0])
+    st = victim.stat()
+    Image.new("RGB", (224, 224), (1, 2, 3)).save(victim)
+    assert victim.stat().st_mtime_ns != st.st_mtime_ns or victim.stat().st_size != st.st_size
+    out = extract()
+    assert out["extracted"] == 1 and out["changed"] == 1

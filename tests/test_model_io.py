@@ -140,3 +140,41 @@ def test_random_init_from_a_local_folder(tok, tmp_path):
     model = Captioner.from_config(CaptionerConfig(lm=str(tmp_path / "lm"), lm_init="random", d_in=8,
                                                   encoder_layers=1, encoder_ffn=16))
     assert model.adapter.family == "gpt2" and len(model.tokenizer) > 50000
+
+
+_PEAK = """
+import resource, sys
+from vgpt_cli.errors import ModelLoadError
+from vgpt_cli.model import Captioner
+import transformers, safetensors.torch  # imported before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    Captioner.from_pretrained(sys.argv[1])
+    print("loaded")
+except ModelLoadError as e:
+    print("error:", e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("n_embd", [4096, 65536])
+def test_crafted_config_width_is_refused_before_any_allocation(saved, tmp_path, n_embd):
+    """Issue 15 defect 6: lm_config.n_embd = 65536 made the loader allocate 13 GB before the weights
+    were looked at. Checked against the file's header first: no growth beyond a few MB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, folder = saved
+    dst = tmp_path / "m"
+    shutil.copytree(folder, dst)
+    meta = json.loads((dst / CONFIG_FILE).read_text())
+    meta["lm_config"]["n_embd"] = n_embd  # 2 layers x 4096 wide would be 2.4 GB of float32
+    (dst / CONFIG_FILE).write_text(json.dumps(meta))
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(dst)], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    message, grown_mb = r.stdout.strip().splitlines()
+    assert int(grown_mb) < 300, f"the refused load grew the process by {grown_mb} MB"
+    assert message.startswith("error:") and "do not match" in message and f"{n_embd}" in message

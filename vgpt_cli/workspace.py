@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,13 +32,26 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the old file is intact: say so, no traceback
+            raise VgptError(f"{path}: disk full while writing it ({len(text.encode('utf-8')):,} bytes needed); "
+                            "the previous version is unchanged, free space and rerun") from None
         raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_name(name: str, option: str) -> str:
+    """A dataset or run name is one plain folder name inside the workspace: no path separators,
+    not absolute, not hidden, not '..' (the rule `train --name` applies)."""
+    if (not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or "\0" in name
+            or name.startswith(".")):
+        raise VgptError(f"{option} {name!r}: use a plain folder name such as coco-1pct (no '/', not "
+                        "starting with '.'); it names a folder inside the workspace")
+    return name
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class Workspace:
         return self.root / "workspace.json"
 
     def dataset_dir(self, name: str) -> Path:
+        check_name(name, "--name")
         return self.root / "data" / name
 
     def manifest_path(self, name: str) -> Path:
@@ -77,9 +92,13 @@ class Workspace:
         if not self.state_path.exists():
             return {}
         try:
-            return json.loads(self.state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise VgptError(f"{self.state_path}: not valid JSON ({e}); delete it and rerun the last step") from e
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VgptError(f"{self.state_path}: not valid JSON ({e}); delete it and rerun the last step") from None
+        if not isinstance(state, dict):
+            raise VgptError(f"{self.state_path}: expected an object such as {{\"dataset\": \"coco\"}}, found "
+                            f"{type(state).__name__}; delete it and rerun the last step")
+        return state
 
     def set_current(self, **items: Any) -> None:
         """Record what the last step produced (e.g. dataset='coco', features='<fp>', run='r1')."""

@@ -65,6 +65,9 @@ def command(
     spice: Annotated[bool, typer.Option("--spice/--no-spice", help="Try SPICE (needs Stanford CoreNLP jars).")] = True,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="With --predictions: also write the metrics JSON here.")] = None,
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="With --predictions: score a file that covers only some of the reference "
+        "images (over those images; the coverage is printed either way).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Decode a split with the best model and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when
@@ -79,7 +82,7 @@ def command(
         vgpt evaluate --predictions preds.json --references captions_val2014.json
     """
     if predictions:
-        _score_files(ctx, predictions, references, split.value, spice, output, as_json)
+        _score_files(ctx, predictions, references, split.value, spice, output, as_json, allow_partial)
         return
     if model is not None and not model.is_dir():
         raise ConfigError(f"--model {model}: no such folder; give a folder written by `vgpt train` (runs/<name>/best)")
@@ -118,7 +121,10 @@ def decode_progress():
 
 
 def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,
-                 output: Path | None, as_json: bool) -> None:
+                 output: Path | None, as_json: bool, allow_partial: bool = False) -> None:
+    if output is not None and (output.is_dir() or output.parent.is_file()):
+        raise ConfigError(f"--output {output}: {'a folder' if output.is_dir() else 'inside a file'}; give a "
+                          "file name for the metrics JSON, e.g. -o metrics.json")
     notes: list[str] = []
     if references is not None:
         refs = load_references(references)
@@ -133,10 +139,18 @@ def _score_files(ctx: typer.Context, files: list[Path], references: Path | None,
     # short row names: the file names, unless two files share one
     names = [f.name for f in files] if len({f.name for f in files}) == len(files) else [str(f) for f in files]
     sets = {n: load_predictions(f, refs) for n, f in zip(names, files)}
+    partial = []
     for name, preds in sets.items():
-        if len(preds) < len(refs) and references is None:
-            err.print(f"[yellow]note:[/] {name} covers {len(preds)} of the {len(refs)} items of {ref_name}; "
-                      "scored over its own items", highlight=False)
+        covered = sum(1 for k in preds if k in refs)
+        err.print(f"{name}: covers {covered:,} of the {len(refs):,} images of {ref_name}", highlight=False)
+        if covered < len(refs):
+            partial.append(f"{name} ({covered:,} of {len(refs):,})")
+    if partial and not allow_partial:
+        raise ConfigError(f"{', '.join(partial)}: predictions for only some of the images of {ref_name}; "
+                          "predict the rest, or pass --allow-partial to score over the predicted images only")
+    if partial:
+        notes = [*notes, f"--allow-partial: scored over the predicted images only: {', '.join(partial)}"]
+        err.print(f"[yellow]note:[/] {notes[-1]}", highlight=False)
     reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False))
     payload = {name: {"references": ref_name, **r.to_dict(), "notes": notes} for name, r in reports.items()}
     if output is not None:

@@ -83,7 +83,8 @@ def command(
 
     One store per (backbone, weights, preprocessing) under features/<fingerprint>/.
 
-    Images already there are skipped, so a killed run or a bigger --fraction resumes.
+    Images already there (the same files: size and mtime, else sha256) are skipped, so a killed run or a
+    bigger --fraction resumes; changed images are extracted again.
 
     Under torchrun each rank extracts its share into the same store.
 
@@ -140,6 +141,7 @@ def command(
                     "weights": meta["weights"], **summary.to_dict()})
     err.print(
         f"dataset {name}: {summary.items} items, {summary.already} already in the store, {summary.extracted} "
-        f"extracted ({summary.images} images, {summary.images_per_s:.1f} img/s), {len(summary.skipped)} skipped"
+        f"extracted" + (f" ({summary.changed} of them again, their image files changed)" if summary.changed else "")
+        + f" ({summary.images} images, {summary.images_per_s:.1f} img/s), {len(summary.skipped)} skipped"
         + (f" (listed in {summary.report})" if summary.skipped else ""), highlight=False)
     err.print(f"features: {summary.store}\nnext: vgpt train", highlight=False)

@@ -22,6 +22,7 @@ from vgpt_cli.commands.common import RateColumn, err, friendly_errors, print_jso
 from vgpt_cli.data.build import SamplingOptions, build_manifest, prepare_shapes, summary, write_manifest
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.data.source import Source
+from vgpt_cli.workspace import check_name
 
 app = typer.Typer(
     help="Prepare a dataset manifest (splits, images, captions, few-shot sample) in the workspace.\n\n"
@@ -58,8 +59,16 @@ ImagesOpt = Annotated[Path | None, typer.Option("--images", help="The image root
 
 def _options(fraction: float | None, count: int | None, unit: Unit, seed: int, val_size: int | None,
              test_size: int | None, skip_missing: bool) -> SamplingOptions:
-    return SamplingOptions(fraction=fraction, count=count, unit=unit.value, seed=seed, val_size=val_size,
+    """The sampling options, checked: every command calls this before it reads or writes anything."""
+    opts = SamplingOptions(fraction=fraction, count=count, unit=unit.value, seed=seed, val_size=val_size,
                            test_size=test_size, skip_missing=skip_missing)
+    opts.check()
+    return opts
+
+
+def _name(name: str | None, default: str) -> str:
+    """The dataset name, checked before anything is written (the rule of `train --name`)."""
+    return check_name(name if name is not None else default, "--name")
 
 
 def progress_bar(unit: str) -> Progress:
@@ -129,13 +138,14 @@ def coco(
     from vgpt_cli.data.coco import default_root, read_coco
 
     ws = workspace(ctx)
+    name = _name(name, "coco")
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
     root = Path(root) if root else default_root(ws.root)
     if download:
         from vgpt_cli.data.download import download_coco
 
         download_coco(root, progress=progress_bar)
-    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, read_coco(root, annotations, images), name or "coco", opts, as_json)
+    _finish(ctx, read_coco(root, annotations, images), name, opts, as_json)
 
 
 @app.command("shapes")
@@ -166,10 +176,11 @@ def shapes(
 
     if count < 10:
         raise ConfigError(f"--count {count}: need at least 10 scenes for an 80/10/10 split")
+    name = _name(name, "shapes")
     opts = _options(fraction, None, unit, seed, val_size, test_size, False)
     with progress_bar("scenes") as bar:
         task = bar.add_task("rendering scenes", total=count)
-        manifest, path = prepare_shapes(workspace(ctx), count, seed, opts, name=name or "shapes", root=root,
+        manifest, path = prepare_shapes(workspace(ctx), count, seed, opts, name=name, root=root,
                                         on_progress=lambda n: bar.advance(task, n))
     _report(manifest, path, "shapes", as_json)
 
@@ -203,9 +214,10 @@ def flickr8k(
     """
     from vgpt_cli.data.flickr import default_root, read_flickr
 
-    root = Path(root) if root else default_root(workspace(ctx).root, "flickr8k")
+    name = _name(name, "flickr8k")
     opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, read_flickr("flickr8k", root, annotations, images, splits_dir), name or "flickr8k", opts, as_json)
+    root = Path(root) if root else default_root(workspace(ctx).root, "flickr8k")
+    _finish(ctx, read_flickr("flickr8k", root, annotations, images, splits_dir), name, opts, as_json)
 
 
 @app.command("flickr30k")
@@ -230,9 +242,10 @@ def flickr30k(
     """
     from vgpt_cli.data.flickr import default_root, read_flickr
 
-    root = Path(root) if root else default_root(workspace(ctx).root, "flickr30k")
+    name = _name(name, "flickr30k")
     opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, read_flickr("flickr30k", root, annotations, images), name or "flickr30k", opts, as_json)
+    root = Path(root) if root else default_root(workspace(ctx).root, "flickr30k")
+    _finish(ctx, read_flickr("flickr30k", root, annotations, images), name, opts, as_json)
 
 
 ValFractionOpt = Annotated[float, typer.Option(
@@ -263,9 +276,10 @@ def folder(
     """
     from vgpt_cli.data.folder import read_folder
 
-    source = read_folder(images, captions, val_fraction, test_fraction, seed)
+    name = _name(name, "folder")
     opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, source, name or "folder", opts, as_json)
+    source = read_folder(images, captions, val_fraction, test_fraction, seed)
+    _finish(ctx, source, name, opts, as_json)
 
 
 @app.command("iu-xray")
@@ -288,8 +302,9 @@ def iu_xray(
     """
     from vgpt_cli.data.iu_xray import read_iu_xray
 
+    name = _name(name, "iu-xray")
     opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, read_iu_xray(annotations, images), name or "iu-xray", opts, as_json)
+    _finish(ctx, read_iu_xray(annotations, images), name, opts, as_json)
 
 
 @app.command("cc")
@@ -318,6 +333,8 @@ def cc(
     from vgpt_cli.data.cc import read_cc_files, read_cc_tsv
     from vgpt_cli.errors import ConfigError
 
+    name = _name(name, "cc")
+    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
     if (folder is None) == (tsv is None):
         raise ConfigError("pass either an img2dataset FOLDER or --tsv FILE --images DIR (one of them)")
     if tsv is not None:
@@ -326,5 +343,4 @@ def cc(
         source = read_cc_tsv(tsv, images, val_fraction, test_fraction, seed)
     else:
         source = read_cc_files(folder, val_fraction, test_fraction, seed)
-    opts = _options(fraction, count, unit, seed, val_size, test_size, skip_missing)
-    _finish(ctx, source, name or "cc", opts, as_json)
+    _finish(ctx, source, name, opts, as_json)

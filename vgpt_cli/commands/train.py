@@ -110,6 +110,8 @@ def command(
         base = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")), source=str(saved))
         flags["name"] = run
     else:
+        if config is not None and config.is_file():
+            _check_utf8(config)
         if config is not None:
             base = load_config_file(config, preset=preset)
         else:
@@ -131,3 +133,14 @@ def command(
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
     if json_out:
         print_json(result.to_dict())
+
+
+def _check_utf8(path: Path) -> None:
+    """A --config file that is not UTF-8 text: one line, not a decoding traceback."""
+    from vgpt_cli.errors import ConfigError
+
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config file as "
+                          "UTF-8") from None

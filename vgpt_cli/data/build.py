@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -11,9 +12,9 @@ from typing import Any
 from vgpt_cli.data.manifest import Item, Manifest
 from vgpt_cli.data.sampling import select, subset
 from vgpt_cli.data.source import RECORD_SPLITS, Record, Source, absent_files, gc_paused, safe_join
-from vgpt_cli.errors import DataError
+from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.text import normalize_caption
-from vgpt_cli.workspace import Workspace
+from vgpt_cli.workspace import Workspace, check_name
 
 _FIRST = 5  # how many offending items an error names
 
@@ -27,6 +28,17 @@ class SamplingOptions:
     val_size: int | None = None
     test_size: int | None = None
     skip_missing: bool = False
+
+    def check(self) -> None:
+        """Every check that needs no data: run before anything is read or written."""
+        from vgpt_cli.data.sampling import UNITS, check_fraction
+
+        check_fraction(self.fraction, self.count)
+        if self.unit not in UNITS:
+            raise ConfigError(f"--unit {self.unit!r}: must be one of {', '.join(UNITS)}")
+        for split, size in (("val", self.val_size), ("test", self.test_size)):
+            if size is not None and size < 1:
+                raise ConfigError(f"--{split}-size {size}: must be at least 1")
 
 
 def _first(items: list[str]) -> str:
@@ -83,6 +95,8 @@ def _resolved(source: Source, opts: SamplingOptions, notes: list[str]) -> list[t
 
 
 def build_manifest(source: Source, name: str, opts: SamplingOptions) -> Manifest:
+    check_name(name, "--name")
+    opts.check()
     with gc_paused():
         return _build(source, name, opts)
 
@@ -153,16 +167,66 @@ def prepare_shapes(ws: Workspace, count: int, seed: int, opts: SamplingOptions, 
                    root: Path | None = None, on_progress: Callable[[int], None] | None = None
                    ) -> tuple[Manifest, Path]:
     """Render `count` shapes scenes under root (default <workspace>/sources/<name>) and write their
-    manifest: what `vgpt prepare shapes` and `vgpt demo` both do."""
-    from vgpt_cli.data.karpathy import read_karpathy
-    from vgpt_cli.data.shapes import write_shapes
+    manifest: what `vgpt prepare shapes` and `vgpt demo` both do.
 
-    root = Path(root) if root else ws.root / "sources" / name
-    path = write_shapes(root, count, seed, on_progress=on_progress)
-    source = read_karpathy(path, root.resolve(), "shapes")
-    source.extra = {"scenes": count, "generator_seed": seed}
-    manifest = build_manifest(source, name, opts)
-    return manifest, write_manifest(ws, manifest)
+    Every option is checked before anything is written. The scenes are rendered into a staging
+    folder inside root and the manifest is built from there; only when both are complete are the
+    images and dataset file swapped in and the manifest written. A refused option or a failure
+    leaves the previous images, dataset file and manifest as they were."""
+    import shutil
+    import tempfile
+
+    from vgpt_cli.data.karpathy import read_karpathy
+    from vgpt_cli.data.sampling import split_assignment
+    from vgpt_cli.data.shapes import FILE_NAME, write_shapes
+
+    check_name(name, "--name")
+    opts.check()
+    if count < 10:
+        raise ConfigError(f"--count {count}: need at least 10 scenes for an 80/10/10 split")
+    splits = split_assignment(count, 0.1, 0.1, seed)  # the split sizes, known before rendering
+    for split, size in (("val", opts.val_size), ("test", opts.test_size)):
+        have = splits.count(split)
+        if size is not None and size > have:
+            raise ConfigError(f"--{split}-size {size}: {count} scenes give {have} {split} images; pass "
+                              f"{have} or less (or a larger --count)")
+    root = (Path(root) if root else ws.root / "sources" / name).resolve()
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    done = False
+    try:
+        staged = write_shapes(stage, count, seed, on_progress=on_progress)
+        source = read_karpathy(staged, stage, "shapes")
+        source.extra = {"scenes": count, "generator_seed": seed}
+        manifest = build_manifest(source, name, opts)
+        _move_paths(manifest, str(stage), str(root))
+        manifest.source["path"] = str(root / FILE_NAME)
+        # Swap in: the old images aside, the new ones in, the dataset file, then the manifest.
+        old = root / f"{stage.name}-old"
+        if (root / "images").exists():
+            os.rename(root / "images", old)
+        os.rename(stage / "images", root / "images")
+        os.replace(staged, root / FILE_NAME)
+        path = write_manifest(ws, manifest)
+        shutil.rmtree(old, ignore_errors=True)
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not done:
+            shutil.rmtree(root, ignore_errors=True)  # we made it; a refusal leaves no trace
+    return manifest, path
+
+
+def _move_paths(manifest: Manifest, old: str, new: str) -> None:
+    """Rewrite the manifest's image paths from the staging folder to their final place."""
+    def moved(p: str) -> str:
+        return new + p[len(old):] if p.startswith(old + os.sep) else p
+
+    for items in manifest.splits.values():
+        for item in items:
+            item.images = [moved(p) for p in item.images]
+    manifest.image_root = new
 
 
 def summary(manifest: Manifest, path: Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from vgpt_cli.data.sampling import split_assignment
-from vgpt_cli.data.source import Record, Source, require_file, sha256_file
+from vgpt_cli.data.source import Record, Source, read_text, require_file, sha256_file, utf8_text
 from vgpt_cli.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -54,13 +54,13 @@ def read_cc_files(folder: Path, val_fraction: float, test_fraction: float, seed:
         meta = txt.with_suffix(".json")
         if meta.is_file():
             try:
-                url = json.loads(meta.read_text(encoding="utf-8")).get("url")
+                url = json.loads(read_text(meta)).get("url")
             except (json.JSONDecodeError, AttributeError) as e:
                 raise DataError(f"{meta}: not a valid img2dataset metadata file ({e}); delete it or re-run "
                                 "img2dataset") from e
             if url:
                 extra["url"] = url
-        records.append(Record(key, [rel], [txt.read_text(encoding="utf-8")], "train", extra, f"sample {key}"))
+        records.append(Record(key, [rel], [read_text(txt)], "train", extra, f"sample {key}"))
     splits = split_assignment(len(records), val_fraction, test_fraction, seed)
     for r, s in zip(records, splits):
         r.split = s
@@ -76,7 +76,7 @@ def read_cc_tsv(tsv: Path, images: Path, val_fraction: float, test_fraction: flo
                         "and pass --images DIR")
     found = _image_files(images)
     records: list[Record] = []
-    with open(tsv, encoding="utf-8") as f:
+    with open(tsv, encoding="utf-8") as f, utf8_text(tsv):
         for i, line in enumerate(f):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip():

@@ -8,6 +8,7 @@ local server; a mirror can be used the same way). What was fetched is recorded w
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -17,12 +18,12 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgpt_cli.data.source import safe_join
 from vgpt_cli.errors import DataError
 from vgpt_cli.workspace import atomic_write_json
 
@@ -133,13 +134,67 @@ def fetch(url: str, dest: Path, sha256: str | None = None, progress: ProgressFac
     return {"url": url, "bytes": total, "sha256": got}
 
 
+NAME_MAX = 255  # bytes in one path component on common file systems
+PATH_MAX = 4096
+
+
+def _check_members(path: Path, root: Path, infos: list[zipfile.ZipInfo]) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """Each member's target, resolved and checked, before anything is written: it must lie strictly
+    inside root, be no link, not clash with another member (a file 'x' and a file 'x/y'), and have
+    a name the file system can hold. A bad archive is refused whole."""
+    base = root.resolve()
+
+    def bad(info: zipfile.ZipInfo, why: str) -> DataError:
+        return DataError(f"{path}: member {info.filename[:80]!r}{'...' if len(info.filename) > 80 else ''}: "
+                         f"{why}; this archive cannot be extracted safely, delete it and fetch it again")
+
+    out: list[tuple[zipfile.ZipInfo, Path]] = []
+    files: set[Path] = set()
+    dirs: set[Path] = set()
+    for info in infos:
+        name = info.filename
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise bad(info, "a symbolic link (vgpt extracts files only)")
+        if "\0" in name or name.startswith("/") or re.match(r"[A-Za-z]:[\\/]", name):
+            raise bad(info, "an absolute path")
+        parts = [q for q in name.replace("\\", "/").split("/") if q not in ("", ".")]
+        if not parts:
+            raise bad(info, "names the extraction folder itself, not a file in it")
+        if ".." in parts:
+            raise bad(info, f"escapes the extraction folder {base}")
+        if any(len(q.encode("utf-8", "surrogateescape")) > NAME_MAX for q in parts):
+            raise bad(info, f"a name over {NAME_MAX} bytes, more than the file system holds")
+        target = base.joinpath(*parts)
+        if len(str(target).encode("utf-8", "surrogateescape")) + 8 > PATH_MAX:
+            raise bad(info, f"a path over {PATH_MAX} bytes")
+        try:  # a link already on disk must not lead outside either
+            real = target.resolve()
+        except (OSError, RuntimeError) as e:
+            raise bad(info, f"cannot resolve its target ({e})") from None
+        if real == base or base not in real.parents:
+            raise bad(info, f"escapes the extraction folder {base}")
+        parents = set(target.parents)
+        if target in files or target in dirs:
+            raise bad(info, "appears twice, or is both a file and a folder of the archive")
+        if parents & files:
+            raise bad(info, f"lies under {next(iter(parents & files)).relative_to(base)}, which the archive "
+                            "also has as a file")
+        files.add(target)
+        dirs |= {d for d in parents if base in d.parents}
+        out.append((info, target))
+    return out
+
+
 def extract_zip(path: Path, root: Path, members: tuple[str, ...] | None = None,
                 progress: ProgressFactory | None = None) -> list[str]:
-    """Extract (some) members of a zip under root, refusing member paths that leave root."""
+    """Extract (some) members of a zip under root. Every member path is resolved and checked first
+    (`_check_members`); each file goes to a temporary name, renamed when complete. A damaged member
+    (bad CRC) or a target that cannot be written refuses the archive and removes what this call
+    wrote; a full disk keeps the finished files (a rerun resumes) and says how much space is needed."""
     path, root = Path(path), Path(root)
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path}: not a valid zip file ({e}); delete it and rerun to fetch it again") from e
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -148,25 +203,75 @@ def extract_zip(path: Path, root: Path, members: tuple[str, ...] | None = None,
             absent = set(members) - {i.filename for i in infos}
             if absent:
                 raise DataError(f"{path}: has no {', '.join(sorted(absent))}; is this the right archive?")
-        names = []
-        with _bar(progress, f"extracting {path.name}", sum(i.file_size for i in infos), 0) as advance:
-            for info in infos:
-                target = Path(safe_join(root, info.filename, path, f"member {info.filename!r}"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".tmp")
-                with zf.open(info) as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-                os.replace(tmp, target)
-                names.append(info.filename)
-                advance(info.file_size)
+        checked = _check_members(path, root, infos)
+        names: list[str] = []
+        written: list[Path] = []
+        made: list[Path] = []
+        tmp: Path | None = None
+        info, target = checked[0] if checked else (None, root)
+        try:
+            with _bar(progress, f"extracting {path.name}", sum(i.file_size for i in infos), 0) as advance:
+                for info, target in checked:
+                    for d in reversed([target.parent, *target.parent.parents]):
+                        if not d.exists():
+                            d.mkdir()
+                            made.append(d)
+                    tmp = target.with_name(target.name + ".tmp")
+                    with zf.open(info) as src, open(tmp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+                    os.replace(tmp, target)
+                    tmp = None
+                    written.append(target)
+                    names.append(info.filename)
+                    advance(info.file_size)
+        except OSError as e:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                need = sum(i.file_size for i, _ in checked[len(written):])
+                raise DataError(f"{root}: disk full while extracting {info.filename!r} from {path}: "
+                                f"{need:,} more bytes are needed ({len(checked) - len(written)} files left); free space "
+                                "and rerun to continue") from None
+            _remove(written, made)
+            raise DataError(f"{path}: cannot write member {info.filename!r} to {target} ({e.strerror or e}); "
+                            "nothing of this archive was kept") from None
+        except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            _remove(written, made)
+            raise DataError(f"{path}: member {info.filename!r} is damaged ({e}); nothing of this archive was "
+                            "kept, delete it and fetch it again") from None
     return names
+
+
+def _remove(files: list[Path], folders: list[Path]) -> None:
+    for f in files:
+        f.unlink(missing_ok=True)
+    for d in reversed(folders):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _read_records(record_path: Path) -> dict[str, Any]:
+    """downloads.json: {archive name: {url, bytes, sha256, extracted}}; anything else is refused."""
+    if not record_path.exists():
+        return {}
+    try:
+        records = json.loads(record_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{record_path}: not valid JSON ({e}); delete it and rerun (finished downloads are "
+                        "checked again)") from None
+    if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
+        raise DataError(f"{record_path}: expected an object {{archive: {{url, bytes, sha256, extracted}}}}; "
+                        "delete it and rerun")
+    return records
 
 
 def fetch_and_extract(remote: Remote, root: Path, progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Fetch one archive into root, extract it, delete the archive; skipped when already done."""
     root = Path(root)
     record_path = root / "downloads.json"
-    records = json.loads(record_path.read_text()) if record_path.exists() else {}
+    records = _read_records(record_path)
     if records.get(remote.name, {}).get("extracted"):
         return records[remote.name]
     archive = root / remote.name

@@ -18,7 +18,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from vgpt_cli.data.karpathy import read_karpathy
-from vgpt_cli.data.source import Record, Source, require_file, sha256_file
+from vgpt_cli.data.source import Record, Source, read_text, require_file, sha256_file, utf8_text
 from vgpt_cli.errors import DataError
 
 KARPATHY_NAME = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json"}
@@ -65,7 +65,7 @@ def read_flickr8k_tokens(token_file: Path, image_root: Path, splits_dir: Path | 
         path = require_file(splits_dir / name, "Flickr8k split list",
                             "it comes with Flickr8k.token.txt in the Flickr8k text release; "
                             "pass --splits-dir DIR if it is elsewhere")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             image = line.strip()
             if not image:
                 continue
@@ -74,7 +74,7 @@ def read_flickr8k_tokens(token_file: Path, image_root: Path, splits_dir: Path | 
                                 "an image belongs to one split")
             split_of[image] = split
     captions: dict[str, list[str]] = {}
-    with open(token_file, encoding="utf-8") as f:
+    with open(token_file, encoding="utf-8") as f, utf8_text(token_file):
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip():

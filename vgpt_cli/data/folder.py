@@ -16,17 +16,28 @@ import json
 from pathlib import Path
 
 from vgpt_cli.data.sampling import split_assignment
-from vgpt_cli.data.source import Record, Source, require_file, sha256_file
+from vgpt_cli.data.source import Record, Source, not_utf8, require_file, sha256_file
 from vgpt_cli.errors import DataError
 
+_EXTRA = "\0extra"  # DictReader's key for fields past the header
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
     """(where, row) pairs, with where = 'line N'."""
+    try:
+        return _parse(path)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e}); captions longer than "
+                        f"{csv.field_size_limit() // 1024} KiB are not captions, check the quoting") from None
+
+
+def _parse(path: Path) -> list[tuple[str, dict]]:
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -39,13 +50,21 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
                     raise DataError(f"{path}: line {lineno}: expected an object with \"image\" and \"caption\"")
                 rows.append((f"line {lineno}", row))
         return rows
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    # utf-8-sig: spreadsheets start CSV files with a byte-order mark, which is not part of "image".
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, restkey=_EXTRA)
         header = reader.fieldnames or []
         if "image" not in header or not ({"caption", "captions"} & set(header)):
             raise DataError(f"{path}: header {header} must have columns 'image' and 'caption' "
                             "(and optionally 'split')")
-        return [(f"line {reader.line_num}", row) for row in reader]
+        rows = []
+        for row in reader:
+            if _EXTRA in row:  # an unquoted comma: a caption cut short, or columns with no name
+                raise DataError(f"{path}: line {reader.line_num}: {len(header) + len(row[_EXTRA])} fields but the "
+                                f"header has {len(header)}; put a caption that contains commas in double "
+                                "quotes (\"a dog, running\")")
+            rows.append((f"line {reader.line_num}", row))
+        return rows
 
 
 def read_folder(folder: Path, captions_file: Path, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -59,6 +78,7 @@ def read_folder(folder: Path, captions_file: Path, val_fraction: float = 0.1, te
     caps: dict[str, list[str]] = {}
     split_of: dict[str, str | None] = {}
     where_of: dict[str, str] = {}
+    duplicates = 0
     for where, row in _rows(captions_file):
         image = row.get("image")
         if not isinstance(image, str) or not image.strip():
@@ -78,10 +98,16 @@ def read_folder(folder: Path, captions_file: Path, val_fraction: float = 0.1, te
         elif split_of[image] != split:
             raise DataError(f"{captions_file}: {where}: image {image} has split {split!r} here but "
                             f"{split_of[image]!r} at {where_of[image]}")
-        caps[image].extend(texts)
+        for t in texts:
+            if t in caps[image]:
+                duplicates += 1  # the same row twice would count the caption twice
+            else:
+                caps[image].append(t)
     if not order:
         raise DataError(f"{captions_file}: no rows; expected image and caption columns")
     notes = []
+    if duplicates:
+        notes.append(f"dropped {duplicates} duplicate caption(s): the same image and caption more than once")
     given = [split_of[im] for im in order]
     if all(given):
         splits = given

@@ -77,6 +77,26 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    """The one line for a text file that is not UTF-8 (a Latin-1 export, a binary file)."""
+    return DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}: {e.reason}); "
+                     "save it as UTF-8 (or check that this is the right file)")
+
+
+@contextlib.contextmanager
+def utf8_text(path: Path) -> Iterator[None]:
+    """Around code that reads `path` as text: a decoding error becomes `not_utf8`."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
+def read_text(path: Path) -> str:
+    with utf8_text(path):
+        return Path(path).read_text(encoding="utf-8")
+
+
 def load_json(path: Path) -> Any:
     try:
         with open(path, "rb") as f, gc_paused():
@@ -85,7 +105,7 @@ def load_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                         "re-download or fix the file") from e
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason}); is this the right file?") from e
+        raise not_utf8(path, e) from None
 
 
 def safe_join(root: Path, rel: str, file: Path, where: str) -> str:

@@ -114,6 +114,33 @@ class MetricReport:
                 "warnings": self.warnings, "n_items": self.n_items}
 
 
+# Captions are cut to this many words for scoring: METEOR's alignment grows much faster than linearly
+# with length (one 100,000-word caption kept it busy for more than 400 s); no real caption comes near.
+MAX_SCORED_WORDS = 1000
+
+
+def _cap_words(text: str) -> tuple[str, bool]:
+    if len(text) <= MAX_SCORED_WORDS:  # fewer characters than the cap: fewer words too
+        return text, False
+    words = text.split()
+    if len(words) <= MAX_SCORED_WORDS:
+        return text, False
+    return " ".join(words[:MAX_SCORED_WORDS]), True
+
+
+def _check_text(path: Path | str, key: str, text: Any, what: str) -> str:
+    """A caption read from a file: a string that is valid Unicode (no lone surrogates such as
+    "\\ud800", which JSON allows and no tokenizer can write out)."""
+    if not isinstance(text, str):
+        raise DataError(f"{path}: item {key!r}: {what} {text!r} is not a string; fix the file")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path}: item {key!r}: {what} holds an invalid character ({e.reason}, a lone "
+                        f"surrogate {text[e.start]!a}); fix the file") from None
+    return text
+
+
 def _check_inputs(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], name: str) -> None:
     if not predictions:
         raise DataError(f"{name}: no predictions to score")
@@ -154,6 +181,14 @@ def compute_metrics_many(
     batch: dict[str, list[str]] = {f"r\0{k}": list(references[k]) for k in needed}
     for i, preds in enumerate(prediction_sets.values()):
         batch.update({f"p{i}\0{k}": [v] for k, v in preds.items()})
+    cut = 0
+    for texts in batch.values():
+        for j, text in enumerate(texts):
+            texts[j], was_cut = _cap_words(text)
+            cut += was_cut
+    if cut:
+        warnings.append(f"{cut} caption(s) longer than {MAX_SCORED_WORDS:,} words were cut to their first "
+                        f"{MAX_SCORED_WORDS:,} words for scoring")
     tokenizer = "ptb-java"
     if java_ok:
         try:
@@ -286,11 +321,13 @@ def load_references(path: Path) -> dict[str, list[str]]:
                 coco = COCO(str(path))
             refs: dict[str, list[str]] = {}
             for img_id in coco.getImgIds() or list(coco.imgToAnns):
-                caps = [a["caption"] for a in coco.imgToAnns.get(img_id, [])]
+                caps = [_check_text(path, str(img_id), a["caption"], "reference caption")
+                        for a in coco.imgToAnns.get(img_id, [])]
                 if caps:
                     refs[str(img_id)] = caps
             for img_id, anns in coco.imgToAnns.items():  # annotation files without an "images" list
-                refs.setdefault(str(img_id), [a["caption"] for a in anns])
+                refs.setdefault(str(img_id), [_check_text(path, str(img_id), a["caption"], "reference caption")
+                                              for a in anns])
         except (KeyError, TypeError, AssertionError) as e:
             raise DataError(f"{path}: not a COCO caption annotation file (missing {e}); each annotation needs "
                             "'image_id' and 'caption'") from e
@@ -303,7 +340,7 @@ def load_references(path: Path) -> dict[str, list[str]]:
             caps = [v] if isinstance(v, str) else v
             if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
                 raise DataError(f"{path}: item {k!r} must map to a caption or a non-empty list of captions")
-            refs[str(k)] = caps
+            refs[str(k)] = [_check_text(path, str(k), c, "reference caption") for c in caps]
         return refs
     raise DataError(f"{path}: expected a COCO annotation file or a JSON object {{\"image id\": [\"ref\", ...]}}")
 
@@ -321,7 +358,7 @@ def load_predictions(path: Path, references: Mapping[str, Sequence[str]] | None 
             k = str(r["image_id"])
             if k in preds:
                 raise DataError(f"{path}: image_id {k!r} has more than one caption; keep one per image")
-            preds[k] = r["caption"]
+            preds[k] = _check_text(path, k, r["caption"], "caption")
     elif isinstance(raw, dict):
         preds = {}
         for k, v in raw.items():
@@ -329,7 +366,7 @@ def load_predictions(path: Path, references: Mapping[str, Sequence[str]] | None 
                 v = v[0]
             if not isinstance(v, str):
                 raise DataError(f"{path}: item {k!r} must map to one caption string")
-            preds[str(k)] = v
+            preds[str(k)] = _check_text(path, str(k), v, "caption")
     else:
         raise DataError(f"{path}: expected a COCO results list or a JSON object {{\"image id\": \"caption\"}}")
     if not preds:

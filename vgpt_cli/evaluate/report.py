@@ -99,9 +99,14 @@ def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from e
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
+    if (not isinstance(meta, dict) or not all(k in meta for k in ("backbone", "weights", "fingerprint"))
+            or not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]):
+        raise ModelLoadError(f"{path}: not a backbone record (an object with backbone, weights and fingerprint, "
+                             "as training writes it); copy it again from the run folder")
+    return meta
 
 
 @dataclass

@@ -22,7 +22,7 @@ from vgpt_cli.data.manifest import Item
 from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.features.backbone import Backbone, fingerprint_of
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb
-from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter
+from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter, file_record
 from vgpt_cli.workspace import atomic_write_json
 
 MAX_REGIONS = 50  # the authors' bottom-up features keep at most 50 boxes per image
@@ -35,6 +35,7 @@ class ExtractSummary:
     items: int  # items the dataset needs
     already: int  # found in the store, not recomputed
     extracted: int  # written by this run
+    changed: int = 0  # of those, items in the store whose image files changed since (re-extracted)
     skipped: dict[str, str] = field(default_factory=dict)  # id -> reason, for this dataset's items
     images: int = 0  # images decoded by this run
     seconds: float = 0.0
@@ -88,7 +89,10 @@ def _dist(device: torch.device) -> _Dist:
 
 # --- decoding in workers -------------------------------------------------------------------------
 class _ItemImages(torch.utils.data.Dataset):
-    """One item -> (index, (k, 3, H, W) pixels or None, reason or None)."""
+    """One item -> (index, (k, 3, H, W) pixels or None, reason or None, file records or None).
+
+    Each image's file record (size, mtime, sha256) is taken BEFORE it is decoded: if the file is
+    replaced in between, the record no longer matches the disk and the next run extracts again."""
 
     def __init__(self, items: Sequence[Item], transform: Callable, max_pixels: int):
         self.items, self.transform, self.max_pixels = items, transform, max_pixels
@@ -96,15 +100,19 @@ class _ItemImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, list | None]:
         item = self.items[i]
         if not item.images:
-            return i, None, "the item lists no image"
+            return i, None, "the item lists no image", None
+        try:
+            records = [file_record(p) for p in item.images]
+        except OSError:
+            records = None  # missing or unreadable: open_rgb names the reason below
         try:
             pixels = [self.transform(open_rgb(p, self.max_pixels)) for p in item.images]
         except BadImage as e:
-            return i, None, f"{e.path}: {e.reason}"
-        return i, torch.stack(pixels), None
+            return i, None, f"{e.path}: {e.reason}", None
+        return i, torch.stack(pixels), None, records
 
 
 class _ItemFiles(torch.utils.data.Dataset):
@@ -117,14 +125,18 @@ class _ItemFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None, list | None]:
         item = self.items[i]
         if not item.images:
-            return i, None, "the item lists no image"
+            return i, None, "the item lists no image", None
         try:
-            return i, [jpeg_bytes_or_pixels(p, self.transform, self.max_pixels) for p in item.images], None
+            records = [file_record(p) for p in item.images]
+        except OSError:
+            records = None  # missing or unreadable: open_rgb names the reason below
+        try:
+            return i, [jpeg_bytes_or_pixels(p, self.transform, self.max_pixels) for p in item.images], None, records
         except BadImage as e:
-            return i, None, f"{e.path}: {e.reason}"
+            return i, None, f"{e.path}: {e.reason}", None
 
 
 def jpeg_bytes_or_pixels(path: str | Path, transform: Callable, max_pixels: int) -> torch.Tensor:
@@ -176,13 +188,14 @@ def decode_on_device(entries: list[torch.Tensor], paths: list[str], transform: C
     return out
 
 
-def _collate(batch: list) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[tuple[int, str]]]:
+def _collate(batch: list) -> tuple[torch.Tensor | None, list[tuple[int, int, list | None]], list[tuple[int, str]]]:
     """In the worker: one stacked uint8 tensor per batch (one shared-memory block to pass, not one
-    per image), the (item index, image count) of each good item, and the (index, reason) of bad ones."""
-    good = [(i, px) for i, px, _ in batch if px is not None]
-    bad = [(i, reason) for i, px, reason in batch if px is None]
-    pixels = torch.cat([px for _, px in good]) if good else None
-    return pixels, [(i, px.shape[0]) for i, px in good], bad
+    per image), the (item index, image count, file records) of each good item, and the (index,
+    reason) of bad ones."""
+    good = [(i, px, rec) for i, px, _, rec in batch if px is not None]
+    bad = [(i, reason) for i, px, reason, _ in batch if px is None]
+    pixels = torch.cat([px for _, px, _ in good]) if good else None
+    return pixels, [(i, px.shape[0], rec) for i, px, rec in good], bad
 
 
 class _BackgroundWriter:
@@ -259,22 +272,25 @@ def _extract(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, b
             before = FeatureStore.open(store_dir)
             todo, changed = [], 0
             for item in items:
-                if item.id in before and before.images(item.id) == tuple(item.images):
+                if before.current(item.id, item.images):
                     continue
                 if item.id in before:
-                    changed += 1  # same id, other image files: the newest entry will win
+                    changed += 1  # other image paths, or the files changed: the newest entry will win
                 todo.append(item)
             dist.barrier()  # every rank has the same todo list before any rank writes
             if changed and dist.rank == 0 and warn:
-                warn(f"{changed} ids were in the store with other image paths; extracting them again")
+                warn(f"{changed} items were in the store but their image files changed (other paths, or "
+                     "other contents); extracting them again")
             mine = todo[dist.rank::dist.world]
             t0 = time.perf_counter()
             n_images = _run(mine, backbone, writer, batch_size, num_workers, max_pixels,
                             progress and dist.rank == 0, len(todo), dist.world, device_decode)
             seconds = time.perf_counter() - t0
         n_images = dist.total(n_images)  # also a barrier: every rank has finished writing
-        return _summarise(items, store_dir, [it.id for it in todo], n_images, seconds,
-                          dist.rank == 0, warn)
+        summary = _summarise(items, store_dir, [it.id for it in todo], n_images, seconds,
+                             dist.rank == 0, warn)
+        summary.changed = changed
+        return summary
     finally:
         dist.close()
 
@@ -282,11 +298,12 @@ def _extract(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, b
 def _device_batches(loader, items: Sequence[Item], backbone: Backbone, max_pixels: int):
     """Batches of _ItemFiles decoded on the device, in _collate's form (pixels, good, bad)."""
     for batch in loader:
-        entries, paths, owner, bad = [], [], [], []
-        for i, files, reason in batch:
+        entries, paths, owner, bad, records = [], [], [], [], {}
+        for i, files, reason, rec in batch:
             if files is None:
                 bad.append((i, reason))
                 continue
+            records[i] = rec
             entries.extend(files)
             paths.extend(items[i].images)
             owner.extend([i] * len(files))
@@ -297,12 +314,12 @@ def _device_batches(loader, items: Sequence[Item], backbone: Backbone, max_pixel
                 failed[i] = px
         bad.extend(failed.items())
         kept = [(i, px) for i, px in zip(owner, pixels) if i not in failed]
-        good: list[tuple[int, int]] = []
+        good: list[tuple[int, int, list | None]] = []
         for i, _ in kept:
             if good and good[-1][0] == i:
-                good[-1] = (i, good[-1][1] + 1)
+                good[-1] = (i, good[-1][1] + 1, records[i])
             else:
-                good.append((i, 1))
+                good.append((i, 1, records[i]))
         yield (torch.stack([px for _, px in kept]) if kept else None), good, bad
 
 
@@ -329,9 +346,9 @@ def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_s
                 if pixels is not None:
                     tokens = backbone.forward_tokens(pixels).numpy()  # (sum k, N, C) float16
                     start = 0
-                    for i, k in good:  # a multi-view item: its k images' tokens, one after another
+                    for i, k, records in good:  # a multi-view item: its k images' tokens, one after another
                         feats.append((items[i].id, items[i].images,
-                                      tokens[start:start + k].reshape(-1, backbone.dim)))
+                                      tokens[start:start + k].reshape(-1, backbone.dim), records))
                         start += k
                     n_images += start
                 background.put(feats, [(items[i].id, items[i].images, reason) for i, reason in bad])

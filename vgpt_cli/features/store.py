@@ -2,8 +2,9 @@
 
     <store>/meta.json            what made these features (written first, atomically)
     <store>/data-r<rank>.f16     raw float16 rows of width `dim`, appended batch by batch
-    <store>/index-r<rank>.jsonl  one JSON line per item: {"id", "images", "row", "n", "t"}
-                                 or {"id", "images", "skipped": reason, "t"}
+    <store>/index-r<rank>.jsonl  one JSON line per item: {"id", "images", "files", "row", "n", "t"}
+                                 or {"id", "images", "skipped": reason, "t"}; "files" holds one
+                                 [size, mtime_ns, sha256] per image, what the features were made from
     <store>/skipped.json         the report of skipped items of the last extraction
     <store>/lock-r<rank>         held (flock) by the one writer of that rank
 
@@ -16,7 +17,9 @@ writes its own pair of files; readers merge all of them (for one id, the newest 
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -41,6 +44,17 @@ def data_name(rank: int) -> str:
 
 def index_name(rank: int) -> str:
     return f"index-r{rank}.jsonl"
+
+
+def file_record(path: str | Path) -> list:
+    """[size, mtime_ns, sha256 of the bytes]: what a stored entry was made from, to tell later
+    whether the file on disk is still that one."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()]
 
 
 def _read_index(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -70,6 +84,7 @@ class _Entry:
     t: int
     images: tuple[str, ...]
     skipped: str | None = None
+    files: tuple[tuple, ...] | None = None  # one (size, mtime_ns, sha256) per image; None: not recorded
 
 
 class FeatureStore:
@@ -111,7 +126,9 @@ class FeatureStore:
                 if "skipped" in e:
                     entries[e["id"]] = _Entry(-1, 0, 0, t, images, str(e["skipped"]))
                 elif e["row"] + e["n"] <= rows:
-                    entries[e["id"]] = _Entry(file_no, int(e["row"]), int(e["n"]), t, images)
+                    files = e.get("files")
+                    files = tuple(tuple(f) for f in files) if isinstance(files, list) else None
+                    entries[e["id"]] = _Entry(file_no, int(e["row"]), int(e["n"]), t, images, None, files)
         return cls(path, meta, entries, data)
 
     # --- lookups ------------------------------------------------------------------------
@@ -155,6 +172,32 @@ class FeatureStore:
             self.require([key])
         assert e is not None
         return e.images
+
+    def current(self, key: str, images: Sequence[str]) -> bool:
+        """Whether the stored features of `key` were made from exactly these image files as they
+        are on disk now. Same paths, then per file: same size and mtime (no read), or, when either
+        changed, the same sha256 of the bytes. Entries without a file record (stores written before
+        content checks) are not current."""
+        e = self._entries.get(key)
+        if e is None or e.skipped is not None or e.images != tuple(images) or e.files is None:
+            return False
+        if len(e.files) != len(e.images):
+            return False
+        for path, rec in zip(e.images, e.files):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) == (rec[0], rec[1]):
+                continue
+            if st.st_size != rec[0]:
+                return False
+            try:
+                if file_record(path)[2] != rec[2]:
+                    return False
+            except OSError:
+                return False
+        return True
 
     def skipped(self) -> dict[str, str]:
         return {k: e.skipped for k, e in self._entries.items() if e.skipped is not None}
@@ -239,17 +282,36 @@ class StoreWriter:
         self._data = open(data_path, "ab")  # noqa: SIM115
         self._index = open(index_path, "ab")  # noqa: SIM115
 
-    def append(self, features: Sequence[tuple[str, Sequence[str], np.ndarray]],
+    def append(self, features: Sequence[tuple],
                skipped: Sequence[tuple[str, Sequence[str], str]] = ()) -> None:
-        """Write a batch: rows first (fsynced), then their index lines (fsynced)."""
+        try:
+            self._append(features, skipped)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            need = sum(np.asarray(f[2]).shape[0] * 2 * self.dim for f in features)
+            # What reached the disk before is consistent: the next writer cuts rows no line points at.
+            raise DataError(f"{self.path / data_name(self.rank)}: disk full while writing the features of "
+                            f"{len(features)} items ({need:,} bytes for this batch alone); free space and rerun "
+                            "the same command to continue") from None
+
+    def _append(self, features: Sequence[tuple],
+                skipped: Sequence[tuple[str, Sequence[str], str]] = ()) -> None:
+        """Write a batch: rows first (fsynced), then their index lines (fsynced).
+
+        `features`: (id, images, (N, dim) array) or (id, images, array, file records), the records
+        as `file_record` makes them for each image, taken before the image was decoded."""
         lines = []
         now = time.time_ns()
-        for key, images, arr in features:
+        for key, images, arr, *rest in features:
             arr = np.ascontiguousarray(arr, dtype=np.float16)
             if arr.ndim != 2 or arr.shape[1] != self.dim:
                 raise ValueError(f"features for {key!r} have shape {arr.shape}, the store wants (N, {self.dim})")
             self._data.write(arr.tobytes())
-            lines.append({"id": key, "images": list(images), "row": self._rows, "n": int(arr.shape[0]), "t": now})
+            line = {"id": key, "images": list(images), "row": self._rows, "n": int(arr.shape[0]), "t": now}
+            if rest and rest[0] is not None:
+                line["files"] = [list(f) for f in rest[0]]
+            lines.append(line)
             self._rows += arr.shape[0]
         if features:
             self._data.flush()

@@ -479,7 +479,9 @@ class Captioner(nn.Module):
             raise ModelLoadError(f"{cfg_path}: missing; the model folder must hold the {CONFIG_FILE} "
                                  "written with the weights")
         try:
-            meta = json.loads(cfg_path.read_text())
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"the top level is {type(meta).__name__}, not an object")
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
             config = CaptionerConfig.from_dict(meta["captioner"], source=str(cfg_path))
@@ -498,7 +500,19 @@ class Captioner(nn.Module):
                                  "save_pretrained next to config.json") from exc
         if len(tokenizer) < 2:
             raise ModelLoadError(f"{d}: the tokenizer files are missing or empty (tokenizer.json)")
-        lm_config = AutoConfig.for_model(model_type, **lm_cfg)
+        from vgpt_cli.model.weights_check import check_shapes
+
+        try:  # the model the config describes, shapes only (meta device): checked against the file first
+            lm_config = AutoConfig.for_model(model_type, **lm_cfg)
+            with torch.device("meta"):
+                skeleton = cls(config, AutoModelForCausalLM.from_config(lm_config), tokenizer)
+        except (ValueError, KeyError, TypeError, AttributeError, ConfigError, ModelLoadError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first if len(first) <= 160 else first[:160] + " ..."  # transformers lists every model type
+            raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({first}); re-save the model "
+                                 "or point to the right folder") from None
+        check_shapes(skeleton, w_path, cfg_path)
+        del skeleton
         # Build the LM skeleton without initialising weights that the file will overwrite.
         lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
         model = cls(config, lm, tokenizer)

@@ -10,6 +10,7 @@ captioner with scaled_dot_product_attention and its own cache.
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
@@ -244,6 +245,9 @@ def load_language_model(name: str, init: str = "pretrained") -> tuple[nn.Module,
             lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         else:
             lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"{where}: the weights file holds pickled Python objects beyond plain tensors, "
+                             "which vgpt never loads (they can run code); use a model.safetensors file") from None
     except (OSError, ValueError) as exc:
         hint = ("the Hugging Face hub is unreachable or the name is wrong; pass a local folder "
                 "(config.json + weights + tokenizer files), a .gguf file, or 'smollm2-135m'")

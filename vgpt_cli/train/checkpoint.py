@@ -11,6 +11,7 @@ moment leaves either the previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vgpt_cli.errors import ModelLoadError
+from vgpt_cli.errors import DataError, ModelLoadError
 from vgpt_cli.workspace import atomic_write_json
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -63,8 +64,13 @@ def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, A
                       str(tmp / STATE_TENSORS))
             atomic_write_json(tmp / STATE_JSON, trainer_state)
         _swap_in(tmp, run_dir / which)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # one line, not a traceback
+            need = sum(t.numel() * t.element_size() for t in [*model.state_dict().values(), *(tensors or {}).values()])
+            raise DataError(f"{run_dir / which}: disk full while saving the {which} checkpoint (about {need:,} bytes "
+                            f"needed, in {getattr(e, 'filename', None) or tmp}); the previous {which}/ is intact, "
+                            "free space and rerun with --resume") from None
         raise
     return run_dir / which
 
