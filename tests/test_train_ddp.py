@@ -42,7 +42,14 @@ def _free_port() -> int:
 def test_two_process_ddp_gives_the_gradient_of_one_process(tmp_path):
     import torch
     from safetensors.torch import load_file
-    from test_train import first_step_gradients, make_workspace, max_diff, quick, relative_diff, tiny_captioner
+    from test_train import (
+        first_step_gradients,
+        make_workspace,
+        max_diff,
+        quick,
+        relative_diff,
+        tiny_captioner,
+    )
 
     from vgpt_cli.train import train
 

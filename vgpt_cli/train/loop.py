@@ -116,10 +116,12 @@ def build_model(config: TrainConfig, d_in: int, say: Callable[[str], None] = lam
 def make_optimizer(model: Any, lr: float, lm_lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with the LM's parameters at lm_lr and the new ones at lr; no decay on biases and norms."""
     groups = []
+    # biases by name too: the SRAU gates' bias is (K, D), and decaying it pulls every gate towards 0.5
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
     for part, rate in (("lm", lm_lr), ("new", lr)):
         params = [p for p in model.param_groups()[part] if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in biases]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in biases]
         groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay, "name": f"{part}.decay"},
                    {"params": no_decay, "lr": rate, "weight_decay": 0.0, "name": f"{part}.no_decay"}]
     params = [p for g in groups for p in g["params"]]
@@ -433,7 +435,8 @@ class Trainer:
         pending = None
         with progress:
             task = progress.add_task(label, total=total, completed=st["step"], loss="-", rate="-")
-            while st["step"] < total and st["stopped"] != "early_stopping":  # a resume never undoes a stop
+            # a resumed run that stopped early stays stopped (SCST still follows it)
+            while st["step"] < total and not (phase == "xe" and st["stopped"] == "early_stopping"):
                 step = st["step"]
                 self.enter_step(phase, step)
                 if phase == "xe":
@@ -558,6 +561,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                 raise ConfigError(f"{run_dir}: no `last` checkpoint to resume; " + (
                     "the run ended and last/ was removed (--keep-last keeps it)" if ended else
                     "start it again without --resume"))
+            read_trainer_meta(ckpt)  # a damaged trainer state fails here, before any model is loaded
             saved = read_run_config(run_dir)
             changed = [k for k in ARCHITECTURE_KEYS if k in saved and saved[k] != getattr(config, k)
                        and not (k == "lm" and config.lm is None)]
