@@ -22,9 +22,8 @@ from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
 from vgpt_cli.model import Captioner
-from vgpt_cli.runtime import checkpoint_dir
 from vgpt_cli.train import train
-from vgpt_cli.train.checkpoint import load_trainer_state, save_checkpoint
+from vgpt_cli.train.checkpoint import checkpoint_dir, load_trainer_state, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 runner = CliRunner()
