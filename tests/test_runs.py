@@ -509,3 +509,18 @@ def test_decoding_settings_default_to_the_models_then_the_decoders():
     model.generation = {"beam_size": 3, "max_length": 9}
     assert (decode_options(model).beam_size, decode_options(model).max_length) == (3, 9)
     assert decode_options(model, beam_size=1, max_length=None).beam_size == 1
+
+
+def test_model_lookup_recovers_best_from_its_old_copy(tmp_path):
+    from vgpt_cli.errors import ConfigError
+    from vgpt_cli.runtime import resolve_model_dir
+    from vgpt_cli.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    run = ws.run_dir("r1")
+    tiny_captioner().save_pretrained(run / ".best.old")  # a kill between the two renames of a best/ save
+    ws.set_current(run="r1")
+    assert resolve_model_dir(ws, None) == run / ".best.old"
+    assert resolve_model_dir(ws, run / "best") == (run / ".best.old").resolve()
+    with pytest.raises(ConfigError, match="no such folder"):
+        resolve_model_dir(ws, tmp_path / "nowhere")

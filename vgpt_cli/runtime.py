@@ -83,6 +83,8 @@ def resolve_model_dir(ws: Workspace, model_dir: str | os.PathLike | None) -> Pat
     """--model DIR (which must exist), or the best checkpoint of the workspace's current run."""
     if model_dir is not None:
         path = Path(model_dir).expanduser().resolve()
+        if not path.is_dir() and path.name in ("best", "last"):  # a kill inside a save: its .old copy
+            path = checkpoint_dir(path.parent, path.name) or path
         if not path.is_dir():
             raise ConfigError(f"--model {model_dir}: no such folder; give a folder written by `vgpt train` "
                               "(runs/<name>/best)")
