@@ -118,8 +118,14 @@ def command(
     try:
         result = train(cfg, ws, resume=resume, keep_last=keep_last)
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]; the last checkpoint was kept. Resume with:\n  vgpt -w {ws.root} train "
-                  f"--resume --name {cfg.name}", highlight=False)
+        from vgpt_cli.runtime import checkpoint_dir
+
+        if checkpoint_dir(ws.run_dir(cfg.name), "last") is None:
+            err.print("[yellow]interrupted[/] before the first checkpoint; nothing to resume, run the command again",
+                      highlight=False)
+        else:
+            err.print(f"[yellow]interrupted[/]; the last checkpoint was kept. Resume with:\n  vgpt -w {ws.root} "
+                      f"train --resume --name {cfg.name}", highlight=False)
         raise typer.Exit(code=130) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return

@@ -569,7 +569,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                 raise ConfigError(f"{run_dir}/config.json: --resume cannot change {', '.join(changed)}; "
                                   "drop those options or start a new run with another --name")
             config = config.override(lm=saved.get("lm"))
-        elif any(checkpoint_dir(run_dir, w) for w in ("last", "best")) or (run_dir / "result.json").is_file():
+        elif checkpoint_dir(run_dir, "last") is not None or (run_dir / "result.json").is_file():
             raise ConfigError(f"{run_dir}: a run with this name exists; pass --resume to continue it or "
                               "--name to start another")
         # The model comes last: every cheap check above has passed.
@@ -638,10 +638,6 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         st = trainer.state
         if not val_items and dist.is_main:  # no validation split: the final weights are the best we know
             save_checkpoint(trainer.core, run_dir, "best", trainer.backbone)
-        if dist.is_main:
-            mark_ended(workspace, config.name)
-            if not keep_last:  # the run cannot be resumed any more: drop the optimiser state
-                remove_last(run_dir)
         result = TrainResult(run_dir=run_dir, best_score=st["best_score"], best_step=st["best_step"],
                              best_phase=st["best_phase"],
                              steps=st["xe_steps"], scst_steps=st["step"] if phase == "scst" else 0,
@@ -649,6 +645,9 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                              history=trainer.history)
         if dist.is_main:
             atomic_write_json(run_dir / "result.json", result.to_dict())
+            mark_ended(workspace, config.name)
+            if not keep_last:  # the run cannot be resumed any more: drop the optimiser state
+                remove_last(run_dir)
         return result
     finally:
         if trainer is not None:
