@@ -73,7 +73,10 @@ def build(root: Path) -> tuple[Path, Path]:
 
 
 def train_args(ws: Path, lm_dir: Path, name: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "vgpt_cli", "-w", str(ws), "train", "--lm", str(lm_dir), "--encoder-layers", "1",
+    options = ws.parent / "train.yaml"  # options that have no flag: log every step
+    options.write_text("log_every: 1\n")
+    return [sys.executable, "-m", "vgpt_cli", "-w", str(ws), "train", "--config", str(options),
+            "--lm", str(lm_dir), "--encoder-layers", "1",
             "--batch-size", "4", "--max-steps", str(steps), "--save-every", "1", "--val-every", "5",
             "--val-size", "4", "--lr", "1e-3", "--device", "cpu", "--name", name, "--keep-last"]
 
@@ -137,8 +140,9 @@ def main() -> None:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if killing:
-                # between the start (imports: most of a short run's time) and the end of the reference run
-                delay = rnd.uniform(0.3, 1.1) * ref_seconds
+                # between the start (imports: most of a short run's time) and the end of the reference run;
+                # a run that ends first is simply the last attempt
+                delay = rnd.uniform(0.25, 0.95) * ref_seconds
                 try:
                     proc.wait(timeout=delay)
                 except subprocess.TimeoutExpired:
