@@ -130,7 +130,7 @@ def main() -> None:
                 else:
                     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
                     last_loss = train(cfg, ws, quiet=True).last_loss
-                    shutil.rmtree(run_dir / "last")  # optimiser state: ~2 GB a run with SmolLM2, not needed here
+                    shutil.rmtree(run_dir / "last", ignore_errors=True)  # train() drops it already; older runs kept it
                 ws.set_current(dataset=dataset)
                 scores = _rescore(run_dir, manifest, demo.max_length) if reused else None
                 if scores is None:

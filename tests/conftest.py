@@ -11,8 +11,9 @@ import pytest  # noqa: E402
 from helpers import GPT2_BPE, gpt2_tokenizer  # noqa: E402
 
 TESTS = Path(__file__).parent
-SHARED = TESTS.parent.parent / "shared"
-REALDATA = SHARED / "realdata"
+# Real annotation files in public formats: small excerpts (or whole files, where the licence allows)
+# copied into the repository with their sources and licences, so a clone alone runs every test.
+REALDATA = TESTS / "assets" / "realdata"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,5 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def realdata() -> Path:
-    if not REALDATA.is_dir():
-        pytest.skip(f"real annotation files not found at {REALDATA} (the shared/ folder beside the checkout)")
+    """tests/assets/realdata (see its README.md for what each file is and where it comes from)."""
     return REALDATA

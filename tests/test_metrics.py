@@ -27,7 +27,7 @@ from vgpt_cli.evaluate.tokenize import ptb_tokens, tokenize_caption
 HAVE_JAVA = java_missing_reason() is None
 needs_java = pytest.mark.skipif(not HAVE_JAVA, reason="no Java runtime: the official PTB tokenizer and METEOR need one")
 
-# The clipscore repository's README (reproduced by pycocoevalcap 1.2); see shared/realdata/README.md.
+# The clipscore repository's README (reproduced by pycocoevalcap 1.2); see tests/assets/realdata/README.md.
 PUBLISHED = {
     "good_captions.json": {"Bleu_1": 0.6667, "Bleu_2": 0.4899, "Bleu_3": 0.3469, "Bleu_4": 0.0,
                            "METEOR": 0.3444, "ROUGE_L": 0.4280, "CIDEr": 0.5637},
@@ -167,9 +167,10 @@ def test_python_tokenizer_agrees_with_java_on_real_captions(realdata: Path) -> N
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     flickr = [line.split("\t", 1)[1].strip() for line in
-              (realdata / "flickr8k" / "Flickr8k.token.txt").read_text().splitlines()[:4000]]
+              (realdata / "flickr8k" / "Flickr8k.token.excerpt.txt").read_text().splitlines()]
     cc = [line.split("\t", 1)[0].strip() for line in
-          (realdata / "cc3m_validation" / "Validation_GCC-1.1.0-Validation.tsv").read_text().splitlines()[:2000]]
+          (realdata / "cc3m_validation" / "Validation_GCC-1.1.0-Validation.head2000.tsv").read_text().splitlines()]
+    assert len(flickr) + len(cc) == 3005
     lines = flickr + cc
     java = PTBTokenizer().tokenize({str(i): [{"caption": c}] for i, c in enumerate(lines)})
     agree = sum(java[str(i)][0] == tokenize_caption(c) for i, c in enumerate(lines))
@@ -180,7 +181,7 @@ def test_python_tokenizer_agrees_with_java_on_real_captions(realdata: Path) -> N
 @pytest.fixture(scope="module")
 def flickr_refs(realdata: Path) -> list[list[str]]:
     by_image: dict[str, list[str]] = {}
-    for line in (realdata / "flickr8k" / "Flickr8k.token.txt").read_text().splitlines()[:6000]:
+    for line in (realdata / "flickr8k" / "Flickr8k.token.excerpt.txt").read_text().splitlines():
         key, cap = line.split("\t", 1)
         by_image.setdefault(key.split("#")[0], []).append(tokenize_caption(cap))
     return [v for v in by_image.values() if len(v) == 5]

@@ -102,26 +102,27 @@ def test_flickr8k_bad_token_line_names_the_line(tmp_path):
 
 
 def test_flickr8k_real_token_file(realdata, tmp_path):
-    """The real 40,460-line token file, with split lists cut from its own keys (the real lists are not stored)."""
-    token = realdata / "flickr8k" / "Flickr8k.token.txt"
+    """Real token-file lines (the first 1,000 of the 40,460, plus the known bogus key's 5), with split
+    lists cut from its own keys (the real lists are not stored)."""
+    token = realdata / "flickr8k" / "Flickr8k.token.excerpt.txt"
     keys = list(dict.fromkeys(line.split("#")[0] for line in token.read_text().splitlines() if line))
     real = [k for k in keys if k.endswith(".jpg")]
-    assert len(keys) == 8092 and len(real) == 8091
+    assert len(keys) == 201 and len(real) == 200
     lists = tmp_path / "lists"
     lists.mkdir()
-    for name, part in (("train", real[:6091]), ("dev", real[6091:7091]), ("test", real[7091:])):
+    for name, part in (("train", real[:150]), ("dev", real[150:175]), ("test", real[175:])):
         (lists / f"Flickr_8k.{name}Images.txt").write_text("\n".join(part) + "\n")
     images = tmp_path / "Flicker8k_Dataset"
-    present = real[::10]  # every 10th image "downloaded": fewer files to write, --skip-missing drops the rest
+    present = real[::2]  # every other image "downloaded": --skip-missing drops the rest
     for k in present:
         touch(images / k)
     source = read_flickr("flickr8k", tmp_path, token, images, lists)
-    assert len(source.records) == 8091 and sum(len(r.captions) for r in source.records) == 40455
+    assert len(source.records) == 200 and sum(len(r.captions) for r in source.records) == 1000
     m = build_manifest(source, "flickr8k", SamplingOptions(fraction=0.1, skip_missing=True))
-    pool = [k for k in present if k in set(real[:6091])]
+    pool = [k for k in present if k in set(real[:150])]
     assert m.counts()["train"]["captions"] == round(0.1 * len(pool) * 5)
-    assert len(m.splits["val"]) == len([k for k in present if k in set(real[6091:7091])])
-    assert {i.id for i in m.splits["test"]} == {k[:-4] for k in present if k in set(real[7091:])}
+    assert len(m.splits["val"]) == len([k for k in present if k in set(real[150:175])])
+    assert {i.id for i in m.splits["test"]} == {k[:-4] for k in present if k in set(real[175:])}
     assert any("2258277193_586949ec62.jpg.1" in n for n in m.notes)
 
 
@@ -208,22 +209,22 @@ def test_iu_xray_with_the_four_space_test_key(tmp_path):
 
 
 def test_iu_xray_real_annotation_file(realdata, tmp_path):
-    ann = realdata / "iu_xray_r2gen" / "annotation.json"
+    ann = realdata / "iu_xray_r2gen" / "annotation.excerpt.json"  # 20 / 5 / 8 studies of the real file
     raw = json.loads(ann.read_text())
     images = tmp_path / "images"
-    present = {}  # every 10th study "downloaded"; --skip-missing drops the rest
+    present = {}  # every other study "downloaded"; --skip-missing drops the rest
     for recs in raw.values():
-        for r in recs[::10]:
+        for r in recs[::2]:
             present[r["id"]] = r["split"]
             for p in r["image_path"]:
                 touch(images / p)
     source = read_iu_xray(ann, images)
-    assert Counter(r.split for r in source.records) == {"train": 2069, "val": 296, "test": 590}
+    assert Counter(r.split for r in source.records) == {"train": 20, "val": 5, "test": 8}
     m = build_manifest(source, "iu-xray", SamplingOptions(skip_missing=True))
     assert {s: {i.id for i in v} for s, v in m.splits.items()} == {
         s: {i for i, sp in present.items() if sp == s} for s in ("train", "val", "test")}
     assert all(len(i.images) == 2 and len(i.captions) == 1 for i in m.all_items())
-    assert any("590 record(s) under the key '    '" in n for n in m.notes)
+    assert any("8 record(s) under the key '    '" in n for n in m.notes)
 
 
 # --- Conceptual Captions ------------------------------------------------------------------------
@@ -246,16 +247,16 @@ def test_cc_img2dataset_files_layout(tmp_path):
 
 
 def test_cc_release_tsv_with_partly_downloaded_images(realdata, tmp_path):
-    tsv = realdata / "cc3m_validation" / "Validation_GCC-1.1.0-Validation.tsv"
+    tsv = realdata / "cc3m_validation" / "Validation_GCC-1.1.0-Validation.head2000.tsv"  # 2,000 of 15,833 lines
     images = tmp_path / "imgs"
-    for i in range(0, 15833, 50):  # only every 50th image "downloaded", in img2dataset's shard layout
+    for i in range(0, 2000, 50):  # only every 50th image "downloaded", in img2dataset's shard layout
         touch(images / f"{i // 10000:05d}" / f"{i:09d}.jpg")
     result = prepare(tmp_path / "ws", "cc", "--tsv", str(tsv), "--images", str(images))
     assert result.exit_code == 2 and "are absent" in result.output and "--skip-missing" in result.output
     source = read_cc_tsv(tsv, images, 0.1, 0.1, 42)
-    assert len(source.records) == 15833
+    assert len(source.records) == 2000
     m = build_manifest(source, "cc", SamplingOptions(skip_missing=True))
-    assert len(m.all_items()) == 317
+    assert len(m.all_items()) == 40
     first = next(i for i in m.all_items() if i.id == "000000000")
     line0 = tsv.read_text().splitlines()[0].split("\t")
     assert first.captions == [normalize_caption(line0[0])] and first.extra["url"] == line0[1]

@@ -97,6 +97,33 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+def relative_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max |a - b| over all tensors, relative to max |b|."""
+    return max_diff(a, b) / max(float(v.double().abs().max()) for v in b.values())
+
+
+def first_step_gradients(ws: Workspace, model, **cfg) -> dict[str, torch.Tensor]:
+    """p.grad after the loop's first cross-entropy step (all micro-batches, all processes; before
+    clipping and the optimiser), from the trainer's own xe_step. Under torchrun-style environment
+    variables the model is wrapped in DDP as train() does, so the gradients are all-reduced."""
+    from vgpt_cli.train.distributed import setup_distributed
+    from vgpt_cli.train.loop import Trainer, prepare_inputs
+
+    config = quick(**cfg)
+    dist = setup_distributed("cpu")
+    store, train_items, val_items, _ = prepare_inputs(config, ws)
+    trainer = Trainer(config, ws, dist, model=model, store=store, train_items=train_items, val_items=val_items,
+                      run_dir=ws.root / "unused", on_step=None, quiet=True)
+    try:
+        trainer.setup_phase("xe")
+        if dist.enabled:
+            trainer.model = torch.nn.parallel.DistributedDataParallel(model)
+        trainer.xe_step(trainer.xe_batches(0))
+    finally:
+        trainer.close()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 # --- data order and the loss ------------------------------------------------------------------------
 def test_epoch_order_is_a_seeded_permutation():
     a, b = epoch_order(10, 42, 0), epoch_order(10, 42, 0)
@@ -139,17 +166,33 @@ def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     assert all(np.mean(losses[i + 10:i + 20]) < np.mean(losses[i:i + 10]) for i in range(0, 70, 10))
     assert losses[-1] < 0.05, losses[-10:]  # near zero: about 95% probability on every caption token
     run = result.run_dir
-    assert (run / "config.json").is_file() and (run / "last" / "model.safetensors").is_file()
-    assert (run / "best" / "backbone.json").is_file()
-    assert json.loads((run / "last" / "backbone.json").read_text())["backbone"] == "toy"
+    assert (run / "config.json").is_file() and (run / "best" / "model.safetensors").is_file()
+    assert not (run / "last").exists()  # a run that ended normally cannot be resumed: no optimiser state kept
+    assert json.loads((run / "best" / "backbone.json").read_text())["backbone"] == "toy"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 81))
-    assert ws.state()["run"] == "fit"
+    assert ws.state()["run"] == "fit" and ws.state()["training"] is None
     saved = json.loads((run / "config.json").read_text())
     assert saved["lr"] == 1e-2 and saved["name"] == "fit" and saved["dataset"] == "toy"
 
 
-def test_accumulation_2x8_equals_batch_16(tmp_path):
+def test_accumulation_2x8_gives_the_gradient_of_batch_16(tmp_path):
+    """Gradients, not weights after one AdamW step: AdamW's first step is about lr * sign(g), blind to
+    the scale of the loss. Dividing the loss by grad_accum twice fails this test (checked by hand)."""
+    ws = make_workspace(tmp_path, n_train=8, caps_per_item=2)  # 16 captions of different lengths
+    g16 = first_step_gradients(ws, tiny_captioner(), batch_size=16, grad_accum=1)
+    g8x2 = first_step_gradients(ws, tiny_captioner(), batch_size=8, grad_accum=2)
+    assert len(g16) == len(list(tiny_captioner().parameters()))  # every parameter got a gradient
+    assert relative_diff(g8x2, g16) <= 1e-5
+    # the test sees the scale: half or double the loss is far outside the tolerance
+    assert relative_diff({k: 2 * v for k, v in g8x2.items()}, g16) > 0.5
+    assert relative_diff({k: v / 2 for k, v in g8x2.items()}, g16) > 0.25
+    # one micro-batch's gradient alone is not it either
+    g8 = first_step_gradients(ws, tiny_captioner(), batch_size=8, grad_accum=1)
+    assert relative_diff(g8, g16) > 1e-2
+
+
+def test_accumulation_2x8_equals_batch_16_after_a_step(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=2)  # 16 captions of different lengths
     whole = tiny_captioner()
     train(quick(batch_size=16, grad_accum=1, name="b16"), ws, model=whole, quiet=True)
@@ -167,7 +210,7 @@ def test_accumulation_2x8_equals_batch_16(tmp_path):
 def test_resume_repeats_the_uninterrupted_losses(tmp_path):
     ws = make_workspace(tmp_path, n_train=6, caps_per_item=2)  # 12 captions, 3 steps per epoch
     cfg = dict(batch_size=4, max_steps=7, save_every=2, lr=1e-3)
-    full = train(quick(name="full", **cfg), ws, model=tiny_captioner(dropout=0.1), quiet=True)
+    full = train(quick(name="full", **cfg), ws, model=tiny_captioner(dropout=0.1), quiet=True, keep_last=True)
 
     class Killed(Exception):
         pass
@@ -180,7 +223,7 @@ def test_resume_repeats_the_uninterrupted_losses(tmp_path):
         train(quick(name="cut", **cfg), ws, model=tiny_captioner(dropout=0.1), on_step=kill_at_5, quiet=True)
     state = json.loads((ws.run_dir("cut") / "last" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    resumed = train(quick(name="cut", **cfg), ws, resume=True, quiet=True)
+    resumed = train(quick(name="cut", **cfg), ws, resume=True, quiet=True, keep_last=True)
     before = {r["step"]: r["loss"] for r in full.history}
     after = {r["step"]: r["loss"] for r in resumed.history}
     assert sorted(after) == [5, 6, 7]
@@ -345,7 +388,7 @@ def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
     (tmp_path / "train.yaml").write_text(f"lm: {lm_dir}\nbatch-size: 3\nmax_steps: 5\nlr: 1.0e-3\n")
     result = runner.invoke(app, ["-w", str(ws.root), "train", "--config", str(tmp_path / "train.yaml"),
                                  "--max-steps", "2", "--encoder-layers", "1", "--device", "cpu", "--name", "cli",
-                                 "--json"])
+                                 "--keep-last", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["steps"] == 2 and out["run_dir"] == str(ws.run_dir("cli"))

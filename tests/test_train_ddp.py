@@ -1,7 +1,10 @@
-"""2-process gloo DDP on the CPU equals 1 process with the whole batch, after one optimiser step.
+"""2-process gloo DDP on the CPU gives the gradient of 1 process with the whole batch.
 
 The test starts two copies of this file as workers (RANK/WORLD_SIZE as torchrun sets them), each
-training the same tiny captioner on half of each batch; rank 0 writes the checkpoint.
+computing the loop's first-step gradient of the same tiny captioner on its half of the batch (DDP
+all-reduces them), then training one step; rank 0 writes the run folder.
+Gradients, not weights after one AdamW step: that step is about lr * sign(g) and cannot see a loss
+scaled by the wrong factor (dividing by the world size twice fails this test; checked by hand).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ TESTS = Path(__file__).parent
 
 def _worker(root: str, name: str, batch_size: int, grad_accum: int) -> None:
     sys.path.insert(0, str(TESTS))
-    from test_train import quick, tiny_captioner
+    from safetensors.torch import save_file
+    from test_train import first_step_gradients, quick, tiny_captioner
 
     from vgpt_cli.train import train
     from vgpt_cli.workspace import Workspace
 
-    train(quick(batch_size=batch_size, grad_accum=grad_accum, name=name), Workspace(Path(root)),
-          model=tiny_captioner(), quiet=True)
+    ws = Workspace(Path(root))
+    grads = first_step_gradients(ws, tiny_captioner(), batch_size=batch_size, grad_accum=grad_accum)
+    save_file(grads, str(Path(root) / f"grads-{name}-r{os.environ['RANK']}.safetensors"))
+    train(quick(batch_size=batch_size, grad_accum=grad_accum, name=name), ws, model=tiny_captioner(), quiet=True,
+          keep_last=True)
 
 
 def _free_port() -> int:
@@ -32,10 +39,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
+def test_two_process_ddp_gives_the_gradient_of_one_process(tmp_path):
     import torch
     from safetensors.torch import load_file
-    from test_train import make_workspace, max_diff, quick, tiny_captioner
+    from test_train import (
+        first_step_gradients,
+        make_workspace,
+        max_diff,
+        quick,
+        relative_diff,
+        tiny_captioner,
+    )
 
     from vgpt_cli.train import train
 
@@ -55,9 +69,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
     try:
-        train(quick(batch_size=16, grad_accum=1, name="one"), ws, model=tiny_captioner(), quiet=True)
+        one_grads = first_step_gradients(ws, tiny_captioner(), batch_size=16, grad_accum=1)
+        train(quick(batch_size=16, grad_accum=1, name="one"), ws, model=tiny_captioner(), quiet=True, keep_last=True)
     finally:
         torch.set_num_threads(before)
+    for rank in range(2):  # after the all-reduce every process holds the whole batch's gradient
+        ddp_grads = load_file(str(ws.root / f"grads-ddp-r{rank}.safetensors"))
+        assert ddp_grads.keys() == one_grads.keys()
+        assert relative_diff(ddp_grads, one_grads) <= 1e-5
+        assert relative_diff({k: 2 * v for k, v in ddp_grads.items()}, one_grads) > 0.5  # the scale is seen
     ddp = load_file(str(ws.run_dir("ddp") / "last" / "model.safetensors"))
     one = load_file(str(ws.run_dir("one") / "last" / "model.safetensors"))
     start = {k: v for k, v in tiny_captioner().state_dict().items() if k in one}

@@ -86,12 +86,13 @@ def _token_text(tokenizer, token_id: int, eos: int) -> str:
 class ImageCaptioner:
     """A trained captioner plus the backbone it was trained on. Call it on images."""
 
-    def __init__(self, model, backbone, *, beam_size: int = 5, max_length: int = 20, batch_size: int = 16,
-                 device: str = "cpu", model_dir: str = "") -> None:
-        from vgpt_cli.decode import DecodeOptions
+    def __init__(self, model, backbone, *, beam_size: int | None = None, max_length: int | None = None,
+                 batch_size: int = 16, device: str = "cpu", model_dir: str = "") -> None:
+        from vgpt_cli.runtime import decode_options
 
         self.model, self.backbone, self.device, self.model_dir = model, backbone, device, model_dir
-        self.options = DecodeOptions(beam_size=beam_size, max_length=max_length).validate()
+        # None: the decoding settings saved with the model (those it was validated and selected with)
+        self.options = decode_options(model, beam_size=beam_size, max_length=max_length)
         self.batch_size = batch_size
         if backbone.dim != model.config.d_in:
             raise ModelLoadError(f"{model_dir}: the model takes {model.config.d_in}-wide features, but backbone "
@@ -154,7 +155,7 @@ class ImageCaptioner:
 
 def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:
     """The backbone record of a model: backbone.json saved with it, else the workspace's feature store."""
-    from vgpt_cli.evaluate.report import model_backbone_meta
+    from vgpt_cli.runtime import model_backbone_meta
 
     meta = model_backbone_meta(model_dir)
     if meta:
@@ -174,21 +175,23 @@ def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple
 
 
 def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike | Workspace | None = None,
-                   device: str | None = None, beam_size: int = 5, max_length: int = 20,
+                   device: str | None = None, beam_size: int | None = None, max_length: int | None = None,
                    batch_size: int = 16) -> ImageCaptioner:
     """Load a trained model folder (runs/<run>/best, or any Captioner.save_pretrained folder with its
     backbone.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
 
     Without backbone.json in the folder, the backbone record of `workspace`'s feature store is used
-    (default: $VGPT_WORKSPACE or the current folder)."""
-    from vgpt_cli.evaluate.report import default_device, load_model
+    (default: $VGPT_WORKSPACE or the current folder). beam_size and max_length default to the
+    decoding settings saved with the model (its config.json "generation" block); device to
+    vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU)."""
     from vgpt_cli.features import load_backbone_from_meta
+    from vgpt_cli.runtime import load_model, resolve_device
 
     mdir = Path(model_dir).expanduser().resolve()
     # no workspace given: the one of $VGPT_WORKSPACE or the current folder, for its feature store record
     ws = workspace if isinstance(workspace, Workspace) else Workspace.from_option(
         Path(workspace) if workspace is not None else None)
-    dev = device or default_device()
+    dev = resolve_device(device)
     model = load_model(mdir, dev)
     meta, _ = resolve_backbone_meta(mdir, ws)
     backbone = load_backbone_from_meta(meta, device=dev)

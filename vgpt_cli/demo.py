@@ -9,6 +9,7 @@ Each step calls the same functions as its command, so the demo also checks that 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -131,6 +132,9 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
         group_by_image=settings.group_by_image, soft_gate_steps=int(settings.soft_gate_frac * settings.steps),
         freeze_lm_steps=int(round(settings.freeze_lm_frac * settings.steps)),
     )
+    if ws.run_dir("demo").exists():  # a second demo in this workspace replaces the first one's run
+        log(f"[train] replacing the earlier demo run {ws.run_dir('demo')}")
+        shutil.rmtree(ws.run_dir("demo"))
     result = train(config, ws)
     report.paths["run"] = str(result.run_dir)
     step("train", f"SmolLM2-135M + SRAU (K={settings.encoder_layers}, tau={settings.tau}), {result.steps} steps "

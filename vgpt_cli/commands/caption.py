@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import decode_progress, err, friendly_errors, print_json, print_table, workspace
 from vgpt_cli.errors import ConfigError, DataError, PartialRunError
 
 
@@ -21,10 +21,13 @@ def command(
         help="Image files, folders (their images) and globs such as 'photos/*.jpg'.", show_default=False)],
     model: Annotated[Path | None, typer.Option(
         "--model", help="A model folder (runs/<run>/best); default: the workspace's best model.")] = None,
-    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="Beam width (1: greedy).")] = 5,
-    max_length: Annotated[int, typer.Option("--max-length", min=1, help="At most this many tokens.")] = 20,
+    beam_size: Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
+        "Beam width (1: greedy). Default: the model's own, saved with it (else 5)."))] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
+        "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if any).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
+                                               "cuda, cuda:1, mps.")] = None,
     gates: Annotated[bool, typer.Option(
         "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,
     gates_plot: Annotated[Path | None, typer.Option(
@@ -46,16 +49,12 @@ def command(
         vgpt caption cat.jpg --gates --gates-plot gates.png
     """
     from vgpt_cli.api import expand_image_paths, load_captioner
-    from vgpt_cli.commands.evaluate import decode_progress, print_table
-    from vgpt_cli.evaluate.report import resolve_model_dir
+    from vgpt_cli.runtime import resolve_model_dir
 
     if as_json and as_jsonl:
         raise ConfigError("--json and --jsonl: choose one")
     ws = workspace(ctx)
     model_dir = resolve_model_dir(ws, model)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir}: no such folder; give a folder written by `vgpt train` "
-                          "(runs/<name>/best)")
     paths, missing = expand_image_paths(images)
     if not paths:
         raise DataError(f"{missing[0].source}: {missing[0].error}; give image files, folders or globs")
@@ -97,7 +96,9 @@ def command(
         err.print(f"wrote {gates_plot}", highlight=False)
     for r in bad:
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
-    err.print(f"captioned {len(good)} of {len(results)} images with {model_dir}", highlight=False)
+    o = captioner.options
+    err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
+              f"{o.max_length} tokens)", highlight=False)
     if bad and not good:
         raise DataError(f"no image could be captioned (first: {bad[0].source}: {bad[0].error}); give readable "
                         "JPEG/PNG files")

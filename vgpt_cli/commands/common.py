@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -10,7 +11,16 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 from rich.text import Text
 
 from vgpt_cli.errors import VgptError
@@ -56,6 +66,23 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         return Text(f"{task.speed:,.{self.decimals}f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
+
+
+def print_table(table: Table) -> None:
+    """On a terminal, fit it; piped or captured, never wrap a row (tests and scripts read the lines)."""
+    (out if out.is_terminal else Console(width=250, soft_wrap=True)).print(table)
+
+
+@contextlib.contextmanager
+def decode_progress():
+    """A progress bar on stderr with a rate; yields progress(total) -> advance(n)."""
+    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), RateColumn("img", decimals=1),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        def progress(total: int):
+            task = bar.add_task("decoding", total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield progress
 
 
 def print_json(obj: Any) -> None:

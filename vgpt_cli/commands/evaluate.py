@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from vgpt_cli.commands.common import RateColumn, err, friendly_errors, out, print_json, workspace
+from vgpt_cli.commands.common import decode_progress, err, friendly_errors, print_json, print_table, workspace
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.evaluate.metrics import METRICS, compute_metrics_many, load_predictions, load_references
 from vgpt_cli.workspace import atomic_write_json
@@ -41,11 +32,6 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str | None = None, e
     return table
 
 
-def print_table(table: Table) -> None:
-    """On a terminal, fit it; piped or captured, never wrap a row (tests and scripts read the lines)."""
-    (out if out.is_terminal else Console(width=250, soft_wrap=True)).print(table)
-
-
 @friendly_errors
 def command(
     ctx: typer.Context,
@@ -58,10 +44,13 @@ def command(
     references: Annotated[Path | None, typer.Option(
         "--references", "-r", help="Ground truth from this file (COCO annotation format or "
         "{\"id\": [\"ref\", ...]}) instead of the workspace's split.")] = None,
-    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="Beam width.")] = 5,
-    max_length: Annotated[int, typer.Option("--max-length", min=1, help="At most this many tokens.")] = 20,
+    beam_size: Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
+        "Beam width. Default: the model's own, saved with it (else 5)."))] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
+        "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if any).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
+                                               "cuda, cuda:1, mps.")] = None,
     spice: Annotated[bool, typer.Option("--spice/--no-spice", help="Try SPICE (needs Stanford CoreNLP jars).")] = True,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="With --predictions: also write the metrics JSON here.")] = None,
@@ -84,8 +73,6 @@ def command(
     if predictions:
         _score_files(ctx, predictions, references, split.value, spice, output, as_json, allow_partial)
         return
-    if model is not None and not model.is_dir():
-        raise ConfigError(f"--model {model}: no such folder; give a folder written by `vgpt train` (runs/<name>/best)")
     if references is not None or output is not None:
         raise ConfigError("--references and --output go with --predictions; to evaluate a split, drop them")
     from vgpt_cli.evaluate.report import evaluate_split
@@ -99,25 +86,13 @@ def command(
     else:
         extra = [k for k in ("grounded", "object_f1", "shape_f1") if k in result.scores]
         table = metrics_table({f"{result.dataset}/{result.split}": result.scores},
-                              title=f"{result.model_dir}: {result.n_items} items, beam {beam_size}", extra=extra)
+                              title=f"{result.model_dir}: {result.n_items} items, beam {result.decode['beam_size']}", extra=extra)
         if result.notes:
             table.caption = "; ".join(result.notes)
         print_table(table)
     err.print(f"wrote {result.metrics_path}, {result.predictions_path.name} and {result.per_image_path.name} "
               f"({result.seconds:.1f} s)", highlight=False)
     err.print("next: `vgpt caption IMAGE...` captions new images with this model", highlight=False)
-
-
-@contextlib.contextmanager
-def decode_progress():
-    """A progress bar on stderr with a rate; yields progress(total) -> advance(n)."""
-    with Progress(TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), RateColumn("img", decimals=1),
-                  TimeRemainingColumn(), console=err, transient=True) as bar:
-        def progress(total: int):
-            task = bar.add_task("decoding", total=total)
-            return lambda n: bar.advance(task, n)
-
-        yield progress
 
 
 def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,

@@ -28,13 +28,9 @@ class Device(str, Enum):
 
 
 def _device(choice: Device) -> str:
-    import torch
+    from vgpt_cli.runtime import resolve_device
 
-    if choice == Device.auto:
-        choice = Device.cuda if torch.cuda.is_available() else Device.cpu
-    if choice == Device.cuda and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per rank
-    return choice.value
+    return str(resolve_device(choice.value))  # torchrun: cuda:LOCAL_RANK, one GPU per rank
 
 
 @friendly_errors

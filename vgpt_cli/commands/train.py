@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -67,14 +66,17 @@ def command(
     device: Annotated[str | None, _opt("--device", help="auto (default), cpu, cuda or cuda:N.")] = None,
     name: Annotated[str | None, _opt("--name", help="Run folder name under runs/ (default: a timestamp).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run named by --name (default: the "
-                                         "workspace's current run) from its last checkpoint.")] = False,
+                                         "interrupted run, else the workspace's current run) from its last "
+                                         "checkpoint.")] = False,
+    keep_last: Annotated[bool, typer.Option("--keep-last", help="Keep last/ (optimiser state, about 3x the model) "
+                                            "when the run ends, to extend it later with --resume.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
     With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau 0.2 on K = 1 encoder level, gates starting at sigmoid(5) (the pretrained LM itself), the LM frozen for the first 200 steps, AdamW 1e-3 for the new parameters and 1e-4 for the LM, warm-up 20 then cosine, batches of 16 captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = 3, their gate init, lr 1e-4, batch 50).
 
-    Writes runs/<name>/: config.json, metrics.jsonl, best/ (the model to use) and last/ (resumable).
+    Writes runs/<name>/: config.json, metrics.jsonl, best/ (the model to use) and, while the run can be resumed, last/.
 
     Several GPUs or processes: torchrun --nproc-per-node N -m vgpt_cli train ...
 
@@ -91,6 +93,8 @@ def command(
         vgpt train --resume --name r1
     """
     from vgpt_cli.train import TrainConfig, load_config_file, train
+    from vgpt_cli.train.loop import default_run_name
+    from vgpt_cli.train.run_folder import folder_size, human_size, read_run_config, resumable_run
 
     ws = workspace(ctx)
     flags = dict(preset=preset, lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, lr=lr, lm_lr=lm_lr,
@@ -101,13 +105,8 @@ def command(
                  dataset=dataset, device=device, name=name)
     if resume:
         # A resumed run starts from its saved config; flags given now override it (architecture excepted).
-        run = name or ws.current("run", "training run", "vgpt train")
-        saved = ws.run_dir(run) / "config.json"
-        if not saved.is_file():
-            from vgpt_cli.errors import ConfigError
-
-            raise ConfigError(f"{saved}: not found; nothing to resume (check --name)")
-        base = TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")), source=str(saved))
+        run = name or resumable_run(ws)
+        base = TrainConfig.from_dict(read_run_config(ws.run_dir(run)), source=str(ws.run_dir(run) / "config.json"))
         flags["name"] = run
     else:
         if config is not None and config.is_file():
@@ -116,8 +115,20 @@ def command(
             base = load_config_file(config, preset=preset)
         else:
             base = TrainConfig.from_preset(preset or "vgpt")
+        flags["name"] = name or default_run_name()  # known here, so an interrupt can print the resume command
     cfg = base.override(**flags).validate()
-    result = train(cfg, ws, resume=resume)
+    try:
+        result = train(cfg, ws, resume=resume, keep_last=keep_last)
+    except KeyboardInterrupt:
+        from vgpt_cli.runtime import checkpoint_dir
+
+        if checkpoint_dir(ws.run_dir(cfg.name), "last") is None:
+            err.print("[yellow]interrupted[/] before the first checkpoint; nothing to resume, run the command again",
+                      highlight=False)
+        else:
+            err.print(f"[yellow]interrupted[/]; the last checkpoint was kept. Resume with:\n  vgpt -w {ws.root} "
+                      f"train --resume --name {cfg.name}", highlight=False)
+        raise typer.Exit(code=130) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
 
@@ -128,8 +139,9 @@ def command(
               + f" ({result.stopped}); best validation CIDEr-D {score}"
               + (f" at {result.best_phase} step {result.best_step}" if result.best_step is not None else ""),
               highlight=False)
-    err.print(f"wrote {result.run_dir}/: config.json, metrics.jsonl, best/ (the model to use), last/ "
-              "(resumable state)", highlight=False)
+    kept = "last/ (resumable state)" if (result.run_dir / "last").is_dir() else "no last/ (--keep-last keeps it)"
+    err.print(f"wrote {result.run_dir}/ ({human_size(folder_size(result.run_dir))}): config.json, metrics.jsonl, "
+              f"best/ (the model to use), {kept}", highlight=False)
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
     if json_out:
         print_json(result.to_dict())

@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.errors import DataError, ModelLoadError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
+from vgpt_cli.runtime import (
+    decode_options,
+    load_model,
+    model_backbone_meta,
+    output_dir,
+    resolve_device,
+    resolve_model_dir,
+)
 from vgpt_cli.workspace import Workspace, atomic_write_json, atomic_write_text
-
-BACKBONE_JSON = "backbone.json"  # written beside the weights by training (vgpt_cli/train/checkpoint.py)
 
 
 def workspace_manifest(ws: Workspace) -> Manifest:
@@ -44,69 +50,6 @@ def split_notes(manifest: Manifest, split: str) -> list[str]:
                      "scores are not comparable with the full test split")
     notes += [n for n in manifest.notes if split in n.lower() and "TEST SPLIT CUT" not in n]
     return notes
-
-
-def resolve_model_dir(ws: Workspace, model_dir: Path | None) -> Path:
-    """--model DIR, or the best checkpoint of the workspace's current run."""
-    if model_dir is not None:
-        return Path(model_dir).expanduser().resolve()
-    run = ws.current("run", "trained model", "vgpt train")
-    best = ws.run_dir(run) / "best"
-    if not best.is_dir():
-        old = ws.run_dir(run) / ".best.old"  # a kill between the two renames of a checkpoint swap
-        if old.is_dir():
-            return old
-        raise ModelLoadError(f"{best}: the current run {run!r} has no best checkpoint yet; let `vgpt train` "
-                             "finish a validation, or pass --model DIR")
-    return best
-
-
-def run_folder(ws: Workspace, model_dir: Path) -> Path:
-    """Where evaluation outputs go: the run folder of runs/<run>/best, else runs/<model folder name>."""
-    if model_dir.name in ("best", "last", ".best.old"):
-        return model_dir.parent
-    return ws.runs_root / model_dir.name
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible here; use `--device cpu`")
-    return device
-
-
-def load_model(model_dir: Path, device: str | None = None):
-    """Captioner.from_pretrained on the device, in eval mode."""
-    from vgpt_cli.model import Captioner
-
-    return Captioner.from_pretrained(model_dir).to(check_device(device or default_device())).eval()
-
-
-def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
-    """The backbone record saved with the model (training writes backbone.json), or None."""
-    path = Path(model_dir) / BACKBONE_JSON
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
-    if (not isinstance(meta, dict) or not all(k in meta for k in ("backbone", "weights", "fingerprint"))
-            or not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]):
-        raise ModelLoadError(f"{path}: not a backbone record (an object with backbone, weights and fingerprint, "
-                             "as training writes it); copy it again from the run folder")
-    return meta
 
 
 @dataclass
@@ -156,16 +99,19 @@ def score_items(preds: dict[str, str], items: list, dataset_format: str, *, spic
     return report, scores
 
 
-def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int = 5,
-                   max_length: int = 20, batch_size: int = 32, device: str | None = None, spice: bool = True,
+def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int | None = None,
+                   max_length: int | None = None, batch_size: int = 32, device: str | None = None, spice: bool = True,
                    log: Callable[[str], None] = print,
                    progress: Callable[[int, int], Callable[[int], None]] | None = None) -> SplitEvaluation:
     """Decode `split` of the workspace's dataset from its cached features and score it.
 
+    beam_size, max_length: None decodes with the model's saved generation settings (vgpt_cli.runtime).
+    The outputs go to the run folder when the model is a checkpoint of this workspace's runs/, else
+    to runs/external/<name>-<hash>/: nothing is written outside the workspace.
     progress(total, ...) -> advance(n) is called once with the item count (for a progress bar)."""
     import torch
 
-    from vgpt_cli.decode import DecodeOptions, decode_arrays
+    from vgpt_cli.decode import decode_arrays
     from vgpt_cli.features import open_workspace_store
 
     t0 = time.perf_counter()
@@ -181,7 +127,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     store = open_workspace_store(ws)
     ids = [it.id for it in items]
     store.require(ids)
-    dev = device or default_device()
+    dev = resolve_device(device)
     model = load_model(mdir, dev)
     if store.dim != model.config.d_in:
         raise ModelLoadError(f"{mdir}: the model takes {model.config.d_in}-wide features but the workspace's "
@@ -192,7 +138,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
         raise ModelLoadError(f"{mdir}: trained on features {bb['fingerprint']}, but the workspace's store is "
                              f"{store.fingerprint}; run `vgpt extract-features` with the model's backbone "
                              f"({bb.get('backbone')}) first")
-    opts = DecodeOptions(beam_size=beam_size, max_length=max_length).validate()
+    opts = decode_options(model, beam_size=beam_size, max_length=max_length)
     advance = progress(len(ids)) if progress else None
     with torch.inference_mode():
         hyps = decode_arrays(model, [store.get(i) for i in ids], opts, batch_size=batch_size, device=dev,
@@ -200,7 +146,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     preds = {i: h.text for i, h in zip(ids, hyps)}
     report, scores = score_items(preds, items, manifest.format, spice=spice, log=log)
 
-    out_dir = run_folder(ws, mdir) / "eval" / split
+    out_dir = output_dir(ws, mdir) / "eval" / split
     result = SplitEvaluation(
         dataset=manifest.dataset, split=split, model_dir=str(mdir), n_items=len(ids), scores=scores,
         skipped=report.skipped, tokenizer=report.tokenizer, decode=asdict(opts), notes=notes, out_dir=str(out_dir),

@@ -211,10 +211,9 @@ class Backbone:
 
 
 def _device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible here; use `--device cpu`")
-    return dev
+    from vgpt_cli.runtime import resolve_device
+
+    return resolve_device(str(device))
 
 
 def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
@@ -254,8 +253,10 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
             del probe
             model = timm.create_model(name, pretrained=True)
         else:
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(name, pretrained=False)
+            # A seeded init on a forked RNG: the caller's global torch RNG is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = timm.create_model(name, pretrained=False)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - timm/hub failures become one actionable line

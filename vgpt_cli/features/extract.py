@@ -230,10 +230,10 @@ class _BackgroundWriter:
 
 
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - rich types
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vgpt_cli.commands.common import err
-
+    err = Console(stderr=True, soft_wrap=True)  # progress on stderr, as the commands print theirs
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(),
                     console=err, disable=not enabled, transient=False)

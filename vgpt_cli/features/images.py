@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # PIL's own warning threshold (about 89 M pixels, 9,459 x 9,459): far above any photograph a
 # captioner needs, far below what a decompression bomb expands to. Above 2x this PIL itself refuses.
@@ -63,7 +63,8 @@ def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise BadImage(path, "file not found") from None
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+    # A truncated file is an error, not a grey half-image: PIL's default (ImageFile.LOAD_TRUNCATED_IMAGES
+    # False). That is PIL's global, so it is the caller's to change, never ours.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below

@@ -158,6 +158,10 @@ class Captioner(nn.Module):
         # Training may run a first phase with soft gates (tau 0) before the configured threshold; the
         # config keeps the architecture's tau, so anything saved or decoded later uses that.
         self.tau_override: float | None = None
+        # The decoding settings the model was validated and selected with (beam_size, max_length,
+        # min_length, length_penalty), saved in config.json as "generation", like transformers'
+        # generation_config; vgpt_cli.runtime.decode_options applies them. Empty: the decoder's defaults.
+        self.generation: dict[str, Any] = {}
 
     def _init_new(self) -> None:
         # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
@@ -448,6 +452,8 @@ class Captioner(nn.Module):
             "lm_config": {k: v for k, v in self.lm.config.to_dict().items() if k != "quantization_config"},
             "special_tokens": {"bos": self.bos_token_id, "eos": self.eos_token_id, "pad": self.pad_token_id},
         }
+        if self.generation:
+            meta["generation"] = dict(self.generation)
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
         os.close(fd)
         try:
@@ -487,6 +493,7 @@ class Captioner(nn.Module):
             config = CaptionerConfig.from_dict(meta["captioner"], source=str(cfg_path))
             lm_cfg = dict(meta["lm_config"])
             model_type = lm_cfg.pop("model_type")
+            generation = _generation_block(meta.get("generation"))
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
             raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({exc}); "
                                  "re-save the model or point to the right folder") from exc
@@ -525,5 +532,26 @@ class Captioner(nn.Module):
             first = str(exc).strip().splitlines()[0]
             raise ModelLoadError(f"{w_path}: the weights do not match {cfg_path} ({first} ...); the two files "
                                  "come from different models") from exc
+        model.generation = generation
         model.eval()
         return model
+
+
+GENERATION_KEYS = {"beam_size": int, "max_length": int, "min_length": int, "length_penalty": float}
+
+
+def _generation_block(block: Any) -> dict[str, Any]:
+    """The saved generation block, checked: known keys with numbers of the right kind."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise ValueError("generation must be an object")
+    out: dict[str, Any] = {}
+    for key, value in block.items():
+        kind = GENERATION_KEYS.get(key)
+        if kind is None:
+            raise ValueError(f"unknown generation setting {key!r} (known: {', '.join(GENERATION_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ValueError(f"generation.{key}={value!r} is not a {kind.__name__}")
+        out[key] = kind(value)
+    return out

@@ -5,14 +5,17 @@ backbone, so `vgpt caption` can rebuild it without the workspace). `last/` also 
 state: trainer_state.safetensors (optimiser tensors, RNG states) and trainer_state.json (step, epoch,
 best score, patience counter, optimiser hyper-parameters, scheduler and grad-scaler state).
 
-A folder is written under a temporary name and swapped in with renames, so a run killed at any
-moment leaves either the previous checkpoint or the new one, never half of one.
+A folder is written under a temporary name, fsynced, and swapped in with renames (`_swap_in`), so a
+run killed at any moment, or a power loss, leaves the previous checkpoint or the new one complete as
+`<which>/` or `.<which>.old/` (vgpt_cli.runtime.checkpoint_dir finds it), never half of one; the
+temporary folders of saves that a kill interrupted are removed by the next save.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.runtime import checkpoint_dir as checkpoint_dir  # the one recovery rule
 from vgpt_cli.workspace import atomic_write_json
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -29,31 +33,69 @@ STATE_JSON = "trainer_state.json"
 BACKBONE_JSON = "backbone.json"
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file in `folder` (recursively), then each folder: the bytes and the names reach the
+    disk before the folder is renamed into place (a rename alone survives a kill, not a power loss)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder's entry list (renames and removals in it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): nothing to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: Path, which: str) -> list[Path]:
+    """Remove `.<which>.tmp-*` folders that a kill during a save left behind (one writer per run:
+    the run lock, vgpt_cli/train/run_folder.py, makes every such folder stale)."""
+    stale = [p for p in Path(run_dir).glob(f".{which}.tmp-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace folder `final` by `tmp` with renames (a directory cannot be os.replace'd over a full one)."""
+    """Replace folder `final` by the complete folder `tmp` so that at every moment `final/` or
+    `.final.old/` is a complete checkpoint (checkpoint_dir reads the first that exists):
+
+    1. `final/` exists: drop a leftover `.old` (final is complete), rename final -> .old.
+       `final/` missing: a kill fell between two renames of the previous save, and `.old` is the only
+       checkpoint: keep it.
+    2. rename tmp -> final;  3. remove .old.  The folder is fsynced after each rename.
+    """
+    run_dir = final.parent
     old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
+        fsync_dir(run_dir)
     tmp.rename(final)
+    fsync_dir(run_dir)
     if old.exists():
         shutil.rmtree(old)
-
-
-def checkpoint_dir(run_dir: Path, which: str) -> Path | None:
-    """The `which` checkpoint folder, also when a kill fell between the two renames of a swap."""
-    final = run_dir / which
-    if final.is_dir():
-        return final
-    old = run_dir / f".{which}.old"
-    return old if old.is_dir() else None
+        fsync_dir(run_dir)
 
 
 def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, Any] | None,
                     trainer_state: dict[str, Any] | None = None,
                     tensors: dict[str, torch.Tensor] | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir, which)
     tmp = Path(tempfile.mkdtemp(prefix=f".{which}.tmp-", dir=run_dir))
     try:
         model.save_pretrained(tmp)
@@ -63,6 +105,7 @@ def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, A
             save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
                       str(tmp / STATE_TENSORS))
             atomic_write_json(tmp / STATE_JSON, trainer_state)
+        fsync_tree(tmp)
         _swap_in(tmp, run_dir / which)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,12 +163,30 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k].to(torch.uint8) for k in cuda][:n])
 
 
-def load_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    js, st = ckpt / STATE_JSON, ckpt / STATE_TENSORS
-    if not js.is_file() or not st.is_file():
-        raise ModelLoadError(f"{ckpt}: no trainer state ({STATE_JSON}, {STATE_TENSORS}); this folder cannot "
-                             "be resumed, start a new run with another --name")
+def read_trainer_meta(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint; a missing or corrupt file is one line that names it."""
+    js = Path(ckpt) / STATE_JSON
+    if not js.is_file():
+        raise ModelLoadError(f"{js}: missing; this checkpoint cannot be resumed, start a new run with "
+                             "another --name")
     try:
-        return json.loads(js.read_text(encoding="utf-8")), load_file(str(st))
+        meta = json.loads(js.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{js}: not valid JSON ({e}); the checkpoint is damaged, start a new run with "
+                             "another --name (or restore the file from a backup)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("optimizer"), dict) or "step" not in meta:
+        raise ModelLoadError(f"{js}: not a trainer state (no step or optimizer); start a new run with another "
+                             "--name")
+    return meta
+
+
+def load_trainer_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    meta = read_trainer_meta(ckpt)
+    st = Path(ckpt) / STATE_TENSORS
+    if not st.is_file():
+        raise ModelLoadError(f"{st}: missing; this checkpoint cannot be resumed, start a new run with "
+                             "another --name")
+    try:
+        return meta, load_file(str(st))
     except Exception as e:  # noqa: BLE001 - a corrupt file becomes one clear line
-        raise ModelLoadError(f"{ckpt}: unreadable trainer state ({e}); start a new run with another --name") from e
+        raise ModelLoadError(f"{st}: unreadable ({e}); start a new run with another --name") from None

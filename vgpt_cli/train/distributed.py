@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from vgpt_cli.errors import ConfigError
+from vgpt_cli.runtime import resolve_device as resolve_device  # the one device rule
 
 
 @dataclass
@@ -16,7 +16,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     started_here: bool = False  # we called init_process_group, so we also tear it down
 
     @property
@@ -60,26 +60,6 @@ class DistInfo:
     def close(self) -> None:
         if self.started_here and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(option: str, local_rank: int = 0) -> torch.device:
-    option = (option or "auto").strip().lower()
-    if option == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(option)
-    except RuntimeError:
-        raise ConfigError(f"--device {option}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {option}: CUDA is not available on this machine; use --device cpu")
-        index = device.index if device.index is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {option}: only {torch.cuda.device_count()} GPU(s) here")
-        device = torch.device("cuda", index)
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {option}: only cpu and cuda are supported")
-    return device
 
 
 def setup_distributed(device_option: str) -> DistInfo:

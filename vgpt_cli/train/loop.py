@@ -35,6 +35,8 @@ from vgpt_cli.train.checkpoint import (
     load_trainer_state,
     optimizer_from_parts,
     optimizer_to_parts,
+    read_trainer_meta,
+    remove_stale_temporaries,
     restore_rng,
     rng_tensors,
     save_checkpoint,
@@ -51,6 +53,16 @@ from vgpt_cli.train.data import (
     pad_features,
 )
 from vgpt_cli.train.distributed import DistInfo, setup_distributed
+from vgpt_cli.train.run_folder import (
+    RunLock,
+    mark_ended,
+    mark_started,
+    metrics_size,
+    read_run_config,
+    remove_last,
+    resumable_run,
+    truncate_metrics,
+)
 from vgpt_cli.workspace import Workspace, atomic_write_json
 
 FALLBACK_LM = "smollm2-135m"
@@ -104,10 +116,12 @@ def build_model(config: TrainConfig, d_in: int, say: Callable[[str], None] = lam
 def make_optimizer(model: Any, lr: float, lm_lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with the LM's parameters at lm_lr and the new ones at lr; no decay on biases and norms."""
     groups = []
+    # biases by name too: the SRAU gates' bias is (K, D), and decaying it pulls every gate towards 0.5
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
     for part, rate in (("lm", lm_lr), ("new", lr)):
         params = [p for p in model.param_groups()[part] if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in biases]
+        no_decay = [p for p in params if p.dim() < 2 or id(p) in biases]
         groups += [{"params": decay, "lr": rate, "weight_decay": weight_decay, "name": f"{part}.decay"},
                    {"params": no_decay, "lr": rate, "weight_decay": 0.0, "name": f"{part}.no_decay"}]
     params = [p for g in groups for p in g["params"]]
@@ -370,11 +384,14 @@ class Trainer:
         tensors.update(rng_tensors())
         state = dict(self.state, optimizer=opt_meta,
                      scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-                     scaler=self.scaler.state_dict(), config=self.cfg.to_dict(), saved=time.time())
+                     scaler=self.scaler.state_dict(), config=self.cfg.to_dict(), saved=time.time(),
+                     metrics_bytes=metrics_size(self.run_dir))
         save_checkpoint(self.core, self.run_dir, "last", self.backbone, state, tensors)
 
     def restore(self, ckpt: Path) -> None:
         meta, tensors = load_trainer_state(ckpt)
+        if self.dist.is_main:  # the steps after this checkpoint are trained and logged again
+            truncate_metrics(self.run_dir, meta.get("metrics_bytes"))
         for key in self.state:
             if key in meta:
                 self.state[key] = meta[key]
@@ -418,7 +435,8 @@ class Trainer:
         pending = None
         with progress:
             task = progress.add_task(label, total=total, completed=st["step"], loss="-", rate="-")
-            while st["step"] < total:
+            # a resumed run that stopped early stays stopped (SCST still follows it)
+            while st["step"] < total and not (phase == "xe" and st["stopped"] == "early_stopping"):
                 step = st["step"]
                 self.enter_step(phase, step)
                 if phase == "xe":
@@ -436,13 +454,14 @@ class Trainer:
                         f"{phase} step {step + 1}: the loss is {loss}; training stopped. The last good checkpoint "
                         f"is {last or 'not written yet'}; lower --lr, use --precision fp32 or raise --warmup, "
                         "then rerun (add --resume to continue from it)")
+                lr = self.optimizer.param_groups[-1]["lr"]  # the rate this step uses (before the schedule moves)
                 self.optimizer_step()
                 st["step"] = step + 1
                 if phase == "xe":
                     st["xe_steps"] = st["step"]
                 window_tokens += tokens
                 record = {"phase": phase, "step": st["step"], "epoch": step // per_epoch, "loss": loss,
-                          "lr": self.optimizer.param_groups[-1]["lr"], "tokens": tokens}
+                          "lr": lr, "tokens": tokens}
                 if phase == "scst":
                     record["reward"] = self.last_reward
                 self.history.append(record)
@@ -479,7 +498,7 @@ class Trainer:
 
 
 # --- the entry point -------------------------------------------------------------------------------
-def _default_run_name() -> str:
+def default_run_name() -> str:
     return datetime.now().strftime("run-%Y%m%d-%H%M%S")
 
 
@@ -506,27 +525,29 @@ def prepare_inputs(config: TrainConfig, workspace: Workspace, store: Any = None)
 
 def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, model: Any = None,
           store: Any = None, on_step: Callable[[dict[str, Any]], None] | None = None,
-          quiet: bool = False) -> TrainResult:
+          quiet: bool = False, keep_last: bool = False) -> TrainResult:
     """Train a captioner on the workspace's dataset and features; returns where the run was written.
 
     model: an in-memory Captioner to train (tests, the demo); otherwise one is built from config.
         On resume the model always comes from the run's last/ checkpoint.
     resume: continue runs/<config.name>/last (optimiser, schedule, RNG and data position included).
     on_step: called with each optimiser step's record (phase, step, loss ...), e.g. to stop a run.
+    keep_last: keep last/ when the run ends (to extend it later with --resume); by default it is removed.
     """
     config.validate()
     dist = setup_distributed(config.device)
-    trainer = None
+    trainer = lock = None
     try:
         if config.precision == "fp16" and dist.device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use fp32 or bf16")
         store, train_items, val_items, dataset = prepare_inputs(config, workspace, store)
-        name = config.name or (_default_run_name() if not resume else None)
+        name = config.name or (default_run_name() if not resume else None)
         if name is None:
-            name = workspace.current("run", "training run", "vgpt train")
+            name = resumable_run(workspace)
         name = dist.broadcast_str(name)  # every process must agree on a timestamped name
         config = config.override(name=name, dataset=dataset)
         run_dir = workspace.run_dir(name)
+        lock = RunLock(run_dir).acquire() if dist.is_main else None
         n_examples = sum(len(it.captions) for it in train_items)
         if n_examples < dist.world_size * config.grad_accum:
             raise ConfigError(f"{n_examples} training captions cannot fill {dist.world_size} process(es) x "
@@ -536,15 +557,19 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         if resume:
             ckpt = checkpoint_dir(run_dir, "last")
             if ckpt is None:
-                raise ConfigError(f"{run_dir}: no `last` checkpoint to resume; start it again without --resume")
-            saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+                ended = (run_dir / "result.json").is_file()
+                raise ConfigError(f"{run_dir}: no `last` checkpoint to resume; " + (
+                    "the run ended and last/ was removed (--keep-last keeps it)" if ended else
+                    "start it again without --resume"))
+            read_trainer_meta(ckpt)  # a damaged trainer state fails here, before any model is loaded
+            saved = read_run_config(run_dir)
             changed = [k for k in ARCHITECTURE_KEYS if k in saved and saved[k] != getattr(config, k)
                        and not (k == "lm" and config.lm is None)]
             if changed:
                 raise ConfigError(f"{run_dir}/config.json: --resume cannot change {', '.join(changed)}; "
                                   "drop those options or start a new run with another --name")
             config = config.override(lm=saved.get("lm"))
-        elif checkpoint_dir(run_dir, "last") is not None:
+        elif checkpoint_dir(run_dir, "last") is not None or (run_dir / "result.json").is_file():
             raise ConfigError(f"{run_dir}: a run with this name exists; pass --resume to continue it or "
                               "--name to start another")
         # The model comes last: every cheap check above has passed.
@@ -560,18 +585,25 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                               f"{store.dim}; extract features with the matching backbone or start a new run")
         if config.lm is None:
             config = config.override(lm=model.config.lm)
+        # Saved with every checkpoint: what the model is validated and selected with, hence what
+        # `vgpt caption`, `vgpt evaluate` and load_captioner decode with (vgpt_cli.runtime.decode_options).
+        model.generation = {"beam_size": config.val_beam, "max_length": config.max_length, "min_length": 0,
+                            "length_penalty": 0.0}
         model.to(dist.device)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", config.to_dict())
             if ckpt is None:  # a fresh start: no records of an earlier attempt that never checkpointed
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for which in ("last", "best"):  # what saves that a kill interrupted left behind
+                remove_stale_temporaries(run_dir, which)
+            mark_started(workspace, config.name)
         trainer = Trainer(config, workspace, dist, model=model, store=store, train_items=train_items,
                           val_items=val_items, run_dir=run_dir, on_step=on_step, quiet=quiet)
         phase = "xe"
         meta_phase = None
         if ckpt is not None:
-            meta_phase = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("phase", "xe")
+            meta_phase = read_trainer_meta(ckpt).get("phase", "xe")
         if meta_phase != "scst":
             trainer.setup_phase("xe")
             if ckpt is not None:
@@ -606,8 +638,6 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         st = trainer.state
         if not val_items and dist.is_main:  # no validation split: the final weights are the best we know
             save_checkpoint(trainer.core, run_dir, "best", trainer.backbone)
-        if dist.is_main:
-            workspace.set_current(run=config.name)
         result = TrainResult(run_dir=run_dir, best_score=st["best_score"], best_step=st["best_step"],
                              best_phase=st["best_phase"],
                              steps=st["xe_steps"], scst_steps=st["step"] if phase == "scst" else 0,
@@ -615,10 +645,15 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                              history=trainer.history)
         if dist.is_main:
             atomic_write_json(run_dir / "result.json", result.to_dict())
+            mark_ended(workspace, config.name)
+            if not keep_last:  # the run cannot be resumed any more: drop the optimiser state
+                remove_last(run_dir)
         return result
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         dist.close()
 
 

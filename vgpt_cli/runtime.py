@@ -1,0 +1,146 @@
+"""What every consumer of a trained model shares: device choice, model-folder lookup with checkpoint
+recovery, loading, and the decoding settings saved with a model.
+
+Used by training (device), `vgpt caption`, `vgpt evaluate`, the Python API and anything that serves
+models later, so each rule exists once:
+- `--device auto`: CUDA (the process's LOCAL_RANK GPU under torchrun), then Apple's MPS, then the CPU;
+- a checkpoint folder is `<run>/<which>`, or `<run>/.<which>.old` when a kill fell inside a save;
+- decoding uses the generation block saved in the model's config.json, then the built-in defaults;
+  an explicit option overrides either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vgpt_cli.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vgpt_cli.workspace import Workspace
+
+BACKBONE_JSON = "backbone.json"  # written beside the weights by training (vgpt_cli/train/checkpoint.py)
+
+
+# --- device ------------------------------------------------------------------------------------------
+def mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(option: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto` (or None): cuda:LOCAL_RANK if CUDA is there, else mps, else cpu. Otherwise check the
+    named device exists here and say what to use instead when it does not."""
+    import torch
+
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    text = str(option or "auto").strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device {option}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {option}: no CUDA GPU is visible here; use --device cpu (or auto)")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {option}: only {torch.cuda.device_count()} GPU(s) here")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not mps_available():
+            raise ConfigError(f"--device {option}: Apple's MPS is not available here; use --device cpu (or auto)")
+        return device
+    if device.type != "cpu":
+        raise ConfigError(f"--device {option}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+# --- model folders -----------------------------------------------------------------------------------
+def checkpoint_dir(run_dir: Path, which: str) -> Path | None:
+    """The `which` checkpoint folder of a run, also when a kill fell inside a save: the checkpoint
+    swap (vgpt_cli/train/checkpoint.py) always leaves `<which>/` or `.<which>.old/` complete."""
+    final = Path(run_dir) / which
+    if final.is_dir():
+        return final
+    old = Path(run_dir) / f".{which}.old"
+    return old if old.is_dir() else None
+
+
+def resolve_model_dir(ws: Workspace, model_dir: str | os.PathLike | None) -> Path:
+    """--model DIR (which must exist), or the best checkpoint of the workspace's current run."""
+    if model_dir is not None:
+        path = Path(model_dir).expanduser().resolve()
+        if not path.is_dir() and path.name in ("best", "last"):  # a kill inside a save: its .old copy
+            path = checkpoint_dir(path.parent, path.name) or path
+        if not path.is_dir():
+            raise ConfigError(f"--model {model_dir}: no such folder; give a folder written by `vgpt train` "
+                              "(runs/<name>/best)")
+        return path
+    run = ws.current("run", "trained model", "vgpt train")
+    best = checkpoint_dir(ws.run_dir(run), "best")
+    if best is None:
+        raise ModelLoadError(f"{ws.run_dir(run) / 'best'}: the current run {run!r} has no best checkpoint yet; "
+                             "let `vgpt train` finish a validation, or pass --model DIR")
+    return best
+
+
+def output_dir(ws: Workspace, model_dir: Path) -> Path:
+    """Where outputs about a model go, always inside the workspace: the run folder of a checkpoint in
+    this workspace's runs/, else runs/external/<name> (a model elsewhere is only read, never written)."""
+    model_dir = Path(model_dir).resolve()
+    runs = ws.runs_root.resolve()
+    is_checkpoint = model_dir.name in ("best", "last", ".best.old", ".last.old")
+    if is_checkpoint and model_dir.parent.parent == runs:
+        return model_dir.parent
+    label = model_dir.parent.name if is_checkpoint else model_dir.name
+    import hashlib
+
+    tag = hashlib.sha256(str(model_dir).encode("utf-8")).hexdigest()[:8]  # two r1/best elsewhere stay apart
+    return runs / "external" / f"{label or 'model'}-{tag}"
+
+
+def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
+    """The backbone record saved with the model (training writes backbone.json), or None."""
+    path = Path(model_dir) / BACKBONE_JSON
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
+    if (not isinstance(meta, dict) or not all(k in meta for k in ("backbone", "weights", "fingerprint"))
+            or not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]):
+        raise ModelLoadError(f"{path}: not a backbone record (an object with backbone, weights and fingerprint, "
+                             "as training writes it); copy it again from the run folder")
+    return meta
+
+
+def load_model(model_dir: Path, device: str | torch.device | None = None) -> Any:
+    """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode."""
+    from vgpt_cli.model import Captioner
+
+    return Captioner.from_pretrained(model_dir).to(resolve_device(device)).eval()
+
+
+# --- decoding settings -------------------------------------------------------------------------------
+def decode_options(model: Any, **overrides: Any) -> Any:
+    """DecodeOptions for `model`: each option given (not None) in `overrides`, else the model's saved
+    generation block (what it was validated and selected with), else DecodeOptions' defaults."""
+    from vgpt_cli.decode import DecodeOptions
+
+    saved = dict(getattr(model, "generation", None) or {})
+    saved.update({k: v for k, v in overrides.items() if v is not None})
+    return DecodeOptions(**saved).validate()
