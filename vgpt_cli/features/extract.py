@@ -100,7 +100,10 @@ class _ItemImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, list | None]:
+    def load(self, path: str) -> torch.Tensor:
+        return self.transform(open_rgb(path, self.max_pixels))
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None, list | None]:
         item = self.items[i]
         if not item.images:
             return i, None, "the item lists no image", None
@@ -109,34 +112,27 @@ class _ItemImages(torch.utils.data.Dataset):
         except OSError:
             records = None  # missing or unreadable: open_rgb names the reason below
         try:
-            pixels = [self.transform(open_rgb(p, self.max_pixels)) for p in item.images]
+            loaded = [self.load(p) for p in item.images]
         except BadImage as e:
             return i, None, f"{e.path}: {e.reason}", None
-        return i, torch.stack(pixels), None, records
+        return i, self.pack(loaded), None, records
+
+    @staticmethod
+    def pack(loaded: list[torch.Tensor]) -> Any:
+        return torch.stack(loaded)
 
 
-class _ItemFiles(torch.utils.data.Dataset):
+class _ItemFiles(_ItemImages):
     """For decoding on the device: one item -> (index, per image the JPEG file's bytes (1-D uint8) or,
-    for anything else, the CPU path's pixels (3, H, W), reason or None). Workers only read files."""
+    for anything else, the CPU path's pixels (3, H, W), reason or None, file records). Workers only
+    read files."""
 
-    def __init__(self, items: Sequence[Item], transform: Callable, max_pixels: int):
-        self.items, self.transform, self.max_pixels = items, transform, max_pixels
+    def load(self, path: str) -> torch.Tensor:
+        return jpeg_bytes_or_pixels(path, self.transform, self.max_pixels)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None, list | None]:
-        item = self.items[i]
-        if not item.images:
-            return i, None, "the item lists no image", None
-        try:
-            records = [file_record(p) for p in item.images]
-        except OSError:
-            records = None  # missing or unreadable: open_rgb names the reason below
-        try:
-            return i, [jpeg_bytes_or_pixels(p, self.transform, self.max_pixels) for p in item.images], None, records
-        except BadImage as e:
-            return i, None, f"{e.path}: {e.reason}", None
+    @staticmethod
+    def pack(loaded: list[torch.Tensor]) -> Any:
+        return loaded
 
 
 def jpeg_bytes_or_pixels(path: str | Path, transform: Callable, max_pixels: int) -> torch.Tensor:
