@@ -157,7 +157,7 @@ def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple
     """The backbone record of a model: backbone.json saved with it, else the workspace's feature store."""
     from vgpt_cli.runtime import model_backbone_meta
 
-    meta = model_backbone_meta(model_dir)
+    meta = model_backbone_meta(model_dir, rebuild=True)
     if meta:
         return meta, str(Path(model_dir) / "backbone.json")
     if workspace is not None:

@@ -112,8 +112,9 @@ def output_dir(ws: Workspace, model_dir: Path) -> Path:
     return runs / "external" / f"{label or 'model'}-{tag}"
 
 
-def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
-    """The backbone record saved with the model (training writes backbone.json), or None."""
+def model_backbone_meta(model_dir: Path, rebuild: bool = False) -> dict[str, Any] | None:
+    """The backbone record saved with the model (training writes backbone.json), or None. rebuild: the
+    caller will rebuild the backbone from it, so it must name the weights too."""
     path = Path(model_dir) / BACKBONE_JSON
     if not path.is_file():
         return None
@@ -121,8 +122,9 @@ def model_backbone_meta(model_dir: Path) -> dict[str, Any] | None:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
-    if (not isinstance(meta, dict) or not all(k in meta for k in ("backbone", "weights", "fingerprint"))
-            or not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]):
+    needed = ("backbone", "weights", "fingerprint") if rebuild else ("fingerprint",)
+    if (not isinstance(meta, dict) or not all(k in meta for k in needed)
+            or (rebuild and (not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]))):
         raise ModelLoadError(f"{path}: not a backbone record (an object with backbone, weights and fingerprint, "
                              "as training writes it); copy it again from the run folder")
     return meta

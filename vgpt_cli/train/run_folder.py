@@ -31,6 +31,7 @@ class RunLock:
         self._file = None
 
     def acquire(self) -> RunLock:
+        self._made_parent = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")  # noqa: SIM115 - held for the run's life
         try:
@@ -56,6 +57,13 @@ class RunLock:
         if self._file is not None:
             self._file.close()  # closing drops the flock
             self._file = None
+            if not self.run_dir.exists():  # refused before anything was written: leave the workspace as it was
+                self.path.unlink(missing_ok=True)
+                if self._made_parent:
+                    try:
+                        self.path.parent.rmdir()
+                    except OSError:  # something else was written there meanwhile
+                        pass
 
 
 # --- which run --resume continues --------------------------------------------------------------------
