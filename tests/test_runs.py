@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import make_workspace, max_diff, quick, tiny_captioner
+from test_train import make_workspace, max_diff, quick, tiny_captioner, tiny_lm_folder
 from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
@@ -248,10 +248,7 @@ def test_the_printed_resume_command_after_ctrl_c_works_as_printed(tmp_path):
     import sys
     import time
 
-    lm_dir = tmp_path / "tiny-gpt2"
-    tiny = tiny_captioner()
-    tiny.lm.save_pretrained(lm_dir)
-    tiny.tokenizer.save_pretrained(lm_dir)
+    lm_dir = tiny_lm_folder(tmp_path / "tiny-gpt2")
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2)
     args = ["train", "--lm", str(lm_dir), "--encoder-layers", "1", "--batch-size", "2", "--max-steps", "60",
             "--save-every", "1", "--device", "cpu", "--name", "cc"]
@@ -342,10 +339,7 @@ def test_corrupt_run_files_on_resume_give_one_line_naming_the_file(tmp_path, dam
 # --- 15. disk: last/ only while a run can be resumed -------------------------------------------------------------
 def test_last_is_removed_when_a_run_ends_unless_keep_last_and_the_size_is_printed(tmp_path):
     ws = make_workspace(tmp_path, n_train=4, caps_per_item=1)
-    lm_dir = tmp_path / "tiny-gpt2"
-    tiny = tiny_captioner()
-    tiny.lm.save_pretrained(lm_dir)
-    tiny.tokenizer.save_pretrained(lm_dir)
+    lm_dir = tiny_lm_folder(tmp_path / "tiny-gpt2")
     common = ["-w", str(ws.root), "train", "--lm", str(lm_dir), "--encoder-layers", "1", "--max-steps", "1",
               "--device", "cpu"]
     r = runner.invoke(app, [*common, "--name", "plain"])

@@ -61,6 +61,14 @@ def tiny_captioner(seed: int = 0, dropout: float = 0.0, tau: float = 0.2, width:
     return Captioner.from_config(cfg, lm=lm, tokenizer=gpt2_tokenizer())
 
 
+def tiny_lm_folder(path: Path) -> Path:
+    """tiny_captioner's LM and tokenizer saved as a local LM folder (what `vgpt train --lm DIR` reads)."""
+    tiny = tiny_captioner()
+    tiny.lm.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path
+
+
 def make_workspace(root: Path, n_train: int = 4, caps_per_item: int = 2, n_val: int = 0,
                    missing: tuple[str, ...] = ()) -> Workspace:
     """A workspace with a prepared toy dataset and a feature store (random features, 3-6 tokens each)."""
@@ -380,10 +388,7 @@ def test_one_scst_step_raises_the_expected_reward(tmp_path):
 
 
 def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
-    lm_dir = tmp_path / "tiny-gpt2"
-    tiny = tiny_captioner()
-    tiny.lm.save_pretrained(lm_dir)
-    tiny.tokenizer.save_pretrained(lm_dir)
+    lm_dir = tiny_lm_folder(tmp_path / "tiny-gpt2")
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2)
     (tmp_path / "train.yaml").write_text(f"lm: {lm_dir}\nbatch-size: 3\nmax_steps: 5\nlr: 1.0e-3\n")
     result = runner.invoke(app, ["-w", str(ws.root), "train", "--config", str(tmp_path / "train.yaml"),
