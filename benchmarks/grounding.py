@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS, goal, print_table, write_results  # noqa: E402
 
 
-def grid_positions(model, n: int) -> None:
+def grid_positions(model, n: int, **_) -> None:
     """Learned row + column embeddings added to every grid token after the encoder's input projection."""
     g, d = int(math.isqrt(n)), model.encoder.proj.out_features
     model.encoder.row_pos = torch.nn.Parameter(torch.randn(g, 1, d) * 0.02)
@@ -43,12 +43,23 @@ def grid_positions(model, n: int) -> None:
 
 def open_visual_init(bias: float):
     """Gates start at sigmoid(bias) (visual branch open when 1 - g > tau); cross-attention output 0."""
-    def hook(model, n: int) -> None:
+    def hook(model, n: int, **_) -> None:
         with torch.no_grad():
             for gates in model.gates:
                 gates.bias.fill_(bias)
             for x in model.xattn:
                 x.o.weight.zero_()
+    return hook
+
+
+def encoder_warm_start(epochs: int):
+    """vgpt_cli.train.warm_start before SRAU training (the encoder alone, under a small word decoder)."""
+    def hook(model, n: int, manifest=None, store=None, seed: int = 0, **_) -> None:
+        from vgpt_cli.train.warm_start import warm_start_encoder
+
+        r = warm_start_encoder(model, manifest.items("train"), store, epochs, seed=seed,
+                               autocast_dtype=torch.bfloat16 if _bf16() else None, log=print)
+        print(f"encoder warm start: {r.epochs} epochs, losses {r.losses}, {r.seconds} s", flush=True)
     return hook
 
 
@@ -64,6 +75,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grouped": {"group_by_image": True},
     "grouped-soft": {"group_by_image": True, "soft_gate_steps_frac": 0.25},
     "grouped-frozen": {"group_by_image": True, "freeze_lm_steps_frac": 1.0, "step_factor": 1.3},
+    # `vgpt demo` as committed (LM frozen for the whole run), and alternatives on that base
+    "demo-frozen": {"freeze_lm_steps_frac": 1.0},
+    "frozen-open-init": {"freeze_lm_steps_frac": 1.0, "model_hooks": [open_visual_init(1.2)]},
+    "frozen-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "lr": 3e-3},
+    "frozen-enc-warm4": {"freeze_lm_steps_frac": 1.0, "model_hooks": [encoder_warm_start(4)]},
+    "frozen-enc-warm10": {"freeze_lm_steps_frac": 1.0, "model_hooks": [encoder_warm_start(10)]},
 }
 
 
@@ -124,11 +141,23 @@ def gradient_path(model, batch, tau: float) -> dict[str, Any]:
 
 
 def word_gates(model, items, store, max_length: int) -> dict[str, float]:
-    """Mean effective visual gate on colour / shape / other words of the test references (teacher-forced)."""
-    from vgpt_cli.data.shapes import COLOURS, SHAPES
+    """Teacher-forced on the test references: the mean effective visual gate on colour / shape / other
+    words, and what the model predicts where the reference names a colour or a shape:
+    - colour_present: the predicted word at a colour position is a colour of the scene;
+    - shape_present: the predicted word at a shape position is a shape of the scene;
+    - shape_bound: ... and it is the shape of the object with the colour just named (binding)."""
+    from vgpt_cli.data.shapes import COLOURS, SHAPES, SIZES
     from vgpt_cli.train.data import pad_features
 
     sums = {"colour": [0.0, 0], "shape": [0.0, 0], "other": [0.0, 0]}
+    hits = {"colour_present": [0, 0], "shape_present": [0, 0], "shape_bound": [0, 0]}
+
+    def word_of(token: int) -> str:
+        return model.tokenizer.decode([token]).strip().lower()
+
+    def kind_of(word: str) -> str:
+        return "colour" if word in COLOURS else "shape" if word.rstrip("s") in SHAPES else "other"
+
     model.eval()
     with torch.no_grad():
         for start in range(0, len(items), 25):
@@ -137,17 +166,34 @@ def word_gates(model, items, store, max_length: int) -> dict[str, float]:
             feats, lengths = pad_features([store.get(it.id) for it in chunk])
             tok = model.tokenize(caps, max_length)
             out = model(feats, lengths, tok["input_ids"], tok["attention_mask"], return_gates=True)
-            for b in range(len(chunk)):
+            pred = out.logits.argmax(-1)
+            for b, it in enumerate(chunk):
+                objects = it.extra["objects"]
+                colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
+                pairs = {(o["colour"], o["shape"]) for o in objects}
+                last_colour = None
                 # gates at position t belong to the token fed there; the word predicted next is labels[t]
                 for t in range(int(tok["attention_mask"][b].sum())):
                     label = int(tok["labels"][b, t])
                     if label < 0:
                         continue
-                    word = model.tokenizer.decode([label]).strip().lower()
-                    kind = "colour" if word in COLOURS else "shape" if word.rstrip("s") in SHAPES else "other"
+                    word, guess = word_of(label), word_of(int(pred[b, t]))
+                    kind = kind_of(word)
                     sums[kind][0] += float(out.gates[b, t, 1])
                     sums[kind][1] += 1
-    return {k: round(s / max(1, n), 4) for k, (s, n) in sums.items()}
+                    if kind == "colour":
+                        hits["colour_present"][0] += guess in colours
+                        hits["colour_present"][1] += 1
+                    elif kind == "shape":
+                        g = guess.rstrip("s")
+                        hits["shape_present"][0] += g in shapes
+                        hits["shape_present"][1] += 1
+                        if last_colour is not None:
+                            hits["shape_bound"][0] += (last_colour, g) in pairs
+                            hits["shape_bound"][1] += 1
+                    last_colour = word if kind == "colour" else last_colour if word in SIZES else None
+    return {**{k: round(s / max(1, n), 4) for k, (s, n) in sums.items()},
+            **{k: round(h / max(1, n), 4) for k, (h, n) in hits.items()}}
 
 
 def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str, Any]:
@@ -177,7 +223,8 @@ def _bf16() -> bool:
 
 
 # --- one run ----------------------------------------------------------------------------------------
-def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
+def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, steps: int,
+            eval_at: tuple[int, ...] = ()) -> dict[str, Any]:
     from vgpt_cli.train import train
     from vgpt_cli.train.data import caption_examples, collate
     from vgpt_cli.train.loop import build_model
@@ -189,29 +236,47 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
     config = recipe_config(variant, seed, steps, run_name, precision)
     torch.manual_seed(seed)
     model = build_model(config, int(store.dim))
+    t_hooks = time.perf_counter()
     for hook in variant.get("model_hooks", []):
-        hook(model, int(store.get(manifest.items("train")[0].id).shape[0]))
+        hook(model, int(store.get(manifest.items("train")[0].id).shape[0]), manifest=manifest, store=store, seed=seed)
+    hook_seconds = round(time.perf_counter() - t_hooks, 1)
     diag_examples = caption_examples(manifest.items("train"))[:16]
     diag_batch = collate(store, model, diag_examples, config.max_length)
     tau_at = lambda step: 0.0 if step < config.soft_gate_steps else config.tau  # noqa: E731
     path = [dict(step=0, **gradient_path(model, diag_batch, tau_at(0)))]
     marks = {50, steps}
+    frontier: list[dict[str, Any]] = []  # test scores part-way through the run (--eval-at)
+    eval_seconds = [0.0]
 
     def on_step(record: dict[str, Any]) -> None:
         step = record["step"]
         if record.get("phase") == "xe" and step in marks:
             path.append(dict(step=step, **gradient_path(model, diag_batch, tau_at(step))))
+        if record.get("phase") == "xe" and step in eval_at and step < steps:
+            t = time.perf_counter()
+            trained = t - t0 - eval_seconds[0]
+            scores = test_scores(model, manifest, store, config.val_beam, config.max_length)["scores"]
+            eval_seconds[0] += time.perf_counter() - t
+            frontier.append({"step": step, "train_seconds": round(trained, 1),
+                             **{k: scores[k] for k in ("object_f1", "grounded", "shape_f1", "CIDEr")}})
+            print(json.dumps({"variant": name, "seed": seed, **frontier[-1]}), flush=True)
+            model.train()
 
     t0 = time.perf_counter()
     result = train(config, ws, model=model, on_step=on_step, quiet=True)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - eval_seconds[0]
     test = test_scores(model, manifest, store, config.val_beam, config.max_length)
+    if eval_at:
+        frontier.append({"step": result.steps, "train_seconds": round(seconds, 1),
+                         **{k: test["scores"][k] for k in ("object_f1", "grounded", "shape_f1", "CIDEr")}})
     gates_by_word = word_gates(model, manifest.items("test")[:50], store, config.max_length)
     shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)  # a SmolLM2 run folder is ~3 GB
     return {"variant": name, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
+            "hook_seconds": hook_seconds,
             "last_loss": round(result.last_loss or float("nan"), 4), **test["scores"],
             "visual_gate_by_word": gates_by_word, "gradient_path": path, "captions": test["captions"],
-            "recipe": {k: v for k, v in variant.items() if k != "model_hooks"}}
+            "recipe": {k: v for k, v in variant.items() if k != "model_hooks"},
+            **({"frontier": frontier} if eval_at else {})}
 
 
 def main() -> None:
@@ -224,6 +289,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
     p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
     p.add_argument("--results", default="grounding", help="results file stem (parallel runs: one each)")
+    p.add_argument("--eval-at", default="", help="also score the test scenes at these steps (the frontier), "
+                   "e.g. 70,140,280,420")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -244,7 +311,8 @@ def main() -> None:
     for name in a.variants.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             label = name + (f"@{a.image_size}px" if a.image_size else "")
-            r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps)
+            eval_at = tuple(int(x) for x in a.eval_at.split(",") if x)
+            r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps, eval_at)
             runs = [x for x in runs if (x["variant"], x["seed"]) != (label, seed)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("gradient_path", "captions")}), flush=True)
             summarise_and_write(runs, out)
