@@ -3,14 +3,24 @@ float64 recomputation from the module's projections."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
+from vgpt_cli.api import load_captioner
 from vgpt_cli.attention import attention_weights, grid_shape, word_attention
+from vgpt_cli.cli import app
+from vgpt_cli.evaluate.attention_figure import colormap, draw_figure, figure_names, word_groups, word_maps
 from vgpt_cli.model import Captioner, CaptionerConfig
+from vgpt_cli.workspace import atomic_write_json
 
 D_IN = 16
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,3 +164,103 @@ def test_empty_caption_and_image_captioner_wrapper(tok):
     model.train()
     word_attention(model, feats(4), ids)
     assert model.training
+
+
+# --- vgpt caption --attention -------------------------------------------------------------------------
+skimage = pytest.importorskip("skimage")
+PHOTOS = [Path(skimage.__file__).parent / "data" / n for n in ("chelsea.png", "coffee.png")]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from vgpt_cli.features import load_backbone
+
+    return load_backbone("test_efficientnet", pretrained=False, image_size=96)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok, backbone) -> Path:
+    model = build(tok, encoder_layers=2)
+    model = Captioner.from_config(replace(model.config, d_in=backbone.dim), lm=model.lm, tokenizer=tok).eval()
+    for xa in model.xattn:  # sharp attention, so that the words' maps differ
+        torch.nn.init.normal_(xa.q.weight, std=0.5)
+        torch.nn.init.normal_(xa.k.weight, std=0.5)
+    d = tmp_path_factory.mktemp("run") / "best"
+    model.save_pretrained(d)
+    atomic_write_json(d / "backbone.json", backbone.meta)
+    return d
+
+
+def test_caption_attention_writes_one_panel_per_word(model_dir, backbone, tmp_path):
+    out = tmp_path / "att"
+    r = CliRunner().invoke(app, ["caption", *map(str, PHOTOS), "--model", str(model_dir), "--device", "cpu",
+                                 "--attention", str(out), "--beam-size", "2", "--max-length", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.attention.png", "coffee.attention.png"]
+    cap = load_captioner(model_dir, device="cpu", beam_size=2, max_length=8)
+    [res] = cap.caption([str(PHOTOS[0])], attention=True)
+    assert res.caption == got[0]["caption"]
+    n_tok = len(res.tokens)
+    assert res.attention.shape == (n_tok, 3, 3)  # 96 px / stride 32
+    words = word_maps([t["token"] for t in res.tokens], res.caption, res.attention)
+    assert [w for w, _ in words] == res.caption.split()  # one panel per word of the caption
+    # the figure as written is the one drawn from these maps over the backbone's view of the image
+    view = Image.fromarray(backbone.preprocess(Image.open(PHOTOS[0]).convert("RGB")).permute(1, 2, 0).numpy())
+    fig, boxes = draw_figure(view, words, title=f"chelsea.png: {res.caption}")
+    with Image.open(out / "chelsea.attention.png") as written:
+        assert written.format == "PNG" and written.size == fig.size
+        diff = np.abs(np.asarray(written.convert("RGB"), dtype=np.int16) - np.asarray(fig, dtype=np.int16))
+        assert diff.max() <= 2, diff.max()  # batched vs single-image float rounding at most
+    assert len(boxes) == len(words) >= 2
+    panels = [np.asarray(fig.crop(b), dtype=np.int16) for b in boxes]
+    assert all(p.shape == (96, 96, 3) for p in panels)
+    # each panel differs from the plain image (the heat is there) and from the other words' panels
+    plain = np.asarray(view, dtype=np.int16)
+    assert all(np.abs(p - plain).mean() > 5 for p in panels)
+    diffs = [np.abs(panels[i] - panels[j]).max() for i in range(len(panels)) for j in range(i + 1, len(panels))
+             if not torch.allclose(words[i][1], words[j][1], atol=1e-4)]
+    assert diffs and min(diffs) > 0
+
+
+def test_heat_follows_the_map(tmp_path):
+    # a map with all its weight on the bottom-right cell: the bright end of the ramp is there, not top-left
+    grid = torch.zeros(3, 3)
+    grid[2, 2] = 1.0
+    view = Image.new("RGB", (90, 90), (128, 128, 128))
+    fig, [box] = draw_figure(view, [("star", grid)])
+    panel = np.asarray(fig.crop(box), dtype=np.int16)
+    assert panel[80, 80].sum() > panel[5, 5].sum() + 200
+    assert tuple(colormap(np.array([0.0, 1.0]))[1]) == (252, 255, 164)
+
+
+def test_word_groups_follow_the_caption():
+    toks = ["a", "gir", "affe", "on", "grass", ".", "<eos>"]
+    assert word_groups(toks, "a giraffe on grass.") == [("a", [0]), ("gir" + "affe", [1, 2]), ("on", [3]),
+                                                        ("grass.", [4, 5])]
+    # tokens that do not spell the caption: one group per token, never a wrong grouping
+    assert word_groups(["a", "b"], "a c") == [("a", [0]), ("b", [1])]
+    assert figure_names(["x/a.png", "y/a.jpg", "a-2.png"]) == ["a.attention.png", "a-2.attention.png",
+                                                                "a-2-2.attention.png"]
+
+
+def test_attention_needs_a_square_grid(tok, tmp_path):
+    # a ViT's tokens are its 10x10 patches plus a class token: 101, no grid to lay the maps on
+    from vgpt_cli.features import load_backbone
+
+    vit = load_backbone("test_vit", pretrained=False)
+    assert vit.meta["tokens_per_image"] == 101
+    model = build(tok, encoder_layers=1)
+    model = Captioner.from_config(replace(model.config, d_in=vit.dim), lm=model.lm, tokenizer=tok).eval()
+    d = tmp_path / "best"
+    model.save_pretrained(d)
+    atomic_write_json(d / "backbone.json", vit.meta)
+    r = CliRunner().invoke(app, ["caption", str(PHOTOS[0]), "--model", str(d), "--device", "cpu",
+                                 "--attention", str(tmp_path / "att"), "--beam-size", "1", "--max-length", "3"])
+    assert r.exit_code == 2, r.output
+    assert "101 image tokens are not a square grid" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "att").exists()
+    # without --attention the same model captions fine
+    ok = CliRunner().invoke(app, ["caption", str(PHOTOS[0]), "--model", str(d), "--device", "cpu",
+                                  "--beam-size", "1", "--max-length", "3"])
+    assert ok.exit_code == 0, ok.output
