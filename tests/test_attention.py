@@ -16,8 +16,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from typer.testing import CliRunner
 
 from vgpt_cli.api import load_captioner
-from vgpt_cli.attention import attention_weights, grid_shape, word_attention
+from vgpt_cli.attention import (
+    attention_peak_in_object,
+    attention_weights,
+    grid_shape,
+    region_cells,
+    word_attention,
+)
 from vgpt_cli.cli import app
+from vgpt_cli.data.shapes import COLOURS, naming_words, object_mask, render_scene
 from vgpt_cli.evaluate.attention_figure import colormap, draw_figure, figure_names, word_groups, word_maps
 from vgpt_cli.model import Captioner, CaptionerConfig
 from vgpt_cli.workspace import atomic_write_json
@@ -264,3 +271,84 @@ def test_attention_needs_a_square_grid(tok, tmp_path):
     ok = CliRunner().invoke(app, ["caption", str(PHOTOS[0]), "--model", str(d), "--device", "cpu",
                                   "--beam-size", "1", "--max-length", "3"])
     assert ok.exit_code == 0, ok.output
+
+
+# --- attention_peak_in_object (the demo's number) ----------------------------------------------------------
+def test_region_cells_and_peak_rate_on_a_constructed_case():
+    region = np.zeros((64, 64), dtype=bool)
+    region[4:12, 36:44] = True          # rows 4-11 -> grid row 0; cols 36-43 -> grid col 2 (of 4, 16 px each)
+    cells = region_cells(region, (4, 4))
+    assert cells.sum() == 1 and cells[0, 2]
+    wide = np.zeros((64, 64), dtype=bool)
+    wide[14:18, 0:20] = True            # rows 14-17 span grid rows 0 and 1; cols 0-19 span grid cols 0 and 1
+    assert sorted(zip(*np.nonzero(region_cells(wide, (4, 4))))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    on = torch.zeros(4, 4)
+    on[0, 2] = 1.0                      # peaks on the object
+    off = torch.full((4, 4), 0.05)
+    off[3, 3] = 0.2                     # peaks far from it
+    got = attention_peak_in_object([(on, region), (off, region), (on, wide)])
+    assert got["object_words"] == 3
+    assert got["attention_peak_in_object"] == pytest.approx(1 / 3)
+    assert got["attention_peak_chance"] == pytest.approx((1 / 16 + 1 / 16 + 4 / 16) / 3)
+    assert attention_peak_in_object([]) == {"attention_peak_in_object": None, "attention_peak_chance": None,
+                                            "object_words": 0}
+    with pytest.raises(ValueError, match="empty"):
+        attention_peak_in_object([(on, np.zeros((64, 64), dtype=bool))])
+
+
+def test_naming_words_and_object_masks_line_up_with_the_scene():
+    red = {"colour": "red", "shape": "circle", "size": "small", "position": "top left", "x": 40, "y": 40, "r": 16}
+    green = {"colour": "green", "shape": "star", "size": "large", "position": "centre", "x": 112, "y": 112,
+             "r": 30}
+    caption = "a small red circle and a blue star on the left and a green star."
+    assert naming_words(caption, [red, green]) == [(3, red), (14, green)]  # "star." is word 14
+    assert caption.split()[3] == "circle" and naming_words("a red star", [red, green]) == []
+
+    scene = {"background": "white", "objects": [red, green]}
+    img = np.asarray(render_scene(scene))
+    for obj in (red, green):
+        m = np.asarray(object_mask(obj)) > 0
+        assert m[obj["y"], obj["x"]] and not m[0, 0]
+        # the mask is exactly where the scene shows the object's colour
+        assert (img[m] == COLOURS[obj["colour"]]).all()
+        assert m.sum() == (img == COLOURS[obj["colour"]]).all(-1).sum()
+
+
+def test_object_masks_follow_the_backbones_resize_and_crop():
+    # the demo takes the mask through backbone.preprocess: it must land where the scene's object lands
+    from vgpt_cli.features import load_backbone
+
+    bb = load_backbone("test_efficientnet", pretrained=False, image_size=96)  # crop_pct < 1: a real crop
+    obj = {"colour": "blue", "shape": "square", "size": "large", "position": "top right", "x": 180, "y": 50,
+           "r": 30}
+    view = bb.preprocess(render_scene({"background": "black", "objects": [obj]})).permute(1, 2, 0).numpy()
+    region = bb.preprocess(object_mask(obj).convert("RGB"))[0].numpy() > 127
+    blue = (np.abs(view.astype(int) - COLOURS["blue"]).sum(-1) < 60)
+    assert region.sum() > 20 and (region & blue).sum() >= 0.9 * region.sum() >= 0.8 * blue.sum()
+
+
+def test_shapes_attention_counts_every_object_word_of_real_scenes(tok, tmp_path):
+    # the demo's glue on real rendered scenes, a real (random) backbone and its feature store, and the
+    # scenes' own captions: every colour+shape word pair in them names an object, so each is one sample
+    from vgpt_cli.data.manifest import Item
+    from vgpt_cli.data.shapes import make_scene, scene_captions
+    from vgpt_cli.demo import shapes_attention
+    from vgpt_cli.features import FeatureStore, extract_items, load_backbone
+
+    bb = load_backbone("test_efficientnet", pretrained=False, image_size=96)
+    items, captions = [], {}
+    for i in range(3):
+        scene = make_scene(7, i)
+        path = tmp_path / f"s{i}.png"
+        render_scene(scene).save(path)
+        items.append(Item(f"s{i}", [str(path)], ["x"], {"objects": scene["objects"]}))
+        captions[f"s{i}"] = scene_captions(scene, 7, i)[0]
+    extract_items(items, bb, tmp_path / "store", num_workers=0, progress=False)
+    store = FeatureStore.open(tmp_path / "store")
+    model = build(tok, encoder_layers=1)
+    model = Captioner.from_config(replace(model.config, d_in=bb.dim), lm=model.lm, tokenizer=tok).eval()
+    got = shapes_attention(model, bb, store, items, captions)
+    want_words = sum(len(naming_words(captions[it.id], it.extra["objects"])) for it in items)
+    assert want_words >= 3 and got["object_words"] == want_words
+    assert 0 <= got["attention_peak_in_object"] <= 1 and 0 < got["attention_peak_chance"] < 1

@@ -15,7 +15,7 @@ checks that these weights times the values reproduce the model's own attention o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,3 +130,40 @@ def word_attention(captioner: Any, features: Tensor, token_ids: list[int], mask:
     if weights.shape[3] == 0:
         return torch.zeros(0, H, W)
     return weights.mean(dim=(0, 1, 2)).reshape(-1, H, W).contiguous()
+
+
+# --- does a word look at what it names? ---------------------------------------------------------------
+def region_cells(region: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool pixel mask over the image the token grid covers -> (H, W) bool: the cells of the grid,
+    laid evenly over the image, that hold any pixel of the region."""
+    region = np.asarray(region, dtype=bool)
+    if region.ndim != 2:
+        raise ValueError(f"region must be an (h, w) pixel mask, got shape {region.shape}")
+    (h, w), (H, W) = region.shape, grid
+    rows, cols = np.nonzero(region)
+    cells = np.zeros((H, W), dtype=bool)
+    cells[(rows * H) // h, (cols * W) // w] = True
+    return cells
+
+
+def attention_peak_in_object(samples: Iterable[tuple[Tensor, np.ndarray]]) -> dict[str, float | int | None]:
+    """How often a word's attention peaks on the object it names.
+
+    samples: one (map (H, W), object pixel mask (h, w)) per object-naming word, the mask over the image
+    as the backbone saw it (the area the grid covers). A word hits when its map's highest cell holds part
+    of the object (region_cells). Returns {"attention_peak_in_object": the hit rate,
+    "attention_peak_chance": the mean fraction of cells holding part of the object (the rate of a peak
+    placed uniformly at random), "object_words": the number of samples}; rates are None without samples."""
+    hits, chance, n = 0, 0.0, 0
+    for grid, region in samples:
+        grid = torch.as_tensor(grid)
+        cells = region_cells(region, tuple(grid.shape))
+        if not cells.any():
+            raise ValueError("an object mask is empty: the object is outside the image the grid covers")
+        peak = int(torch.argmax(grid.flatten()))
+        hits += bool(cells.flat[peak])
+        chance += float(cells.mean())
+        n += 1
+    if n == 0:
+        return {"attention_peak_in_object": None, "attention_peak_chance": None, "object_words": 0}
+    return {"attention_peak_in_object": hits / n, "attention_peak_chance": chance / n, "object_words": n}
