@@ -651,6 +651,10 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         return result
     finally:
         if trainer is not None:
+            if dist.is_main:  # curves.png from metrics.jsonl, however the run ended (never raises)
+                from vgpt_cli.train.curves import finish_run
+
+                finish_run(trainer.run_dir, trainer.say)
             trainer.close()
         if lock is not None:
             lock.release()
