@@ -105,6 +105,7 @@ def write_curves(run_dir: str | os.PathLike) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     scst_from = first_step_of(records, "scst")
@@ -120,11 +121,12 @@ def write_curves(run_dir: str | os.PathLike) -> Path | None:
             ax.text(0.5, 0.5, "not logged" + (" (no validation split)" if tag == EVAL_TAG else ""),
                     ha="center", va="center", transform=ax.transAxes, color="grey")
         if tag == "train/visual_gate":
-            ax.set_ylim(0, 1)
+            ax.set_ylim(-0.03, 1.03)  # a gate cut to 0 by tau stays visible above the axis
         if scst_from is not None:
             ax.axvline(scst_from, color="grey", linestyle=":", linewidth=1)
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("step" + (" (SCST from the dotted line)" if scst_from is not None else ""))
     axes[0].set_title(run_dir.name, fontsize=9, loc="left")
     fig.tight_layout()
