@@ -18,7 +18,7 @@ COLUMNS = 5
 LABEL_H = 16
 TITLE_H = 20
 GAP = 4
-ALPHA = 0.6  # heat over image
+ALPHA = 0.55  # heat over image
 # a perceptually ordered dark-to-bright ramp (close to matplotlib's "inferno"), interpolated linearly
 _RAMP = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float64)
 
@@ -53,11 +53,11 @@ def word_groups(tokens: Sequence[str], caption: str) -> list[tuple[str, list[int
 
 
 def upsample(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) map -> (height, width) float array in [0, 1] (bilinear, scaled to the map's own maximum)."""
+    """(H, W) map -> (height, width) float array in [0, 1]: bilinear, then stretched from the map's own
+    minimum to its maximum (a peak shows even on a nearly flat map; a flat map shows as all dark)."""
     up = F.interpolate(grid[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
-    up = up.clamp_min(0)
-    top = float(up.max())
-    return (up / top if top > 0 else up).numpy()
+    lo, hi = float(up.min()), float(up.max())
+    return ((up - lo) / (hi - lo) if hi > lo else torch.zeros_like(up)).numpy()
 
 
 def overlay(view: Image.Image, grid: torch.Tensor) -> Image.Image:
