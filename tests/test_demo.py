@@ -20,11 +20,19 @@ def test_demo_runs_every_step_and_reports_what_it_wrote_and_runs_again(tmp_path)
     result = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert [s["step"] for s in report["steps"]] == ["prepare", "extract-features", "train", "evaluate", "caption"]
+    assert [s["step"] for s in report["steps"]] == ["prepare", "extract-features", "train", "evaluate", "attention",
+                                                "caption"]
     assert "16 images" in report["steps"][0]["summary"] and "0 skipped" in report["steps"][1]["summary"]
     # the standard metrics plus the grounded score, each a number in its range
     for key in ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr", "grounded"):
         assert 0.0 <= report["metrics"][key] <= 10.0, key
+    # where the object words look: a rate against its chance level, or None when no caption names an object
+    att = report["attention"]
+    assert set(att) == {"attention_peak_in_object", "attention_peak_chance", "object_words"}
+    if att["object_words"]:
+        assert 0 <= att["attention_peak_in_object"] <= 1 and 0 < att["attention_peak_chance"] < 1
+    else:
+        assert att["attention_peak_in_object"] is None
     # two held-out scenes and the real photograph, each with a caption
     assert len(report["captions"]) == 3 and report["captions"][-1]["image"].endswith("chelsea.jpg")
     assert all(isinstance(c["caption"], str) for c in report["captions"])

@@ -84,8 +84,8 @@ def test_two_process_ddp_gives_the_gradient_of_one_process(tmp_path):
     assert max_diff(one, start) > 1e-4  # one step moved the parameters
     assert max_diff(ddp, one) <= 1e-5
     # only rank 0 wrote files
-    assert sorted(p.name for p in ws.run_dir("ddp").iterdir()) == ["best", "config.json", "last", "metrics.jsonl",
-                                                                   "result.json"]
+    assert sorted(p.name for p in ws.run_dir("ddp").iterdir()) == ["best", "config.json", "curves.png", "last",
+                                                                   "metrics.jsonl", "result.json"]
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class CaptionResult:
     score: float | None = None        # beam score: summed token log-probabilities
     error: str | None = None
     tokens: list[dict[str, Any]] | None = None  # with gates: [{"token", "linguistic", "visual"}, ...]
+    attention: Any = None             # with attention: (tokens, H, W) float tensor, one map per token
 
     @property
     def ok(self) -> bool:
@@ -111,8 +112,11 @@ class ImageCaptioner:
         return [r.caption or "" for r in results]
 
     def caption(self, images: Sequence[str | os.PathLike | Image.Image], *, gates: bool = False,
-                progress: Callable[[int], None] | None = None) -> list[CaptionResult]:
-        """One CaptionResult per image; unreadable images get an error instead of a caption."""
+                attention: bool = False, progress: Callable[[int], None] | None = None) -> list[CaptionResult]:
+        """One CaptionResult per image; unreadable images get an error instead of a caption.
+
+        attention: each generated token's cross-attention map over the image's token grid
+        (`attention`, vgpt_cli.attention.word_attention), and `tokens` even for a model without gates."""
         import torch
 
         from vgpt_cli.decode import pad_features
@@ -143,11 +147,17 @@ class ImageCaptioner:
                 with torch.inference_mode():
                     hyps = decode(self.model, f, lengths, self.options, return_gates=gates)
                 eos = self.model.eos_token_id
-                for r, h in zip(good, hyps):
+                for j, (r, h) in enumerate(zip(good, hyps)):
                     r.caption, r.score = h.text, h.score
                     if gates and h.gates is not None:
                         r.tokens = [{"token": _token_text(self.model.tokenizer, t, eos), "linguistic": round(g[0], 4),
                                      "visual": round(g[1], 4)} for t, g in zip(h.token_ids, h.gates)]
+                    if attention:
+                        from vgpt_cli.attention import word_attention
+
+                        r.attention = word_attention(self.model, f[j, :int(lengths[j])], h.token_ids)
+                        if r.tokens is None:
+                            r.tokens = [{"token": _token_text(self.model.tokenizer, t, eos)} for t in h.token_ids]
             if progress is not None:
                 progress(len(chunk))
         return results

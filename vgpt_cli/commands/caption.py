@@ -32,6 +32,9 @@ def command(
         "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,
     gates_plot: Annotated[Path | None, typer.Option(
         "--gates-plot", help="Draw the per-token gates into this PNG file (needs matplotlib).")] = None,
+    attention: Annotated[Path | None, typer.Option(
+        "--attention", file_okay=False, help="Write one PNG per image into this folder: a panel per word "
+        "with its cross-attention heatmap over the image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per image per line.")] = False,
 ) -> None:
@@ -47,6 +50,8 @@ def command(
         vgpt caption holiday/ 'more/*.png' --model runs/r1/best --json
 
         vgpt caption cat.jpg --gates --gates-plot gates.png
+
+        vgpt caption cat.jpg --attention attention/
     """
     from vgpt_cli.api import expand_image_paths, load_captioner
     from vgpt_cli.runtime import resolve_model_dir
@@ -61,9 +66,13 @@ def command(
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
                                batch_size=batch_size)
+    if attention is not None:
+        from vgpt_cli.evaluate.attention_figure import check_grid
 
+        check_grid(captioner.backbone)
     with decode_progress() as progress:
-        results = captioner.caption(paths, gates=gates or gates_plot is not None, progress=progress(len(paths)))
+        results = captioner.caption(paths, gates=gates or gates_plot is not None, attention=attention is not None,
+                                    progress=progress(len(paths)))
     results = missing + results
     good = [r for r in results if r.ok]
     bad = [r for r in results if not r.ok]
@@ -94,6 +103,11 @@ def command(
 
         plot_gates(good, gates_plot)
         err.print(f"wrote {gates_plot}", highlight=False)
+    if attention is not None and good:
+        from vgpt_cli.evaluate.attention_figure import write_figures
+
+        written = write_figures(captioner, good, attention)
+        err.print(f"wrote {len(written)} attention figure(s) into {attention}", highlight=False)
     for r in bad:
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     o = captioner.options

@@ -70,13 +70,16 @@ def command(
                                          "checkpoint.")] = False,
     keep_last: Annotated[bool, typer.Option("--keep-last", help="Keep last/ (optimiser state, about 3x the model) "
                                             "when the run ends, to extend it later with --resume.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files, live, "
+                                              "into runs/<name>/tensorboard/ (needs the tensorboard package); "
+                                              "view with: tensorboard --logdir runs")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
     With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau 0.2 on K = 1 encoder level, gates starting at sigmoid(5) (the pretrained LM itself), the LM frozen for the first 200 steps, AdamW 1e-3 for the new parameters and 1e-4 for the LM, warm-up 20 then cosine, batches of 16 captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = 3, their gate init, lr 1e-4, batch 50).
 
-    Writes runs/<name>/: config.json, metrics.jsonl, best/ (the model to use) and, while the run can be resumed, last/.
+    Writes runs/<name>/: config.json, metrics.jsonl, curves.png (loss, validation CIDEr-D, mean visual gate), best/ (the model to use) and, while the run can be resumed, last/; with --tensorboard also tensorboard/.
 
     Several GPUs or processes: torchrun --nproc-per-node N -m vgpt_cli train ...
 
@@ -117,8 +120,14 @@ def command(
             base = TrainConfig.from_preset(preset or "vgpt")
         flags["name"] = name or default_run_name()  # known here, so an interrupt can print the resume command
     cfg = base.override(**flags).validate()
+    mirror = None
+    if tensorboard and int(os.environ.get("RANK", "0")) == 0:
+        from vgpt_cli.train.curves import TensorBoardMirror
+
+        mirror = TensorBoardMirror(ws.run_dir(cfg.name))  # fails here, before training, without tensorboard
     try:
-        result = train(cfg, ws, resume=resume, keep_last=keep_last)
+        result = train(cfg, ws, resume=resume, keep_last=keep_last,
+                       on_step=None if mirror is None else lambda record: mirror.sync())
     except KeyboardInterrupt:
         from vgpt_cli.runtime import checkpoint_dir
 
@@ -129,6 +138,9 @@ def command(
             err.print(f"[yellow]interrupted[/]; the last checkpoint was kept. Resume with:\n  vgpt -w {ws.root} "
                       f"train --resume --name {cfg.name}", highlight=False)
         raise typer.Exit(code=130) from None
+    finally:
+        if mirror is not None:
+            mirror.close()  # the records after the last step (its validation) too
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
 
@@ -140,8 +152,10 @@ def command(
               + (f" at {result.best_phase} step {result.best_step}" if result.best_step is not None else ""),
               highlight=False)
     kept = "last/ (resumable state)" if (result.run_dir / "last").is_dir() else "no last/ (--keep-last keeps it)"
+    extra = "curves.png, " if (result.run_dir / "curves.png").is_file() else ""
+    extra += "tensorboard/, " if mirror is not None else ""
     err.print(f"wrote {result.run_dir}/ ({human_size(folder_size(result.run_dir))}): config.json, metrics.jsonl, "
-              f"best/ (the model to use), {kept}", highlight=False)
+              f"{extra}best/ (the model to use), {kept}", highlight=False)
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
     if json_out:
         print_json(result.to_dict())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from vgpt_cli.data.sampling import split_assignment
 from vgpt_cli.workspace import atomic_write_json
@@ -91,6 +91,13 @@ def render_scene(scene: dict[str, Any]) -> Image.Image:
                 pts.append((x + rad * math.cos(a), y + rad * math.sin(a)))
             draw.polygon(pts, fill=fill)
     return img
+
+
+def object_mask(obj: Obj) -> Image.Image:
+    """The pixels of one object as render_scene draws it: a mode "L" image, 255 on the object, 0 elsewhere."""
+    img = render_scene({"background": "black", "objects": [obj]})
+    bg = Image.new("RGB", img.size, BACKGROUNDS["black"])
+    return ImageChops.difference(img, bg).convert("L").point(lambda v: 255 if v else 0)
 
 
 # --- captions -------------------------------------------------------------------------------
@@ -185,6 +192,24 @@ def grounded_score(captions: dict[str, str], objects: dict[str, list[dict]]) -> 
     if missing:
         raise KeyError(f"grounded_score: no scene objects for id(s) {missing[:5]}")
     return sum(grounded_correct(c, objects[i]) for i, c in captions.items()) / len(captions)
+
+
+def naming_words(caption: str, objects: list[dict]) -> list[tuple[int, Obj]]:
+    """(index into caption.split(), object) for each shape word that names an object of the scene: with
+    the colour word before it (sizes allowed between), as mentioned_objects reads a caption."""
+    words = [(k, w) for k, raw in enumerate(caption.split()) for w in _WORD.findall(raw.lower())]
+    by_pair = {(o["colour"], o["shape"]): o for o in objects}
+    out = []
+    for j, (k, w) in enumerate(words):
+        if w not in _SHAPE_WORDS:
+            continue
+        i = j - 1
+        while i >= 0 and words[i][1] in SIZES:
+            i -= 1
+        obj = by_pair.get((words[i][1], _SHAPE_WORDS[w])) if i >= 0 else None
+        if obj is not None:
+            out.append((k, obj))
+    return out
 
 
 def mentioned_shapes(caption: str) -> set[str]:

@@ -204,6 +204,7 @@ class Trainer:
         self._order_cache: tuple[int, list[int]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._lm_frozen = False
+        self.last_gate: float | None = None
 
     # .. helpers .......................................................................................
     def say(self, text: str) -> None:
@@ -253,6 +254,7 @@ class Trainer:
         n_local = sum(b.n_targets for b in batches)
         n_global = int(dist.all_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        gate_sum = gate_n = 0.0  # this process's mean visual gate over real tokens (curves.png, --tensorboard)
         self.model.train()
         for i, b in enumerate(batches):
             b = b.to(self.device)
@@ -260,12 +262,17 @@ class Trainer:
             sync = contextlib.nullcontext() if (last or not dist.enabled) else self.model.no_sync()
             with sync:
                 with autocast_context(self.device, cfg.precision):
-                    out = self.model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index)
+                    out = self.model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index,
+                                     return_gates=True)
                 part = token_loss_sum(out.logits, b.labels, cfg.label_smoothing)
+                if out.gates is not None:
+                    real = b.attention_mask.bool()
+                    gate_sum, gate_n = gate_sum + out.gates[..., 1][real].float().sum(), gate_n + real.sum()
                 # DDP averages gradients over processes: scale by world size so the mean is over tokens.
                 self.scaler.scale(part * (dist.world_size / n_global)).backward()
                 loss_sum += part.detach().double()
         total = dist.all_sum(loss_sum).item() / n_global
+        self.last_gate = float(gate_sum / gate_n) if gate_n else None
         return total, n_global
 
     # .. one SCST step ...................................................................................
@@ -464,6 +471,8 @@ class Trainer:
                           "lr": lr, "tokens": tokens}
                 if phase == "scst":
                     record["reward"] = self.last_reward
+                elif self.last_gate is not None:
+                    record["visual_gate"] = self.last_gate
                 self.history.append(record)
                 done_epoch = st["step"] % per_epoch == 0
                 if st["step"] % cfg.log_every == 0 or st["step"] == total or done_epoch:
@@ -651,6 +660,10 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         return result
     finally:
         if trainer is not None:
+            if dist.is_main:  # curves.png from metrics.jsonl, however the run ended (never raises)
+                from vgpt_cli.train.curves import finish_run
+
+                finish_run(trainer.run_dir, trainer.say)
             trainer.close()
         if lock is not None:
             lock.release()
