@@ -100,10 +100,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating loop/bare runs; the best of each counts")
     args = ap.parse_args()
 
+    from vgpt_cli.runtime import resolve_device
     from vgpt_cli.train import TrainConfig, train
     from vgpt_cli.train.data import caption_examples, collate, epoch_order, make_plan
-    from vgpt_cli.train.distributed import resolve_device
-    from vgpt_cli.train.loop import make_optimizer, token_loss_sum
+    from vgpt_cli.train.objectives import token_loss_sum
+    from vgpt_cli.train.optim import make_optimizer
 
     device = resolve_device(args.device)
     preset = args.preset or ("gpt2" if device.type == "cuda" else "small")

@@ -23,7 +23,7 @@ from vgpt_cli.model import Captioner, CaptionerConfig
 from vgpt_cli.train import NonFiniteLossError, TrainConfig, load_config_file, train
 from vgpt_cli.train.config import PRESETS
 from vgpt_cli.train.data import collate, epoch_order, make_plan
-from vgpt_cli.train.loop import token_loss_sum
+from vgpt_cli.train.objectives import token_loss_sum
 from vgpt_cli.workspace import Workspace
 
 D_IN = 16
@@ -114,14 +114,15 @@ def first_step_gradients(ws: Workspace, model, **cfg) -> dict[str, torch.Tensor]
     """p.grad after the loop's first cross-entropy step (all micro-batches, all processes; before
     clipping and the optimiser), from the trainer's own xe_step. Under torchrun-style environment
     variables the model is wrapped in DDP as train() does, so the gradients are all-reduced."""
-    from vgpt_cli.train.distributed import setup_distributed
-    from vgpt_cli.train.loop import Trainer, prepare_inputs
+    from vgpt_cli.runtime import setup_distributed
+    from vgpt_cli.train.loop import prepare_inputs
+    from vgpt_cli.train.trainer import Trainer
 
     config = quick(**cfg)
     dist = setup_distributed("cpu")
     store, train_items, val_items, _ = prepare_inputs(config, ws)
     trainer = Trainer(config, ws, dist, model=model, store=store, train_items=train_items, val_items=val_items,
-                      run_dir=ws.root / "unused", on_step=None, quiet=True)
+                      run_dir=ws.root / "unused")
     try:
         trainer.setup_phase("xe")
         if dist.enabled:
@@ -418,3 +419,33 @@ def test_val_every_replaces_the_per_epoch_validation(tmp_path):
 
     assert validated(name="epochs") == [2, 4, 6, 7]  # each epoch's end, and the last step
     assert validated(name="every3", val_every=3) == [3, 6, 7]  # not at the epoch ends 2 and 4
+
+
+def test_train_help_defaults_are_train_configs():
+    """Every default (and paper value) that `vgpt train --help` writes is TrainConfig's (PRESETS') own,
+    and no flag has a default of its own that could override TrainConfig or a --config file."""
+    import re
+
+    import typer.main
+
+    from vgpt_cli.commands.train import show
+
+    command = typer.main.get_command(app).commands["train"]
+    defaults, paper = TrainConfig(), TrainConfig.from_preset("paper")
+    checked = 0
+    for param in command.params:
+        if param.name in defaults.to_dict():
+            assert param.default is None, f"--{param.name} has its own default {param.default!r}"
+        m = re.search(r"\(default ([^;)]+)[;)]", param.help or "")
+        if m and param.name in defaults.to_dict():
+            assert m.group(1) == show(getattr(defaults, param.name)), param.name
+            checked += 1
+        p = re.search(r"; paper ([^;)]+)\)", param.help or "")
+        if p and param.name in defaults.to_dict():
+            assert p.group(1) == show(getattr(paper, param.name)), param.name
+    assert checked >= 15
+    doc = command.help
+    assert f"tau {show(defaults.tau)} on K = {defaults.encoder_layers}" in doc
+    assert f"AdamW {show(defaults.lr)} for the new parameters and {show(defaults.lm_lr)} for the LM" in doc
+    assert f"(K = {paper.encoder_layers}, their gate init, lr {show(paper.lr)}, batch {paper.batch_size})" in doc
+    assert "{" not in doc

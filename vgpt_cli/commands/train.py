@@ -9,9 +9,35 @@ from typing import Annotated
 import typer
 
 from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.train.config import PRESETS, TrainConfig  # no torch: the options' one source
+
+_DEFAULTS, _PAPER = TrainConfig(), PRESETS["paper"]
+
+
+def show(value: object) -> str:
+    """An option value as the help writes it: 1e-3, 0.2, 16, on, unset."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "unset"
+    if isinstance(value, float) and value and abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def d(name: str) -> str:
+    """TrainConfig's default of an option, for its help text (so the help cannot drift from it)."""
+    return show(getattr(_DEFAULTS, name))
+
+
+def paper(name: str) -> str:
+    """The paper preset's value of an option (PRESETS["paper"]), for its help text."""
+    return show(_PAPER[name]) if name in _PAPER else d(name)
 
 
 def _opt(*names: str, help: str, **kw):  # noqa: A002 - typer's own keyword
+    # No default here: an unset flag is None and never overrides TrainConfig (or a --config file).
     return typer.Option(*names, help=help, show_default=False, **kw)
 
 
@@ -21,49 +47,50 @@ def command(
     config: Annotated[Path | None, _opt("--config", help="YAML or JSON file of options (keys as the flags, "
                                         "e.g. lm-lr: 1e-5); flags given here override it.")] = None,
     preset: Annotated[str | None, _opt("--preset", help="Start from a named recipe: vgpt (the defaults, measured "
-                                       "best here) or paper (the authors': K 3, their gate init, lr 1e-4, "
-                                       "batch 50). Other options override it.")] = None,
+                                       f"best here) or paper (the authors': K {paper('encoder_layers')}, their gate "
+                                       f"init, lr {paper('lr')}, batch {paper('batch_size')}). Other options "
+                                       "override it.")] = None,
     lm: Annotated[str | None, _opt("--lm", help="Language model: hub name (gpt2), local folder, .gguf file or "
                                    "smollm2-135m. Default: GPT-2 if it loads offline, else smollm2-135m.")] = None,
-    lm_init: Annotated[str | None, _opt("--lm-init", help="pretrained (default) or random (ablation).")] = None,
-    tau: Annotated[float | None, _opt("--tau", help="SRAU gate threshold, 0 <= tau < 0.5 (default 0.2).")] = None,
-    encoder_layers: Annotated[int | None, _opt("--encoder-layers", help="K, visual encoder layers (default 1; paper 3).")] = None,
-    gating: Annotated[str | None, _opt("--gating", help="srau (default) or none (plain cross-attention).")] = None,
-    lr: Annotated[float | None, _opt("--lr", help="AdamW learning rate of the new parameters (default 1e-3; "
-                                 "paper 1e-4).")] = None,
+    lm_init: Annotated[str | None, _opt("--lm-init", help=f"pretrained or random (ablation) (default {d('lm_init')}).")] = None,
+    tau: Annotated[float | None, _opt("--tau", help=f"SRAU gate threshold, 0 <= tau < 0.5 (default {d('tau')}).")] = None,
+    encoder_layers: Annotated[int | None, _opt("--encoder-layers", help=f"K, visual encoder layers (default {d('encoder_layers')}; paper {paper('encoder_layers')}).")] = None,
+    gating: Annotated[str | None, _opt("--gating", help=f"srau or none (plain cross-attention) (default {d('gating')}).")] = None,
+    lr: Annotated[float | None, _opt("--lr", help=f"AdamW learning rate of the new parameters (default {d('lr')}; "
+                                 f"paper {paper('lr')}).")] = None,
     lm_lr: Annotated[float | None, _opt("--lm-lr", help="Learning rate of the pretrained LM's parameters "
-                                        "(default 1e-4; paper: same as --lr).")] = None,
-    warmup: Annotated[int | None, _opt("--warmup", help="Linear warm-up steps (default 20; paper 0).")] = None,
-    schedule: Annotated[str | None, _opt("--schedule", help="cosine (default), linear or constant (paper).")] = None,
+                                        f"(default {d('lm_lr')}; paper: same as --lr).")] = None,
+    warmup: Annotated[int | None, _opt("--warmup", help=f"Linear warm-up steps (default {d('warmup')}; paper {paper('warmup')}).")] = None,
+    schedule: Annotated[str | None, _opt("--schedule", help=f"cosine, linear or constant (default {d('schedule')}; paper {paper('schedule')}).")] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", help="Captions per micro-batch per process "
-                                           "(default 16; paper 50).")] = None,
+                                           f"(default {d('batch_size')}; paper {paper('batch_size')}).")] = None,
     grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step; effective "
-                                           "batch = batch x accum x processes (default 1).")] = None,
-    epochs: Annotated[int | None, _opt("--epochs", help="At most this many cross-entropy epochs (default 100).")] = None,
+                                           f"batch = batch x accum x processes (default {d('grad_accum')}).")] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help=f"At most this many cross-entropy epochs (default {d('epochs')}).")] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Cross-entropy optimiser steps (overrides "
                                           "--epochs).")] = None,
-    label_smoothing: Annotated[float | None, _opt("--label-smoothing", help="Default 0.")] = None,
-    precision: Annotated[str | None, _opt("--precision", help="fp32 (default), bf16 or fp16 (autocast; fp16 "
-                                          "needs CUDA).")] = None,
+    label_smoothing: Annotated[float | None, _opt("--label-smoothing", help=f"Default {d('label_smoothing')}.")] = None,
+    precision: Annotated[str | None, _opt("--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA) "
+                                          f"(default {d('precision')}).")] = None,
     seed: Annotated[int | None, _opt("--seed", help="Seed of initialisation, data order and dropout "
-                                     "(default 42).")] = None,
+                                     f"(default {d('seed')}).")] = None,
     patience: Annotated[int | None, _opt("--patience", help="Stop cross-entropy after this many validations "
-                                         "without a better CIDEr (default 5).")] = None,
+                                         f"without a better CIDEr (default {d('patience')}).")] = None,
     val_every: Annotated[int | None, _opt("--val-every", help="Validate every N steps and at the end (default: "
                                           "at each epoch's end).")] = None,
     val_size: Annotated[int | None, _opt("--val-size", help="Validate on at most N items.")] = None,
-    max_length: Annotated[int | None, _opt("--max-length", help="Caption tokens incl. EOS (default 20).")] = None,
+    max_length: Annotated[int | None, _opt("--max-length", help=f"Caption tokens incl. EOS (default {d('max_length')}).")] = None,
     scst: Annotated[bool | None, _opt("--scst/--no-scst", help="Self-critical training (CIDEr-D reward) after "
                                       "cross-entropy, from the best checkpoint.")] = None,
-    scst_lr: Annotated[float | None, _opt("--scst-lr", help="SCST learning rate (default 1e-5).")] = None,
-    scst_epochs: Annotated[int | None, _opt("--scst-epochs", help="SCST epochs (default 5).")] = None,
+    scst_lr: Annotated[float | None, _opt("--scst-lr", help=f"SCST learning rate (default {d('scst_lr')}).")] = None,
+    scst_epochs: Annotated[int | None, _opt("--scst-epochs", help=f"SCST epochs (default {d('scst_epochs')}).")] = None,
     scst_samples: Annotated[int | None, _opt("--scst-samples", help="Sampled captions per image in SCST; their "
-                                             "mean reward is the baseline (default 5).")] = None,
+                                             f"mean reward is the baseline (default {d('scst_samples')}).")] = None,
     save_every: Annotated[int | None, _opt("--save-every", help="Also write last/ every N steps (default: at "
                                            "each validation and at the end).")] = None,
     dataset: Annotated[str | None, _opt("--dataset", help="Dataset name in the workspace (default: the current "
                                         "one, from the last `vgpt prepare`).")] = None,
-    device: Annotated[str | None, _opt("--device", help="auto (default), cpu, cuda or cuda:N.")] = None,
+    device: Annotated[str | None, _opt("--device", help=f"auto, cpu, cuda, cuda:N or mps (default {d('device')}).")] = None,
     name: Annotated[str | None, _opt("--name", help="Run folder name under runs/ (default: a timestamp).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run named by --name (default: the "
                                          "interrupted run, else the workspace's current run) from its last "
@@ -77,7 +104,7 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau 0.2 on K = 1 encoder level, gates starting at sigmoid(5) (the pretrained LM itself), the LM frozen for the first 200 steps, AdamW 1e-3 for the new parameters and 1e-4 for the LM, warm-up 20 then cosine, batches of 16 captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = 3, their gate init, lr 1e-4, batch 50).
+    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau {tau} on K = {encoder_layers} encoder level, gates starting at sigmoid({gate_init_bias}) (the pretrained LM itself), the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
 
     Writes runs/<name>/: config.json, metrics.jsonl, curves.png (loss, validation CIDEr-D, mean visual gate), best/ (the model to use) and, while the run can be resumed, last/; with --tensorboard also tensorboard/.
 
@@ -95,7 +122,7 @@ def command(
 
         vgpt train --resume --name r1
     """
-    from vgpt_cli.train import TrainConfig, load_config_file, train
+    from vgpt_cli.train import load_config_file, train
     from vgpt_cli.train.loop import default_run_name
     from vgpt_cli.train.run_folder import folder_size, human_size, read_run_config, resumable_run
 
@@ -159,6 +186,13 @@ def command(
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
     if json_out:
         print_json(result.to_dict())
+
+
+# The help's defaults, from TrainConfig and PRESETS (tests/test_train.py checks every "(default X" too).
+command.__doc__ = command.__doc__.format(
+    **{k: d(k) for k in ("tau", "encoder_layers", "gate_init_bias", "freeze_lm_steps", "lr", "lm_lr", "warmup",
+                         "schedule", "batch_size")},
+    **{f"paper_{k}": paper(k) for k in ("encoder_layers", "lr", "batch_size")})
 
 
 def _check_utf8(path: Path) -> None:

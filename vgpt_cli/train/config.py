@@ -1,14 +1,16 @@
-"""`TrainConfig`: every training option, typed, with the paper's defaults.
+"""`TrainConfig`: every training option, typed, with the recipe measured best here as defaults.
 
-The CLI flags and a `--config FILE` (YAML or JSON) both feed this one dataclass: file values first,
-then the flags that were given (an unset flag never overrides). The resolved config is saved as
-runs/<name>/config.json and read back on `--resume`.
+Composed of parts (model, optimiser, validation, SCST, run), each checking its own options once; the
+model part is the CaptionerConfig's settings, and what `--resume` may not change. The flags (and their
+help's defaults) and `--config FILE` (YAML/JSON) feed it: file values, then the flags given. Saved as
+runs/<name>/config.json (flat, one key per option) and read back on `--resume`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,39 +29,58 @@ PRESETS: dict[str, dict[str, Any]] = {
               "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0},
 }
 
-# Keys that fix the architecture: a resumed run must keep them.
-ARCHITECTURE_KEYS = ("lm", "lm_init", "tau", "encoder_layers", "gating", "max_length")
 
 
+# --- the parts ---------------------------------------------------------------------------------------
 @dataclass
-class TrainConfig:
-    # --- what to train on (None: the workspace's current dataset / feature store) ------------------
-    dataset: str | None = None
-    # --- the model (see vgpt_cli.model.CaptionerConfig) --------------------------------------------
+class ModelOptions:
+    """The captioner (vgpt_cli.model.CaptionerConfig) as training sets it up; fixed once a run starts."""
+
     # Hub name, local folder, .gguf file or "smollm2-135m"; None: GPT-2 when it can be loaded offline,
     # otherwise the SmolLM2-135M GGUF that ships as a Python package.
     lm: str | None = None
     lm_init: str = "pretrained"  # "pretrained" (the paper) or "random"
     tau: float = 0.2  # SRAU threshold, 0 <= tau < 0.5 (authors' README: 0.2)
-    # The defaults below are the recipe measured best on this project's CPU runs (docs/results.md,
-    # "Grounding"); --preset paper gives the authors' (K = 3, their gate init, lr 1e-4, batch 50).
+    # Defaults: the recipe measured best here (docs/results.md, "Grounding"); see PRESETS for the paper's.
     encoder_layers: int = 1  # K (paper: 3)
     gating: str = "srau"  # "srau" or "none" (plain residual cross-attention, for ablations)
     # None: the authors' gate init; b: W = 0, bias b, every gate starts at sigmoid(b) (see CaptionerConfig).
     # 5 with K = 1 starts from the pretrained LM itself.
     gate_init_bias: float | None = 5.0
     max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
-    # --- how the new parts are started (docs/results.md, "Grounding") -------------------------------
-    # The first N cross-entropy steps use soft gates (tau 0): with gates that start linguistic (g near 1)
-    # and tau 0.2 the visual branch is switched off and the cross-attention gets no gradient at all.
-    soft_gate_steps: int = 0
-    # The first N cross-entropy steps train only the new parameters (the LM frozen: cheaper steps, and
-    # the image has to carry what the LM cannot guess).
-    freeze_lm_steps: int = 200
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None
     cross_attn_dropout: float | None = None
-    # --- optimisation (authors: AdamW 1e-4, betas 0.9/0.999, no warm-up, clip 1.0, batch 50) ------
+
+    def captioner_config(self, d_in: int, lm: str | None = None) -> Any:
+        """The CaptionerConfig these options describe, for features `d_in` wide (lm: the resolved LM)."""
+        from vgpt_cli.model.config import CaptionerConfig
+
+        extra = {k: getattr(self, k) for k in ("encoder_dropout", "cross_attn_dropout") if getattr(self, k) is not None}
+        return CaptionerConfig(lm=lm or self.lm or "gpt2", lm_init=self.lm_init, d_in=d_in,
+                               encoder_layers=self.encoder_layers, tau=self.tau, gating=self.gating,
+                               gate_init_bias=self.gate_init_bias, max_caption_tokens=self.max_length, **extra)
+
+    def check(self) -> None:
+        """CaptionerConfig's own checks, worded with the option names (--max-length, not max_caption_tokens)."""
+        try:
+            self.captioner_config(d_in=1).validate()
+        except ConfigError as e:
+            m = re.match(r"(\w+)=(\S+?)(?=[: ])", str(e))
+            if m is None or m.group(1) not in _MODEL_FLAGS:
+                raise
+            raise ConfigError(f"--{_MODEL_FLAGS[m.group(1)]} {m.group(2)}{str(e)[m.end():]}") from None
+
+
+_MODEL_FLAGS = {"tau": "tau", "gating": "gating", "lm_init": "lm-init", "encoder_layers": "encoder-layers",
+                "max_caption_tokens": "max-length"}
+
+
+@dataclass
+class OptimiserOptions:
+    """The optimiser, its schedule and the batches it steps on (authors: AdamW 1e-4, betas 0.9/0.999,
+    no warm-up, clip 1.0, batch 50)."""
+
     lr: float = 1e-3  # the new parameters (encoder, cross-attention, gates) (paper: 1e-4)
     lm_lr: float | None = 1e-4  # the pretrained LM's own parameters; None: same as lr
     weight_decay: float = 0.01  # torch's AdamW default, which the authors' code kept
@@ -77,26 +98,112 @@ class TrainConfig:
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
     seed: int = 42
-    # --- validation and early stopping -------------------------------------------------------------
+    # How the new parts start (docs/results.md, "Grounding"): the first N cross-entropy steps with soft
+    # gates (tau 0; gates that start near 1 with tau 0.2 give the cross-attention no gradient at all) ...
+    soft_gate_steps: int = 0
+    # ... and with the LM frozen (cheaper steps; the image has to carry what the LM cannot guess).
+    freeze_lm_steps: int = 200
+
+    @property
+    def resolved_lm_lr(self) -> float:
+        return self.lr if self.lm_lr is None else self.lm_lr
+
+    def check(self) -> None:
+        for name in ("lr", "lm_lr"):
+            _positive_rate(name, getattr(self, name))
+        if self.weight_decay < 0:
+            _bad(f"weight_decay={self.weight_decay}: must be >= 0")
+        if self.schedule not in SCHEDULES:
+            _bad(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            _bad(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        _at_least_1(self, "batch_size", "grad_accum", "epochs")
+        for name in ("soft_gate_steps", "freeze_lm_steps", "warmup"):
+            if getattr(self, name) < 0:
+                _bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if not (0.0 <= self.label_smoothing < 1.0):
+            _bad(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        if self.clip_grad < 0:
+            _bad(f"clip_grad={self.clip_grad}: must be >= 0 (0 switches clipping off)")
+
+
+@dataclass
+class ValidationOptions:
+    """Validation, model selection and early stopping."""
+
     patience: int = 5  # validations without a better CIDEr before cross-entropy stops
     val_every: int | None = None  # optimiser steps between validations (None: at each epoch end)
     val_size: int | None = None  # cap on validation items (None: the whole split)
     val_beam: int = 5
-    save_every: int | None = None  # steps between `last` checkpoints besides validations
-    # --- self-critical sequence training after cross-entropy ---------------------------------------
+
+    def check(self) -> None:
+        _at_least_1(self, "patience", "val_beam")
+        _at_least_1(self, "val_every", "val_size", unset_ok=True)
+
+
+@dataclass
+class ScstOptions:
+    """Self-critical sequence training after cross-entropy."""
+
     scst: bool = False
     scst_lr: float = 1e-5
     scst_epochs: int = 5
     scst_samples: int = 5  # sampled captions per image; their mean reward is the baseline
     scst_batch_size: int = 10  # images per SCST step
-    # --- where and how -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        _positive_rate("scst_lr", self.scst_lr)
+        _at_least_1(self, "scst_samples", "scst_batch_size")
+        if self.scst_epochs < 0:
+            _bad(f"--scst-epochs {self.scst_epochs}: must be >= 0")
+
+
+@dataclass
+class RunOptions:
+    """What to train on, where, and what the run folder records."""
+
+    dataset: str | None = None  # None: the workspace's current dataset (the last `vgpt prepare`)
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     name: str | None = None  # run folder name (None: a timestamp)
+    save_every: int | None = None  # steps between `last` checkpoints besides validations
     log_every: int = 10  # steps between progress-bar / metrics.jsonl loss records
+    preset: str = "vgpt"  # the recipe (PRESETS) the other options started from, recorded in config.json
 
-    # The recipe these options started from (recorded in the run's config.json): "vgpt" (the defaults
-    # above) or "paper"; see PRESETS.
-    preset: str = "vgpt"
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            _bad(f"--preset {self.preset}: use one of {', '.join(PRESETS)}")
+        _at_least_1(self, "log_every")
+        _at_least_1(self, "save_every", unset_ok=True)
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            _bad(f"--name {self.name!r}: use a plain folder name such as r1")
+
+
+def _bad(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _positive_rate(name: str, v: float | None) -> None:
+    if v is not None and not (math.isfinite(v) and v > 0):
+        _bad(f"--{name.replace('_', '-')} {v}: a learning rate must be a positive number (paper: 1e-4)")
+
+
+def _at_least_1(part: Any, *names: str, unset_ok: bool = False) -> None:
+    for name in names:
+        v = getattr(part, name)
+        if not (unset_ok and v is None) and v < 1:
+            _bad(f"--{name.replace('_', '-')} {v}: must be at least 1" + (" (or leave it unset)" if unset_ok else ""))
+
+
+PARTS: dict[str, type] = {"model": ModelOptions, "optimiser": OptimiserOptions, "validation": ValidationOptions,
+                          "scst": ScstOptions, "run": RunOptions}
+# The model part: what a resumed run must keep (its weights were built with them).
+RESUME_LOCKED = tuple(f.name for f in fields(ModelOptions))
+
+
+@dataclass
+class TrainConfig(RunOptions, ScstOptions, ValidationOptions, OptimiserOptions, ModelOptions):
+    """Every training option: the parts above side by side, flat as the flags and config.json have them
+    (TrainConfig(lm=..., encoder_layers=..., lr=...)), with the recipe measured best here as defaults."""
 
     # --- helpers -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,70 +254,21 @@ class TrainConfig:
 
     def override(self, **flags: Any) -> TrainConfig:
         """A copy with every flag that is not None applied."""
-        d = self.to_dict()
-        d.update({k: v for k, v in flags.items() if v is not None})
-        return TrainConfig.from_dict(d, source="flags")
+        return TrainConfig.from_dict({**self.to_dict(), **{k: v for k, v in flags.items() if v is not None}},
+                                     source="flags")
 
-    @property
-    def resolved_lm_lr(self) -> float:
-        return self.lr if self.lm_lr is None else self.lm_lr
+    def part(self, name: str) -> Any:
+        """One part (PARTS) of this config as its own object, e.g. part("model")."""
+        cls = PARTS[name]
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
     def validate(self) -> TrainConfig:
-        """Raise ConfigError for the first invalid option; cheap, no model or data touched."""
-
-        def bad(msg: str) -> None:
-            raise ConfigError(msg)
-
-        if not (0.0 <= self.tau < 0.5):
-            bad(f"--tau {self.tau}: the SRAU threshold must satisfy 0 <= tau < 0.5 (tau >= 0.5 switches "
-                "both gates off for g in [1 - tau, tau]); the paper uses 0.2")
-        for name in ("lr", "lm_lr", "scst_lr"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v > 0):
-                bad(f"--{name.replace('_', '-')} {v}: a learning rate must be a positive number (paper: 1e-4)")
-        if self.weight_decay < 0:
-            bad(f"weight_decay={self.weight_decay}: must be >= 0")
-        if self.preset not in PRESETS:
-            bad(f"--preset {self.preset}: use one of {', '.join(PRESETS)}")
-        if self.schedule not in SCHEDULES:
-            bad(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            bad(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
-        if self.lm_init not in ("pretrained", "random"):
-            bad(f"--lm-init {self.lm_init}: use pretrained or random")
-        if self.gating not in ("srau", "none"):
-            bad(f"--gating {self.gating}: use srau or none")
-        for name in ("batch_size", "grad_accum", "epochs", "encoder_layers", "val_beam", "scst_samples",
-                     "scst_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        """Raise ConfigError for the first invalid option; cheap, no data touched. Each part checks its own
+        options (the model part through CaptionerConfig.validate); only this rule spans two parts."""
+        for cls in PARTS.values():
+            cls.check(self)
         if self.max_steps is not None and (self.max_steps < 0 or (self.max_steps == 0 and not self.scst)):
-            bad(f"--max-steps {self.max_steps}: must be at least 1 (0 only with --scst: SCST alone)")
-        for name in ("val_every", "val_size", "save_every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                bad(f"--{name.replace('_', '-')} {v}: must be at least 1 (or leave it unset)")
-        if self.scst_epochs < 0:
-            bad(f"--scst-epochs {self.scst_epochs}: must be >= 0")
-        for name in ("soft_gate_steps", "freeze_lm_steps"):
-            if getattr(self, name) < 0:
-                bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
-        if self.warmup < 0:
-            bad(f"--warmup {self.warmup}: must be >= 0")
-        if self.patience < 1:
-            bad(f"--patience {self.patience}: must be at least 1")
-        if self.max_length < 2:
-            bad(f"--max-length {self.max_length}: needs room for a word and EOS (>= 2)")
-        if not (0.0 <= self.label_smoothing < 1.0):
-            bad(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
-        if self.clip_grad < 0:
-            bad(f"clip_grad={self.clip_grad}: must be >= 0 (0 switches clipping off)")
-        for name in ("encoder_dropout", "cross_attn_dropout"):
-            v = getattr(self, name)
-            if v is not None and not (0.0 <= v < 1.0):
-                bad(f"{name}={v}: a dropout probability must be in [0, 1)")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            bad(f"--name {self.name!r}: use a plain folder name such as r1")
+            _bad(f"--max-steps {self.max_steps}: must be at least 1 (0 only with --scst: SCST alone)")
         return self
 
 
@@ -230,8 +288,7 @@ def load_config_file(path: Path, preset: str | None = None) -> TrainConfig:
             raw = yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
         raise ConfigError(f"{path}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if raw is None:
-        raw = {}
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
     preset = raw.get("preset", preset)
