@@ -304,11 +304,12 @@ def test_bad_configuration_fails_before_training(tmp_path, args, message):
     assert not (ws.run_dir("bad") / "last").exists()
 
 
-def test_a_hub_lm_that_is_not_cached_fails_offline_before_training(tmp_path):
-    from huggingface_hub import try_to_load_from_cache
+def test_a_hub_lm_that_is_not_cached_fails_offline_before_training(tmp_path, monkeypatch):
+    from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
-        pytest.skip("gpt2 is in this machine's Hugging Face cache: it would load")
+    # An empty hub cache: the same on every machine (gpt2 may be in this one's real cache).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    assert not isinstance(try_to_load_from_cache("gpt2", "config.json"), str)
     ws = make_workspace(tmp_path)
     result = runner.invoke(app, ["-w", str(ws.root), "train", "--device", "cpu", "--name", "hub", "--lm", "gpt2"])
     assert result.exit_code == 2, result.output
