@@ -200,6 +200,22 @@ def test_resume_from_last_old_after_a_kill_between_the_renames(tmp_path):
     assert (run / "last").is_dir() and not (run / ".last.old").exists()
 
 
+
+def test_a_lone_best_old_is_put_back_at_the_next_start(tmp_path):
+    """A kill between the renames of the only `best` save left `.best.old/`; with no better score later,
+    nothing saved `best/` again and the finished run kept `.best.old/` (found by checkpoint_dir, but not
+    where a user looks). The next start puts both back."""
+    ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)
+    # lr too small to change a caption: the first validation is the only best
+    train(quick(lr=1e-12, max_steps=2, val_every=1, name="b"), ws, model=tiny_captioner(), quiet=True, keep_last=True)
+    run = ws.run_dir("b")
+    for which in ("best", "last"):
+        (run / which).rename(run / f".{which}.old")
+    train(quick(lr=1e-12, max_steps=3, val_every=1, name="b"), ws, resume=True, quiet=True, keep_last=True)
+    assert not list(run.glob(".*.old")) and (run / "best").is_dir() and (run / "last").is_dir()
+    assert [r["improved"] for r in metrics(run) if r.get("event") == "validation"] == [True, False, False]
+
+
 # --- 4. decoding settings saved with the model -------------------------------------------------------------
 def test_training_saves_its_decoding_settings_and_evaluate_uses_them(tmp_path):
     from vgpt_cli.evaluate.report import evaluate_split

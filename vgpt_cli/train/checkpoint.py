@@ -68,6 +68,17 @@ def remove_stale_temporaries(run_dir: Path, which: str) -> list[Path]:
     return stale
 
 
+def finish_interrupted_swap(run_dir: Path, which: str) -> bool:
+    """A kill between the two renames of a save left `.<which>.old/` alone: put it back as `<which>/`
+    (one writer per run, so nothing else is writing it). True when it did."""
+    final, old = Path(run_dir) / which, Path(run_dir) / f".{which}.old"
+    if final.exists() or not old.is_dir():
+        return False
+    old.rename(final)
+    fsync_dir(Path(run_dir))
+    return True
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
     """Replace folder `final` by the complete folder `tmp` so that at every moment `final/` or
     `.final.old/` is a complete checkpoint (checkpoint_dir reads the first that exists):

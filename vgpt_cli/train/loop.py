@@ -20,7 +20,12 @@ import torch
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.runtime import DistContext, checkpoint_dir, setup_distributed
 from vgpt_cli.train.callbacks import Callbacks, StepHook, TrainCallback
-from vgpt_cli.train.checkpoint import read_trainer_meta, remove_stale_temporaries, save_checkpoint
+from vgpt_cli.train.checkpoint import (
+    finish_interrupted_swap,
+    read_trainer_meta,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from vgpt_cli.train.config import RESUME_LOCKED, TrainConfig
 from vgpt_cli.train.run_folder import (
     RunLock,
@@ -122,6 +127,10 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         config = config.override(name=name, dataset=dataset)
         run_dir = workspace.run_dir(name)
         lock = RunLock(run_dir).acquire() if dist.is_main else None
+        if dist.is_main:  # a kill between a save's renames left .last.old/ alone: put it back first
+            for which in ("last", "best"):
+                finish_interrupted_swap(run_dir, which)
+        dist.barrier()
         n_examples = sum(len(it.captions) for it in train_items)
         if n_examples < dist.world_size * config.grad_accum:
             raise ConfigError(f"{n_examples} training captions cannot fill {dist.world_size} process(es) x "
