@@ -7,8 +7,8 @@ A tiny random GPT-2 (real GPT-2 BPE tokenizer from tests/assets) trains on rando
 dataset, checkpointing every step (so many kills land inside a save) and validating every 5 steps (with
 patience high enough that every run trains all its steps: a tiny random model's CIDEr-D stays 0).
 The same run is first trained without interruption (which also times a start and a step). Then the
-campaign starts it, kills it with SIGKILL after a random delay (during the start, or after a few
-steps), resumes it with `vgpt train --resume --name kc` (killed again at random), and so on until it
+campaign starts it, kills it with SIGKILL at a random moment (during the start, or 1 to 3 checkpoints
+later, inside a step or its save), resumes it with `vgpt train --resume --name kc` (killed again at random), and so on until it
 ends. It checks:
 - every resume continues: its "resuming ... at step k" is the step of the checkpoint left on disk;
 - after every kill, the run folder holds a loadable checkpoint where one was written (best/ or
@@ -106,13 +106,25 @@ def loadable(run: Path, which: str) -> bool | None:
     return True
 
 
-def saved_step(run: Path) -> int | None:
+def saved_step(run: Path, quiet: bool = False) -> int | None:
+    """The step of the `last` checkpoint on disk. quiet: while a run writes it (a swap may be under way),
+    None instead of an error."""
     from vgpt_cli.runtime import checkpoint_dir
 
-    folder = checkpoint_dir(run, "last")
-    if folder is None:
-        return None
-    return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    try:
+        folder = checkpoint_dir(run, "last")
+        return None if folder is None else int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        if quiet:
+            return None
+        raise
+
+
+def wait_until(proc: subprocess.Popen, done, seconds: float) -> None:
+    """Until done() or the process ends or `seconds` pass (polled every 10 ms)."""
+    end = time.perf_counter() + seconds
+    while proc.poll() is None and time.perf_counter() < end and not done():
+        time.sleep(0.01)
 
 
 def main() -> None:
@@ -132,8 +144,7 @@ def main() -> None:
         if ref.returncode != 0:
             raise SystemExit(f"the uninterrupted run failed:\n{ref.stderr[-3000:]}")
         ref_seconds = time.perf_counter() - t0
-        # When a start has done its imports and starts training, and how long a step (with its save) takes:
-        # the kills are timed from these so that 20 of them fall before the run's end.
+        # How long a start (imports) and a step (with its save) take: the kills are timed from these.
         times = [r["time"] for r in map(json.loads, (ws / "runs" / "ref" / "metrics.jsonl").read_text().splitlines())
                  if "loss" in r]
         step_s = (times[-1] - times[0]) / max(1, len(times) - 1)
@@ -148,16 +159,18 @@ def main() -> None:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if killing:
-                # One kill in five during the start (imports, resume: cutting metrics.jsonl back), the others
-                # after 0.5 to 3.5 steps of training (each step ends with a save, so many land inside one).
-                # A run that ends first is simply the last attempt.
-                if rnd.random() < 0.2:
-                    delay = rnd.uniform(0.3, 1.0) * startup_s
+                # One kill in five during the start (imports, resume: cutting metrics.jsonl back); the others
+                # once 1 to 3 more checkpoints are on disk, plus a random part of a step (each step ends with
+                # a save, so many land inside one). Counting checkpoints, not seconds, keeps 20 kills before
+                # the end however long a start takes on a busy machine. A run that ends first is the last attempt.
+                if rnd.random() < 0.2:  # at the latest when its first checkpoint appears (a start may be quick)
+                    wait_until(proc, lambda b=before or 0: (saved_step(run, quiet=True) or 0) > b,
+                               rnd.uniform(0.3, 1.0) * startup_s)
                 else:
-                    delay = startup_s + rnd.uniform(0.5, 3.5) * step_s
-                try:
-                    proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
+                    target = (before or 0) + rnd.randint(1, 3)
+                    wait_until(proc, lambda t=target: (saved_step(run, quiet=True) or 0) >= t, 600)
+                    wait_until(proc, lambda: False, rnd.uniform(0.0, 1.0) * step_s)
+                if proc.poll() is None:
                     proc.kill()
             _, stderr = proc.communicate()
             seconds = time.perf_counter() - t0
