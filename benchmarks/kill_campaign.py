@@ -209,7 +209,8 @@ def main() -> None:
         if not identical:
             problems.append("the final weights differ from the uninterrupted run's")
         kills = sum(r["killed"] for r in rows)
-        # a kill inside a save leaves its temporary folder (until the next start) or a .old folder
+        # a kill inside a save leaves its temporary folder (until the next start) or a .old folder; a kill
+        # during a start that had not yet removed the previous kill's folder counts too (an upper bound)
         in_saves = sum(bool(r["killed"] and (r["temporaries"] or r["old_folders"])) for r in rows)
         print_table(rows, f"kill campaign: {kills} kills ({in_saves} inside a save), {a.steps} steps, "
                           "checkpoint every step")
