@@ -122,7 +122,8 @@ def main() -> None:
                     lr=demo.lr, lm_lr=demo.lm_lr, warmup=min(demo.warmup, a.steps // 5), schedule="cosine",
                     batch_size=a.batch_size, max_steps=a.steps, val_size=a.val_size, val_beam=1, val_every=a.steps,
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
-                    name=f"{dataset}-{model}", patience=10**6, **MODELS[model])
+                    name=f"{dataset}-{model}", patience=10**6, encoder_warm_start=0,  # as its published runs
+                    **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
                 reused = _finished(run_dir, cfg, backbone.fingerprint)  # by an earlier, interrupted invocation
                 if reused:

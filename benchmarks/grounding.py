@@ -52,17 +52,6 @@ def open_visual_init(bias: float):
     return hook
 
 
-def encoder_warm_start(epochs: int):
-    """vgpt_cli.train.warm_start before SRAU training (the encoder alone, under a small word decoder)."""
-    def hook(model, n: int, manifest=None, store=None, seed: int = 0, **_) -> None:
-        from vgpt_cli.train.warm_start import warm_start_encoder
-
-        r = warm_start_encoder(model, manifest.items("train"), store, epochs, seed=seed,
-                               autocast_dtype=torch.bfloat16 if _bf16() else None, log=print)
-        print(f"encoder warm start: {r.epochs} epochs, losses {r.losses}, {r.seconds} s", flush=True)
-    return hook
-
-
 # Everything not named here is the demo's (vgpt_cli.demo.DemoSettings). step_factor: more steps for
 # recipes whose step is cheaper, so that every recipe trains for about the same wall-clock time.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -79,8 +68,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "demo-frozen": {"freeze_lm_steps_frac": 1.0},
     "frozen-open-init": {"freeze_lm_steps_frac": 1.0, "model_hooks": [open_visual_init(1.2)]},
     "frozen-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "lr": 3e-3},
-    "frozen-enc-warm4": {"freeze_lm_steps_frac": 1.0, "model_hooks": [encoder_warm_start(4)]},
-    "frozen-enc-warm10": {"freeze_lm_steps_frac": 1.0, "model_hooks": [encoder_warm_start(10)]},
+    # the encoder trained alone first (vgpt_cli.train.warm_start): `vgpt demo`'s recipe
+    "frozen-enc-warm10": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10},
 }
 
 
@@ -92,7 +81,7 @@ def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, pre
     base = dict(lm=LM, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
                 lm_lr=d.lm_lr, warmup=d.warmup, schedule="cosine", batch_size=d.batch_size, max_steps=steps,
                 val_every=steps, val_size=5, val_beam=d.eval_beam, max_length=d.max_length,
-                precision=precision, seed=seed, device="cpu", name=name, patience=100)
+                precision=precision, seed=seed, device="cpu", name=name, patience=100, encoder_warm_start=0)
     base.update({k: v for k, v in variant.items() if k in TrainConfig.__dataclass_fields__})
     for key in ("soft_gate_steps", "freeze_lm_steps"):  # given as a fraction of the run's steps
         if f"{key}_frac" in variant:

@@ -135,7 +135,7 @@ def main() -> None:
                 stamps[record["step"]] = time.perf_counter()
 
             cfg = TrainConfig(lm="gpt2", device=str(device), batch_size=p["batch"], max_steps=total, lr=1e-4,
-                              name=name, log_every=10)
+                              name=name, log_every=10, encoder_warm_start=0)
             result = train(cfg, ws, model=build_model(p, device), on_step=on_step, quiet=True)
             tokens = sum(r["tokens"] for r in result.history[first:last])
             return (stamps[last] - stamps[first]) / steps, tokens

@@ -277,7 +277,8 @@ def test_config_file_and_flags(tmp_path):
     paper = TrainConfig.from_preset("paper")
     assert (paper.tau, paper.encoder_layers, paper.lr, paper.resolved_lm_lr, paper.gate_init_bias, paper.warmup,
             paper.batch_size, paper.clip_grad, paper.val_beam, paper.max_length, paper.freeze_lm_steps,
-            paper.preset) == (0.2, 3, 1e-4, 1e-4, None, 0, 50, 1.0, 5, 20, 0, "paper")
+            paper.encoder_warm_start, paper.preset) == (0.2, 3, 1e-4, 1e-4, None, 0, 50, 1.0, 5, 20, 0, 0, "paper")
+    assert defaults.encoder_warm_start == 10
     (tmp_path / "p.yaml").write_text("preset: paper\nlr: 2e-4\n")
     from_file = load_config_file(tmp_path / "p.yaml")
     assert (from_file.encoder_layers, from_file.lr, from_file.preset) == (3, 2e-4, "paper")

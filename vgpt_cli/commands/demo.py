@@ -15,9 +15,12 @@ def command(
     ctx: typer.Context,
     quick: Annotated[bool, typer.Option("--quick", help="A 2-minute smoke run: 120 scenes, 20 steps.")] = False,
     scenes: Annotated[int | None, typer.Option("--scenes", help="Shapes scenes to generate (default 1000).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Training steps (default 280, the LM frozen).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="SRAU training steps (default 160, the LM frozen), "
+                                              "after 10 epochs of encoder warm start.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data, initialisation and order (42).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
+                                           "BF16, and on CUDA), bf16 or fp32.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
 ) -> None:
     """Run the whole pipeline on built-in data with real pretrained weights, no download needed.
@@ -37,7 +40,9 @@ def command(
     ws = workspace(ctx)
     settings = settings_for(quick, scenes=scenes, steps=steps, seed=seed)
     err.print(f"vgpt demo{' --quick' if quick else ''}: workspace {ws.root}", highlight=False)
-    report = run_demo(ws, settings, device=device, log=lambda s: err.print(s, highlight=False))
+    if precision not in ("auto", "bf16", "fp32"):
+        raise typer.BadParameter(f"--precision {precision}: use auto, bf16 or fp32")
+    report = run_demo(ws, settings, device=device, precision=precision, log=lambda s: err.print(s, highlight=False))
     if as_json:
         print_json(report.to_dict())
         return

@@ -60,6 +60,10 @@ def command(
                                  f"paper {paper('lr')}).")] = None,
     lm_lr: Annotated[float | None, _opt("--lm-lr", help="Learning rate of the pretrained LM's parameters "
                                         f"(default {d('lm_lr')}; paper: same as --lr).")] = None,
+    encoder_warm_start: Annotated[int | None, _opt("--encoder-warm-start", help="Epochs of training the visual "
+                                                   "encoder alone under a small word decoder before SRAU "
+                                                   f"training (default {d('encoder_warm_start')}; paper "
+                                                   f"{paper('encoder_warm_start')}).")] = None,
     warmup: Annotated[int | None, _opt("--warmup", help=f"Linear warm-up steps (default {d('warmup')}; paper {paper('warmup')}).")] = None,
     schedule: Annotated[str | None, _opt("--schedule", help=f"cosine, linear or constant (default {d('schedule')}; paper {paper('schedule')}).")] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", help="Captions per micro-batch per process "
@@ -104,7 +108,7 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau {tau} on K = {encoder_layers} encoder level, gates starting at sigmoid({gate_init_bias}) (the pretrained LM itself), the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
+    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau {tau} on K = {encoder_layers} encoder level, gates starting at sigmoid({gate_init_bias}) (the pretrained LM itself), {encoder_warm_start} epochs of encoder warm start, the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
 
     Writes runs/<name>/: config.json, metrics.jsonl, curves.png (loss, validation CIDEr-D, mean visual gate), best/ (the model to use) and, while the run can be resumed, last/; with --tensorboard also tensorboard/.
 
@@ -128,7 +132,7 @@ def command(
 
     ws = workspace(ctx)
     flags = dict(preset=preset, lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, lr=lr, lm_lr=lm_lr,
-                 warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                 encoder_warm_start=encoder_warm_start, warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                  max_steps=max_steps, label_smoothing=label_smoothing, precision=precision, seed=seed,
                  patience=patience, val_every=val_every, val_size=val_size, max_length=max_length, scst=scst,
                  scst_lr=scst_lr, scst_epochs=scst_epochs, scst_samples=scst_samples, save_every=save_every,
@@ -190,8 +194,8 @@ def command(
 
 # The help's defaults, from TrainConfig and PRESETS (tests/test_train.py checks every "(default X" too).
 command.__doc__ = command.__doc__.format(
-    **{k: d(k) for k in ("tau", "encoder_layers", "gate_init_bias", "freeze_lm_steps", "lr", "lm_lr", "warmup",
-                         "schedule", "batch_size")},
+    **{k: d(k) for k in ("tau", "encoder_layers", "gate_init_bias", "encoder_warm_start", "freeze_lm_steps", "lr",
+                         "lm_lr", "warmup", "schedule", "batch_size")},
     **{f"paper_{k}": paper(k) for k in ("encoder_layers", "lr", "batch_size")})
 
 

@@ -1,9 +1,9 @@
 """`TrainConfig`: every training option, typed, with the recipe measured best here as defaults.
 
-Composed of parts (model, optimiser, validation, SCST, run), each checking its own options once; the
-model part is the CaptionerConfig's settings, and what `--resume` may not change. The flags (and their
-help's defaults) and `--config FILE` (YAML/JSON) feed it: file values, then the flags given. Saved as
-runs/<name>/config.json (flat, one key per option) and read back on `--resume`.
+Composed of parts (model, optimiser, validation, SCST, run), each checking its own options once; the model
+part is the CaptionerConfig's settings, and what `--resume` may not change. The flags (and their help's
+defaults) and `--config FILE` (YAML/JSON) feed it: file values, then the flags given. Saved as runs/<name>/
+config.json (flat, one key per option) and read back on `--resume`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PRESETS: dict[str, dict[str, Any]] = {
     "vgpt": {},
     "paper": {"encoder_layers": 3, "gate_init_bias": None, "lr": 1e-4, "lm_lr": None, "warmup": 0,
-              "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0},
+              "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0,
+              "encoder_warm_start": 0},
 }
-
 
 
 # --- the parts ---------------------------------------------------------------------------------------
@@ -103,6 +103,8 @@ class OptimiserOptions:
     soft_gate_steps: int = 0
     # ... and with the LM frozen (cheaper steps; the image has to carry what the LM cannot guess).
     freeze_lm_steps: int = 200
+    # Epochs of the visual encoder alone under a small word decoder first (train/warm_start.py); 0: none.
+    encoder_warm_start: int = 10
 
     @property
     def resolved_lm_lr(self) -> float:
@@ -118,7 +120,7 @@ class OptimiserOptions:
         if self.precision not in PRECISIONS:
             _bad(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
         _at_least_1(self, "batch_size", "grad_accum", "epochs")
-        for name in ("soft_gate_steps", "freeze_lm_steps", "warmup"):
+        for name in ("soft_gate_steps", "freeze_lm_steps", "warmup", "encoder_warm_start"):
             if getattr(self, name) < 0:
                 _bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not (0.0 <= self.label_smoothing < 1.0):
@@ -205,7 +207,6 @@ class TrainConfig(RunOptions, ScstOptions, ValidationOptions, OptimiserOptions, 
     """Every training option: the parts above side by side, flat as the flags and config.json have them
     (TrainConfig(lm=..., encoder_layers=..., lr=...)), with the recipe measured best here as defaults."""
 
-    # --- helpers -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

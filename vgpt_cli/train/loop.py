@@ -195,6 +195,8 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                 trainer.log({"event": "resume", "phase": "xe", "step": trainer.state["step"], "time": time.time()})
             else:
                 callback.on_message(_summary(config, trainer, dist))
+                if config.encoder_warm_start and config.max_steps != 0:
+                    _warm_start(config, trainer, model, train_items, store, callback)
             if dist.enabled:
                 trainer.model = wrap_ddp(model, dist.device)
             trainer.run_phase("xe")
@@ -243,6 +245,19 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         if lock is not None:
             lock.release()
         dist.close()
+
+
+def _warm_start(config: TrainConfig, trainer: Trainer, model: Any, train_items: Sequence[Any], store: Any,
+                callback: Callbacks) -> None:
+    """A fresh run's encoder warm start (train/warm_start.py), before the first SRAU step and any
+    checkpoint: a run killed during it starts again from the beginning."""
+    from vgpt_cli.train.warm_start import warm_start_encoder
+
+    dtype = torch.bfloat16 if config.precision == "bf16" else None  # fp16 would need a loss scaler here
+    r = warm_start_encoder(model, train_items, store, config.encoder_warm_start, seed=config.seed,
+                           autocast_dtype=dtype, log=callback.on_message)
+    trainer.log({"event": "encoder_warm_start", "phase": "xe", "step": 0, "epochs": r.epochs, "losses": r.losses,
+                 "vocabulary": r.vocabulary, "seconds": r.seconds, "time": time.time()})
 
 
 def _callbacks(extra: Sequence[TrainCallback], on_step: Callable[[dict[str, Any]], None] | None,
