@@ -186,6 +186,10 @@ def test_wrong_request_content_types_and_empty_multipart(client):
     assert r.status_code == 415 and "content type none" in r.json()["detail"]
     r = client.post("/v1/captions", content=b"--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 400 and "no 'images' field" in r.json()["detail"]
+    cut = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="x.jpg"\r\n\r\n'
+           + CHELSEA.read_bytes()[:3000])
+    r = client.post("/v1/captions", content=cut, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "the body ends inside x.jpg" in r.json()["detail"]
     r = client.post("/v1/captions", content=b"garbage", headers={"content-type": "multipart/form-data"})
     assert r.status_code == 400 and "without a boundary" in r.json()["detail"]
     assert_good(client)
@@ -311,16 +315,54 @@ def test_cli_serves_the_workspace_best_model_on_localhost_with_the_env_key(model
 
 
 # --- batching and disconnects --------------------------------------------------------------------------
-def test_concurrent_requests_are_batched_into_one_search_with_the_same_answers(captioner, reference):
-    settings = ServeSettings(max_batch=4, max_wait_ms=60_000)  # the batch runs when all four are there
-    with TestClient(create_app(captioner, settings)) as c:
-        photos = [CHELSEA, ASTRONAUT, CHELSEA, ASTRONAUT]
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda p: c.post("/v1/captions", files=[("images", jpeg(p))]), photos))
+def test_requests_that_arrive_while_the_model_works_are_batched_together(captioner, reference, monkeypatch):
+    entered, gate = threading.Event(), threading.Event()
+    real = captioner.caption
+
+    def held(*a, **k):
+        entered.set()
+        gate.wait(60)  # the first batch holds the model while three more requests arrive
+        return real(*a, **k)
+
+    monkeypatch.setattr(captioner, "caption", held)
+    app = create_app(captioner, ServeSettings(max_batch=8, max_wait_ms=0))
+    photos = [CHELSEA, ASTRONAUT, CHELSEA, ASTRONAUT]
+    with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
+        post = lambda p: c.post("/v1/captions", files=[("images", jpeg(p))])  # noqa: E731
+        first = pool.submit(post, photos[0])
+        assert entered.wait(60), "the first request never reached the model"
+        rest = [pool.submit(post, p) for p in photos[1:]]
+        wait_until(lambda: app.state.batcher.queued == 3, "three requests to queue behind the first")
+        gate.set()
+        answers = [first.result()] + [f.result() for f in rest]
         assert all(a.status_code == 200 for a in answers)
         assert [a.json()["results"][0]["caption"] for a in answers] == [reference[str(p)].caption for p in photos]
         h = c.get("/health").json()
-        assert h["images"] == 4 and h["batches"] == 1 and h["largest_batch"] == 4
+        assert h["images"] == 4 and h["batches"] == 2 and h["largest_batch"] == 3
+
+
+def test_batcher_waits_only_for_images_announced_as_coming():
+    seen: list[list[int]] = []
+
+    async def scenario():
+        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=60_000)
+        await b.start()
+        try:
+            # nothing announced: a lone job runs at once, not after the 60 s wait
+            assert await asyncio.wait_for(b.submit([1], {})[0], 30) == 1
+            # one more announced: the batch waits for it (and no longer than it must)
+            b.announce(1)
+            (f2,) = b.submit([2], {})
+            await asyncio.sleep(0.2)
+            assert not f2.done()
+            b.retract(1)
+            (f3,) = b.submit([3], {})
+            assert await asyncio.wait_for(asyncio.gather(f2, f3), 30) == [2, 3]
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert seen == [[1], [2, 3]]
 
 
 def test_batcher_skips_withdrawn_jobs_and_caps_the_batch():

@@ -25,7 +25,8 @@ def command(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
         "At most this many images (of any requests) per batched search."))] = 16,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help=(
-        "After the first image arrives, wait at most this long for more to batch with it."))] = 10.0,
+        "A batch waits at most this long for images already arriving (being received or decoded) to "
+        "join it; with none on the way it starts at once."))] = 50.0,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, help=(
         "Require 'Authorization: Bearer KEY' on every endpoint but /health."))] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body.")
@@ -37,7 +38,7 @@ def command(
     """Serve captions over HTTP: a JSON API, its OpenAPI page (/docs) and a browser page (/).
 
     Concurrent requests are batched into one beam search (up to --max-batch images, or what arrives
-    within --max-wait-ms). Decoding uses the settings saved with the model. Needs the serve extra:
+    within --max-wait-ms; a lone request does not wait). Decoding uses the settings saved with the model. Needs the serve extra:
     pip install 'vgpt[serve]'.
 
     Example:

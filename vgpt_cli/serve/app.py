@@ -23,6 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from vgpt_cli import __version__
 from vgpt_cli.serve.batcher import Batcher
@@ -59,7 +60,7 @@ class CaptionsOut(BaseModel):
 
 class ServeSettings(BaseModel):
     max_batch: int = 16
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 50.0
     api_key: str | None = None
     max_upload_bytes: int = 20_000_000
     max_files: int = 16
@@ -212,11 +213,21 @@ def create_app(captioner, settings: ServeSettings | None = None) -> FastAPI:
     async def captions(request: Request, attention: bool = Query(
             False, description="also return each token's cross-attention map over the image grid")) -> Any:
         """Caption one or more images sent as multipart form field `images`."""
-        uploads = await read_uploads(request.headers.get("content-type"), request.headers.get("content-length"),
-                                     request.stream(), max_bytes=settings.max_upload_bytes,
-                                     max_files=settings.max_files)
-        images = await run_in_threadpool(decode_uploads, uploads, settings.max_pixels)
-        futures = batcher.submit(images, {"attention": attention})
+        batcher.announce(1)  # a request on its way: a batch forming now may wait for it (see batcher.py)
+        announced = 1
+        try:
+            try:
+                uploads = await read_uploads(request.headers.get("content-type"),
+                                             request.headers.get("content-length"), request.stream(),
+                                             max_bytes=settings.max_upload_bytes, max_files=settings.max_files)
+            except ClientDisconnect:  # hung up while uploading: nobody to answer
+                return JSONResponse({"detail": "client disconnected"}, status_code=499)
+            batcher.announce(len(uploads) - 1)
+            announced = len(uploads)
+            images = await run_in_threadpool(decode_uploads, uploads, settings.max_pixels)
+        finally:
+            batcher.retract(announced)
+        futures = batcher.submit(images, {"attention": attention})  # no await since retract: no gap
         try:
             results = await wait_for_results(request, batcher, futures)
         except ClientGone:  # nobody reads this answer; its jobs are already withdrawn

@@ -1,6 +1,11 @@
 """Dynamic batching: requests' images wait in one queue; a worker takes up to `max_batch` of them, or
 what has come within `max_wait_ms` of the first, and runs them as one batch on one model thread.
 
+The worker waits only for images it knows are coming: a request announces itself on arrival and
+while its body is read and its images decoded (`announce` / `retract`). With nothing announced a
+batch starts at once, so a lone request never pays the wait; under load the wait lets the images
+still being decoded join the batch instead of starting a batch of one after it.
+
 The event loop only moves jobs; the batch function runs in a single worker thread (one model in
 memory, one batch at a time), so the server keeps answering /health and accepting uploads while the
 model works. A job whose future was cancelled (its client went away) is dropped before it reaches
@@ -41,13 +46,14 @@ class Batcher:
     """run_batch(items, options_list) -> results (one per item, in order), called in one thread."""
 
     def __init__(self, run_batch: Callable[[list[Any], list[dict[str, Any]]], Sequence[Any]], *,
-                 max_batch: int = 16, max_wait_ms: float = 10.0) -> None:
+                 max_batch: int = 16, max_wait_ms: float = 50.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: use 1 or more")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms={max_wait_ms}: use 0 or more")
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000.0
         self.stats = BatchStats()
+        self.announced = 0  # images (or requests not yet parsed) on their way to submit()
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -85,6 +91,14 @@ class Batcher:
             futures.append(job.future)
         return futures
 
+    def announce(self, n: int) -> None:
+        """n more images are on their way (being received or decoded)."""
+        self.announced += n
+
+    def retract(self, n: int) -> None:
+        """n announced images arrived (call just before submit) or will not come."""
+        self.announced = max(0, self.announced - n)
+
     def _take(self, batch: list[Job], job: Job) -> None:
         if job.future.done():  # withdrawn (its client left): never reaches the model
             self.stats.dropped += 1
@@ -101,24 +115,29 @@ class Batcher:
     async def _next_batch(self) -> list[Job]:
         assert self._queue is not None
         batch: list[Job] = []
-        while not batch:
-            self._take(batch, await self._queue.get())
-        deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():  # already waiting: take it without a timer
-                self._take(batch, self._queue.get_nowait())
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            getter = asyncio.ensure_future(self._queue.get())
-            done, _ = await asyncio.wait({getter}, timeout=left)
-            if not done:
-                getter.cancel()  # a get that won the race still hands over its job below: none is lost
-                await asyncio.wait({getter})
-                if getter.cancelled():
+        try:
+            while not batch:
+                self._take(batch, await self._queue.get())
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():  # already waiting: take it without a timer
+                    self._take(batch, self._queue.get_nowait())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self.announced == 0:  # nothing (more) is known to be coming
                     break
-            self._take(batch, getter.result())
+                getter = asyncio.ensure_future(self._queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=left)
+                if not done:
+                    getter.cancel()  # a get that won the race still hands over its job below: none is lost
+                    await asyncio.wait({getter})
+                    if getter.cancelled():
+                        break
+                self._take(batch, getter.result())
+        except asyncio.CancelledError:  # stopping: what was gathered will not run; its requests hear so
+            for j in batch:
+                j.future.cancel()
+            raise
         return batch
 
     async def _work(self) -> None:

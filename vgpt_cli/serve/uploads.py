@@ -135,6 +135,8 @@ async def read_uploads(content_type: str | None, content_length: str | None, bod
         raise UploadError(400, f"the multipart body cannot be parsed ({e}); let the HTTP client build it") from None
     if problems:
         raise problems[0]
+    if "upload" in part:  # the body stopped inside a file: the closing boundary never came
+        raise UploadError(400, f"the body ends inside {part['upload'].filename} (a cut-off upload); send it again")
     if not uploads:
         raise UploadError(400, f"no '{FIELD}' field: send one or more images as multipart form field '{FIELD}' "
                                f"(curl -F {FIELD}=@photo.jpg)")
