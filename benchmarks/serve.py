@@ -10,9 +10,10 @@ GPT-2 of --width with the real 50,257-token BPE, K = 3 encoder levels, over the 
 EfficientNet-Lite0 (7 x 7 tokens, 224 px); beam 5, 20 tokens. Random weights rarely say EOS, so
 every caption runs all 20 steps: the worst case for a beam search.
 
-Scenarios, each on a fresh server:
-  batched      --max-batch 16 --max-wait-ms 50 with 1, 4 and 16 clients
-  one_at_a_time --max-batch 1 with 16 clients: the same load, each image its own search
+Two servers run side by side, and the scenarios take turns, --rounds times (the machine is shared:
+a change in its load then falls on both sides of the comparison):
+  batched        --max-batch 16 --max-wait-ms 50, with 1, 4 and 16 clients
+  one_at_a_time  --max-batch 1, with 16 clients: the same load, each image its own search
 
     python benchmarks/serve.py                  # ~3-4 minutes on a 2-core CPU
     python benchmarks/serve.py --width 256 --requests 48
@@ -122,15 +123,23 @@ def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed; first: {errors[0]}")
-    lat = np.array(latencies)
-    return {"clients": clients, "requests": requests, "seconds": round(wall, 3),
-            "images_per_s": round(requests / wall, 3), "p50_ms": int(round(float(np.percentile(lat, 50)) * 1000)),
+    return {"seconds": wall, "latencies": latencies}
+
+
+def summary(server: str, clients: int, runs: list[dict]) -> dict:
+    """Rounds of one scenario pooled: images/s = all requests / all seconds, latency percentiles of all."""
+    lat = np.array([x for r in runs for x in r["latencies"]])
+    seconds = sum(r["seconds"] for r in runs)
+    return {"server": server, "clients": clients, "requests": len(lat), "seconds": round(seconds, 2),
+            "images_per_s": round(len(lat) / seconds, 3), "p50_ms": int(round(float(np.percentile(lat, 50)) * 1000)),
             "p95_ms": int(round(float(np.percentile(lat, 95)) * 1000))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=32, help="one-image requests per scenario (1 client: half)")
+    ap.add_argument("--requests", type=int, default=32,
+                    help="one-image requests per round at 16 clients (4 clients: half, 1 client: a quarter)")
+    ap.add_argument("--rounds", type=int, default=2, help="every scenario once per round, in turns")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--k", type=int, default=3, help="encoder levels")
@@ -138,25 +147,32 @@ def main() -> None:
     args = ap.parse_args()
 
     started = time.perf_counter()
+    scenarios = [("batched", 1, max(args.requests // 4, 1)), ("batched", 4, args.requests // 2),
+                 ("batched", 16, args.requests), ("one_at_a_time", 16, args.requests)]
+    runs: dict[tuple[str, int], list[dict]] = {(s, c): [] for s, c, _ in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tmp / "model"
         make_model(model, args)
         images = [p.read_bytes() for p in make_images(tmp / "images", 8, 0)]
-        rows = []
-        with ServerProcess(model, 16, args.max_wait_ms, tmp / "batched.log") as srv:
-            load(srv.url, images, 2, 4)  # warm-up: first-call allocations, thread pools
-            warm = srv.health()["images"]
-            for clients in (1, 4, 16):
-                n = max(args.requests // 2, clients) if clients == 1 else args.requests
-                rows.append({"server": "batched", **load(srv.url, images, clients, n)})
-                print_table([rows[-1]])
-            h = srv.health()
+        # both servers up at once, the scenarios taken in turns, round after round: a change in the
+        # machine's load (it is shared) then falls on both sides of the comparison alike
+        with ServerProcess(model, 16, args.max_wait_ms, tmp / "batched.log") as batched, \
+                ServerProcess(model, 1, 0, tmp / "single.log") as single:
+            servers = {"batched": batched, "one_at_a_time": single}
+            for srv in servers.values():
+                load(srv.url, images, 2, 4)  # warm-up: first-call allocations, thread pools
+            warm = batched.health()["images"]
+            for rnd in range(args.rounds):
+                for server, clients, n in scenarios:
+                    r = load(servers[server].url, images, clients, n)
+                    runs[(server, clients)].append(r)
+                    print(f"round {rnd + 1}: {server:13s} {clients:2d} clients  {n / r['seconds']:.3f} images/s")
+            h = batched.health()
             batches = {"batches": h["batches"], "images": h["images"] - warm, "largest_batch": h["largest_batch"]}
-        with ServerProcess(model, 1, 0, tmp / "single.log") as srv:
-            load(srv.url, images, 2, 4)
-            rows.append({"server": "one_at_a_time", **load(srv.url, images, 16, args.requests)})
-            print_table([rows[-1]])
+    rows = [summary(s, c, runs[(s, c)]) for s, c, _ in scenarios]
+    # the same requests on both sides: the throughput ratio is the ratio of the seconds
+    per_round = [round(o["seconds"] / b["seconds"], 3) for b, o in zip(runs[("batched", 16)], runs[("one_at_a_time", 16)])]
 
     print()
     print_table(rows, title="vgpt serve: one-image requests, beam 5, 20 tokens, CPU")
@@ -168,6 +184,7 @@ def main() -> None:
     raw = {"model": f"random GPT-2 {args.layers}x{args.width} + real BPE, K={args.k}, EfficientNet-Lite0 224 px",
            "beam_size": 5, "max_length": 20, "max_wait_ms": args.max_wait_ms, "scenarios": rows,
            "batched_server_counts": batches, "speedup_16_clients_vs_one_at_a_time": round(speedup, 3),
+           "speedup_16_clients_vs_one_at_a_time_per_round": per_round, "rounds": args.rounds,
            "speedup_16_clients_vs_1_client": round(over_one_client, 3),
            "load_average_1min_after": round(os.getloadavg()[0], 2),
            "seconds_total": round(time.perf_counter() - started, 1)}

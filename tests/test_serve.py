@@ -314,6 +314,17 @@ def test_cli_serves_the_workspace_best_model_on_localhost_with_the_env_key(model
     assert r.exit_code == 2 and "--api-key" in r.output
 
 
+def test_missing_serve_extra_is_one_line_with_the_install_command_intact(monkeypatch):
+    # The error line went through rich markup unescaped: "vgpt[serve]" printed as "vgpt" (fixed in
+    # commands/common.py: messages are escaped); this fails on the old friendly_errors.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    r = CliRunner().invoke(cli_app, ["serve", "--model", "nowhere"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "pip install 'vgpt[serve]'" in r.output and "uvicorn is missing" in r.output
+
+
 # --- batching and disconnects --------------------------------------------------------------------------
 def test_requests_that_arrive_while_the_model_works_are_batched_together(captioner, reference, monkeypatch):
     entered, gate = threading.Event(), threading.Event()

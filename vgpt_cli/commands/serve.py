@@ -38,8 +38,8 @@ def command(
     """Serve captions over HTTP: a JSON API, its OpenAPI page (/docs) and a browser page (/).
 
     Concurrent requests are batched into one beam search (up to --max-batch images, or what arrives
-    within --max-wait-ms; a lone request does not wait). Decoding uses the settings saved with the model. Needs the serve extra:
-    pip install 'vgpt[serve]'.
+    within --max-wait-ms; a lone request does not wait). Decoding uses the settings saved with the
+    model. Needs the serve extra: pip install 'vgpt\\[serve]'.
 
     Example:
 
