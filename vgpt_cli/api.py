@@ -36,6 +36,7 @@ class CaptionResult:
     score: float | None = None        # beam score: summed token log-probabilities
     error: str | None = None
     tokens: list[dict[str, Any]] | None = None  # with gates: [{"token", "linguistic", "visual"}, ...]
+    beams: list[dict[str, Any]] | None = None   # with beams: [{"caption", "score"}, ...], best first
     attention: Any = None             # with attention: (tokens, H, W) float tensor, one map per token
 
     @property
@@ -50,6 +51,8 @@ class CaptionResult:
             d["error"] = self.error
         if self.tokens is not None:
             d["tokens"] = self.tokens
+        if self.beams is not None:
+            d["beams"] = self.beams
         return d
 
 
@@ -112,15 +115,14 @@ class ImageCaptioner:
         return [r.caption or "" for r in results]
 
     def caption(self, images: Sequence[str | os.PathLike | Image.Image], *, gates: bool = False,
-                attention: bool = False, progress: Callable[[int], None] | None = None) -> list[CaptionResult]:
+                beams: bool = False, attention: bool = False,
+                progress: Callable[[int], None] | None = None) -> list[CaptionResult]:
         """One CaptionResult per image; unreadable images get an error instead of a caption.
 
-        attention: each generated token's cross-attention map over the image's token grid
-        (`attention`, vgpt_cli.attention.word_attention), and `tokens` even for a model without gates."""
-        import torch
-
-        from vgpt_cli.decode import pad_features
-        from vgpt_cli.decode.search import decode
+        gates: each token with its mean linguistic and visual gate (`tokens`); beams: every finished
+        beam with its score (`beams`); attention: each token's cross-attention map over the image's
+        token grid (`attention`, vgpt_cli.attention.word_attention; and `tokens` even for a model
+        without gates)."""
         from vgpt_cli.features import BadImage, open_rgb
 
         results: list[CaptionResult] = []
@@ -142,25 +144,44 @@ class ImageCaptioner:
                         r.error = e.reason
                 results.append(r)
             if pils:
-                arrays = self.backbone.features_for_images(pils, batch_size=self.batch_size)
-                f, lengths = pad_features(arrays, self.device)
-                with torch.inference_mode():
-                    hyps = decode(self.model, f, lengths, self.options, return_gates=gates)
-                eos = self.model.eos_token_id
-                for j, (r, h) in enumerate(zip(good, hyps)):
-                    r.caption, r.score = h.text, h.score
-                    if gates and h.gates is not None:
-                        r.tokens = [{"token": _token_text(self.model.tokenizer, t, eos), "linguistic": round(g[0], 4),
-                                     "visual": round(g[1], 4)} for t, g in zip(h.token_ids, h.gates)]
-                    if attention:
-                        from vgpt_cli.attention import word_attention
-
-                        r.attention = word_attention(self.model, f[j, :int(lengths[j])], h.token_ids)
-                        if r.tokens is None:
-                            r.tokens = [{"token": _token_text(self.model.tokenizer, t, eos)} for t in h.token_ids]
+                self._caption_batch(pils, good, gates=gates, beams=beams, attention=attention)
             if progress is not None:
                 progress(len(chunk))
         return results
+
+    def _caption_batch(self, pils: list[Image.Image], results: list[CaptionResult], *, gates: bool, beams: bool,
+                       attention: bool) -> None:
+        """Backbone, then one batched (beam) search over all of `pils`; fills `results` in place."""
+        import torch
+
+        from vgpt_cli.decode import pad_features
+        from vgpt_cli.decode.search import beam_search, decode
+
+        arrays = self.backbone.features_for_images(pils, batch_size=self.batch_size)
+        f, lengths = pad_features(arrays, self.device)
+        with torch.inference_mode():
+            if beams and self.options.beam_size > 1:
+                all_hyps = beam_search(self.model, f, lengths, self.options, num_return=self.options.beam_size,
+                                       return_gates=gates)
+            else:
+                all_hyps = [[h] for h in decode(self.model, f, lengths, self.options, return_gates=gates)]
+        eos = self.model.eos_token_id
+        for j, (r, hyps) in enumerate(zip(results, all_hyps)):
+            h = hyps[0]
+            r.caption, r.score = h.text, h.score
+            if beams:
+                r.beams = [{"caption": b.text, "score": b.score} for b in hyps]
+            if (gates and h.gates is not None) or attention:
+                r.tokens = []
+                for k, t in enumerate(h.token_ids):
+                    d: dict[str, Any] = {"token": _token_text(self.model.tokenizer, t, eos)}
+                    if h.gates is not None:
+                        d["linguistic"], d["visual"] = round(h.gates[k][0], 4), round(h.gates[k][1], 4)
+                    r.tokens.append(d)
+            if attention:
+                from vgpt_cli.attention import word_attention
+
+                r.attention = word_attention(self.model, f[j, :int(lengths[j])], h.token_ids)
 
 
 def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from vgpt_cli import __version__
-from vgpt_cli.commands import caption, demo, evaluate, extract_features, prepare, train
+from vgpt_cli.commands import caption, demo, evaluate, extract_features, prepare, serve, train
 from vgpt_cli.workspace import WORKSPACE_ENV, Workspace
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ app.command("train")(train.command)
 app.command("caption")(caption.command)
 app.command("evaluate")(evaluate.command)
 app.command("demo")(demo.command)
+app.command("serve")(serve.command)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,7 +48,8 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except VgptError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            # escaped: a message is plain text; "vgpt[serve]" or "xattn[i]" are not rich markup
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(code=e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]; finished work was kept, rerun the same command to resume")

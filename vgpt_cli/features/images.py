@@ -6,9 +6,11 @@ with a short reason; extraction skips the item, lists it in the report and count
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,26 +63,35 @@ def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         size = os.path.getsize(path)
     except OSError:
         raise BadImage(path, "file not found") from None
+    return _decode_rgb(path, path, size, max_pixels)
+
+
+def open_rgb_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """open_rgb for an image held in memory (an upload): nothing is written to disk; `name` labels errors."""
+    return _decode_rgb(io.BytesIO(data), name, len(data), max_pixels)
+
+
+def _decode_rgb(source: Path | BinaryIO, label: str | Path, size: int, max_pixels: int) -> Image.Image:
     if size == 0:
-        raise BadImage(path, "empty file (0 bytes)")
+        raise BadImage(label, "empty file (0 bytes)")
     # A truncated file is an error, not a grey half-image: PIL's default (ImageFile.LOAD_TRUNCATED_IMAGES
     # False). That is PIL's global, so it is the caller's to change, never ours.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size  # from the header: checked before anything is decoded
                 if w * h > max_pixels:
-                    raise BadImage(path, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                                         "(a decompression bomb?)")
+                    raise BadImage(label, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                                          "(a decompression bomb?)")
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
     except BadImage:
         raise
     except UnidentifiedImageError:
-        raise BadImage(path, "not an image file PIL can read") from None
+        raise BadImage(label, "not an image file PIL can read") from None
     except Image.DecompressionBombError as e:
-        raise BadImage(path, f"decompression bomb ({e})") from None
+        raise BadImage(label, f"decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(path, f"cannot decode ({e})") from None
+        raise BadImage(label, f"cannot decode ({e})") from None

@@ -1,0 +1,1 @@
+"""`vgpt serve`: a batched HTTP captioning service and its browser page (needs the `serve` extra)."""

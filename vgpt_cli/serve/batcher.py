@@ -1,0 +1,161 @@
+"""Dynamic batching: requests' images wait in one queue; a worker takes up to `max_batch` of them, or
+what has come within `max_wait_ms` of the first, and runs them as one batch on one model thread.
+
+The worker waits only for images it knows are coming: a request announces itself on arrival and
+while its body is read and its images decoded (`announce` / `retract`). With nothing announced a
+batch starts at once, so a lone request never pays the wait; under load the wait lets the images
+still being decoded join the batch instead of starting a batch of one after it.
+
+The event loop only moves jobs; the batch function runs in a single worker thread (one model in
+memory, one batch at a time), so the server keeps answering /health and accepting uploads while the
+model works. A job whose future was cancelled (its client went away) is dropped before it reaches
+the model, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Job:
+    """One image of one request."""
+
+    item: Any                           # what the batch function takes (here: a PIL image)
+    options: dict[str, Any]             # per-request options (here: {"attention": bool})
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    withdrawn: int = 0                  # jobs cancelled by their request (its client left)
+    dropped: int = 0                    # withdrawn jobs the worker then skipped (never reached the model)
+    failed_batches: int = 0
+    largest_batch: int = 0
+
+
+class Batcher:
+    """run_batch(items, options_list) -> results (one per item, in order), called in one thread."""
+
+    def __init__(self, run_batch: Callable[[list[Any], list[dict[str, Any]]], Sequence[Any]], *,
+                 max_batch: int = 16, max_wait_ms: float = 50.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: use 1 or more")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms={max_wait_ms}: use 0 or more")
+        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000.0
+        self.stats = BatchStats()
+        self.announced = 0  # images (or requests not yet parsed) on their way to submit()
+        self._queue: asyncio.Queue[Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgpt-model")
+        self._worker = asyncio.create_task(self._work())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait().future.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._worker = self._executor = self._queue = None
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def submit(self, items: Sequence[Any], options: dict[str, Any]) -> list[asyncio.Future]:
+        """Queue the items; one future per item. Cancel a future to withdraw its item."""
+        if self._queue is None:
+            raise RuntimeError("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            job = Job(item, options, loop.create_future())
+            self._queue.put_nowait(job)
+            futures.append(job.future)
+        return futures
+
+    def announce(self, n: int) -> None:
+        """n more images are on their way (being received or decoded)."""
+        self.announced += n
+
+    def retract(self, n: int) -> None:
+        """n announced images arrived (call just before submit) or will not come."""
+        self.announced = max(0, self.announced - n)
+
+    def _take(self, batch: list[Job], job: Job) -> None:
+        if job.future.done():  # withdrawn (its client left): never reaches the model
+            self.stats.dropped += 1
+        else:
+            batch.append(job)
+
+    def withdraw(self, futures: Sequence[asyncio.Future]) -> None:
+        """Cancel the jobs of these futures that have no result yet; the worker skips them."""
+        for f in futures:
+            if not f.done():
+                f.cancel()
+                self.stats.withdrawn += 1
+
+    async def _next_batch(self) -> list[Job]:
+        assert self._queue is not None
+        batch: list[Job] = []
+        try:
+            while not batch:
+                self._take(batch, await self._queue.get())
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():  # already waiting: take it without a timer
+                    self._take(batch, self._queue.get_nowait())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self.announced == 0:  # nothing (more) is known to be coming
+                    break
+                getter = asyncio.ensure_future(self._queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=left)
+                if not done:
+                    getter.cancel()  # a get that won the race still hands over its job below: none is lost
+                    await asyncio.wait({getter})
+                    if getter.cancelled():
+                        break
+                self._take(batch, getter.result())
+        except asyncio.CancelledError:  # stopping: what was gathered will not run; its requests hear so
+            for j in batch:
+                j.future.cancel()
+            raise
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, [j.item for j in batch],
+                                                     [j.options for j in batch])
+            except Exception as e:  # the model failed: every waiting client hears why; the worker goes on
+                self.stats.failed_batches += 1
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            self.stats.batches += 1
+            self.stats.images += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            for j, r in zip(batch, results):
+                if not j.future.done():
+                    j.future.set_result(r)
