@@ -12,12 +12,16 @@ Rows (captions/s, all decoding the same images' memory with the same beams and l
 All models share one random GPT-2 (width, depth, heads, vocabulary); every search forces the same
 number of tokens (EOS only at the last step: min length = max length - 1) and scores by summed
 log-probabilities (no length penalty). The timed rows are measured interleaved (ours K=1, ours K=3,
-peer, ...) `--repeats` times and the best of each is kept, so that the ratios come from the same
-moments of a shared machine.
+peer, lm-only, then again) `--repeats` times and the median of each is kept, so that the ratios come
+from the same moments of a shared machine. On the CPU the rates are computed from the process's CPU
+time (one thread: the search's own work; the wall times are recorded too), on CUDA from wall time.
+Each method's warm-up search also counts the floating-point operations of its matrix products
+(torch.utils.flop_counter), so that a ratio of times can be read against the ratio of arithmetic.
 
-    python benchmarks/decode.py                   # CPU, ~2-3 min on 2 cores: GPT-2-small shape, batch 4
+    python benchmarks/decode.py                   # CPU, 1 thread, GPT-2-small shape, batch 4: ~2 min idle
     python benchmarks/decode.py --preset gpu      # batch 32, on cuda (and cpu) when there is one
     python benchmarks/decode.py --batch 8 --layers 12 --devices cpu
+    python benchmarks/decode.py --profile         # torch.profiler's top operations instead of timing
 
 Goals (per device): ours K=1 >= 1.5x hf-xattn, ours K=3 >= 1.2x hf-xattn, ours K=3 >= 3x the
 no-cache reference.
@@ -242,6 +246,7 @@ def main() -> None:
     if args.profile:
         return
     raw["total_seconds"] = time.perf_counter() - t0
+    raw["total_cpu_seconds"] = time.process_time()  # the whole script's work (start-up included)
     raw["load_average_1min_after"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     write_results(__file__, raw, goals)
 
