@@ -90,8 +90,13 @@ def test_fast_decoding_gives_the_tokens_of_the_unfused_reference(tok, levels):
     # image, cross-attention + SRAU fused in `_cross_srau`) against the no-cache reference running the
     # modules training runs (CrossAttention.forward + srau_combine): same tokens, scores, log-probs.
     model = tiny_captioner(tok, levels=levels)
+    torch.manual_seed(1)
+    for g in model.gates:  # tiny_captioner's gates stay within (0.4, 0.6): here the thresholds must cut
+        torch.nn.init.normal_(g.weight, std=3.0)
     f, lengths = images(6, seed=3)
     opts = DecodeOptions(beam_size=4, max_length=10, min_length=1)
+    seen = []
+    hooks = [g.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().flatten())) for g in model.gates]
     calls = []
     fused = model._cross_srau
     model._cross_srau = lambda *a, **k: calls.append(1) or fused(*a, **k)  # counts, then runs the real one
@@ -103,7 +108,12 @@ def test_fast_decoding_gives_the_tokens_of_the_unfused_reference(tok, levels):
     finally:
         model.fused_inference = True
         del model._cross_srau
+        for h in hooks:
+            h.remove()
     assert n_fast > 0 and len(calls) == n_fast  # the fast path ran fused, the reference did not
+    g = torch.cat(seen)  # the reference's gate values (LevelGates runs only in the unfused path)
+    tau = model.config.tau
+    assert (g <= tau).float().mean() > 0.01 and (1 - g <= tau).float().mean() > 0.01  # both branches get cut
     assert_same(fast, ref)
     assert any(h.ended for hs in fast for h in hs) and any(not h.ended for hs in fast for h in hs)
 
