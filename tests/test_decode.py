@@ -18,7 +18,7 @@ D_IN = 16
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
-def tiny_captioner(tok, family: str = "gpt2") -> Captioner:
+def tiny_captioner(tok, family: str = "gpt2", levels: int = 3) -> Captioner:
     """A tiny random captioner whose EOS sometimes wins early, sometimes never (so that finished
     hypotheses, images done early and captions cut at max_length all occur)."""
     torch.manual_seed(0)
@@ -33,7 +33,8 @@ def tiny_captioner(tok, family: str = "gpt2") -> Captioner:
     with torch.no_grad():
         torch.nn.init.normal_(head, std=0.3)  # peaked distributions: no near-ties between candidates
         head[tok.eos_token_id] *= 5.0
-    model = Captioner.from_config(CaptionerConfig(lm=f"tiny-{family}", d_in=D_IN, encoder_ffn=32), lm=lm,
+    model = Captioner.from_config(CaptionerConfig(lm=f"tiny-{family}", d_in=D_IN, encoder_ffn=32,
+                                                  encoder_layers=levels), lm=lm,
                                   tokenizer=tok).eval()
     for g in model.gates:  # gates that really vary
         torch.nn.init.normal_(g.weight, std=0.3)
@@ -81,6 +82,40 @@ def test_cached_beam_search_equals_full_forward_reference(model, opts):
         for h in hyps:
             grams = list(zip(h.token_ids, h.token_ids[1:]))
             assert len(grams) == len(set(grams))
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_fast_decoding_gives_the_tokens_of_the_unfused_reference(tok, levels):
+    # What decoding runs (cached self-attention written in place, memory keys/values projected once per
+    # image, cross-attention + SRAU fused in `_cross_srau`) against the no-cache reference running the
+    # modules training runs (CrossAttention.forward + srau_combine): same tokens, scores, log-probs.
+    model = tiny_captioner(tok, levels=levels)
+    torch.manual_seed(1)
+    for g in model.gates:  # tiny_captioner's gates stay within (0.4, 0.6): here the thresholds must cut
+        torch.nn.init.normal_(g.weight, std=3.0)
+    f, lengths = images(6, seed=3)
+    opts = DecodeOptions(beam_size=4, max_length=10, min_length=1)
+    seen = []
+    hooks = [g.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().flatten())) for g in model.gates]
+    calls = []
+    fused = model._cross_srau
+    model._cross_srau = lambda *a, **k: calls.append(1) or fused(*a, **k)  # counts, then runs the real one
+    try:
+        fast = beam_search(model, f, lengths, opts, num_return=4)
+        n_fast = len(calls)
+        model.fused_inference = False
+        ref = reference_beam_search(model, f, lengths, opts, num_return=4)
+    finally:
+        model.fused_inference = True
+        del model._cross_srau
+        for h in hooks:
+            h.remove()
+    assert n_fast > 0 and len(calls) == n_fast  # the fast path ran fused, the reference did not
+    g = torch.cat(seen)  # the reference's gate values (LevelGates runs only in the unfused path)
+    tau = model.config.tau
+    assert (g <= tau).float().mean() > 0.01 and (1 - g <= tau).float().mean() > 0.01  # both branches get cut
+    assert_same(fast, ref)
+    assert any(h.ended for hs in fast for h in hs) and any(not h.ended for hs in fast for h in hs)
 
 
 def test_llama_family_cache_equals_reference(tok):

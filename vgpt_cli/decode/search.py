@@ -184,11 +184,11 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
         lps = torch.cat([lps.index_select(0, rows), logp[rows, ntok][:, None]], 1)
         if return_gates:
             gts = torch.cat([gts.index_select(0, rows), state.gates.index_select(0, rows)[:, None]], 1)
-        state = state.reorder(rows, within_groups=True)  # rows never leave their image's group
         tokens = ntok[:, None]
         cur_len = step + 1
         if cur_len == opts.max_length:
-            break
+            break  # no step follows: the cache needs no reorder
+        state = state.reorder(rows, within_groups=True)  # rows never leave their image's group
         best = scores[:, 0].tolist()
         done = torch.tensor([_is_done(pools[int(i)], best[b], cur_len) for b, i in enumerate(img.tolist())],
                             device=dev)

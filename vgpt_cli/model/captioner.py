@@ -162,6 +162,10 @@ class Captioner(nn.Module):
         # min_length, length_penalty), saved in config.json as "generation", like transformers'
         # generation_config; vgpt_cli.runtime.decode_options applies them. Empty: the decoder's defaults.
         self.generation: dict[str, Any] = {}
+        # Inference (eval mode, no gradient) runs cross-attention + SRAU as `_cross_srau`, the same maths
+        # in fewer kernels; False runs the modules training runs (CrossAttention.forward + srau_combine),
+        # e.g. as the tests' independent reference, or to look inside the attention.
+        self.fused_inference = True
 
     def _init_new(self) -> None:
         # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
@@ -280,7 +284,8 @@ class Captioner(nn.Module):
         tau = self.config.tau if self.tau_override is None else self.tau_override
         rep = a.num_heads // a.num_kv_heads
         # inference takes the fused cross-attention + SRAU path (same maths, fewer kernels)
-        fused = self.gates is not None and not self.training and not torch.is_grad_enabled()
+        fused = (self.fused_inference and self.gates is not None and not self.training
+                 and not torch.is_grad_enabled())
         if fused and xmask is None:
             xmask = self._memory_mask(memory)
         for i in range(self.num_layers):
