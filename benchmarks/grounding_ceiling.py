@@ -144,6 +144,7 @@ class SmallCaptioner(nn.Module):
 
 def train_small(manifest, xs, positions: bool, seed: int, max_epochs: int, patience: int = 3):
     from vgpt_cli.data.shapes import object_scores
+    from vgpt_cli.train.warm_start import teacher_forcing
 
     words = sorted({w for it in manifest.items("train") for c in it.captions for w in c.split()})
     vocab = ["<pad>", "<bos>", "<eos>", *words]
@@ -157,12 +158,7 @@ def train_small(manifest, xs, positions: bool, seed: int, max_epochs: int, patie
         return rows
 
     def batch(rows, x):
-        T = max(len(r) for _, r in rows) - 1
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        tgt = torch.full((len(rows), T), -100, dtype=torch.long)
-        for b, (_, r) in enumerate(rows):
-            ids[b, : len(r) - 1] = torch.tensor(r[:-1])
-            tgt[b, : len(r) - 1] = torch.tensor(r[1:])
+        ids, tgt = teacher_forcing([r for _, r in rows])
         return x[[i for i, _ in rows]], ids, tgt
 
     torch.manual_seed(seed)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vgpt_cli.model.encoder import padding_mask
 from vgpt_cli.train.data import pad_features
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -33,6 +34,18 @@ MAX_WORDS = 40  # longer captions are cut for this auxiliary loss only (COCO's a
 
 def caption_words(caption: str) -> list[str]:
     return _WORD.findall(caption.lower())[:MAX_WORDS]
+
+
+def teacher_forcing(sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
+    """Word-id sequences (each <bos> ... <eos>) -> inputs (B, T) padded with 0 and next-word targets (B, T)
+    padded with -100 (ignored by cross_entropy), T = the longest sequence minus one."""
+    T = max(len(r) for r in sequences) - 1
+    ids = torch.zeros(len(sequences), T, dtype=torch.long)
+    target = torch.full((len(sequences), T), -100, dtype=torch.long)
+    for j, r in enumerate(sequences):
+        ids[j, : len(r) - 1] = torch.tensor(r[:-1])
+        target[j, : len(r) - 1] = torch.tensor(r[1:])
+    return ids, target
 
 
 class WordDecoder(nn.Module):
@@ -105,14 +118,9 @@ def warm_start_encoder(model: Any, items: Sequence[Any], store: Any, epochs: int
                     feats, lengths = pad_features([store.get(items[i].id) for i in idx])
                     feats, lengths = feats.to(device), lengths.to(device)
                     rows = [(b, r) for b, i in enumerate(idx) for r in rows_of[i]]
-                    T = max(len(r) for _, r in rows) - 1
-                    ids = torch.zeros(len(rows), T, dtype=torch.long)
-                    target = torch.full((len(rows), T), -100, dtype=torch.long)
-                    for j, (_, r) in enumerate(rows):
-                        ids[j, : len(r) - 1] = torch.tensor(r[:-1])
-                        target[j, : len(r) - 1] = torch.tensor(r[1:])
+                    ids, target = teacher_forcing([r for _, r in rows])
                     image_index = torch.tensor([b for b, _ in rows], device=device)
-                    mask = torch.arange(feats.shape[1], device=device)[None] < lengths[:, None]
+                    mask = padding_mask(lengths, feats.shape[1])
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                         enabled=autocast_dtype is not None):
                         tokens = encoder(feats.float(), mask)[:, -1]  # the top encoder level
