@@ -77,3 +77,16 @@ def tiny_photo_model(folder, image_size: int = 224, steps: int = 80, seed: int =
     model.save_pretrained(folder)
     atomic_write_json(folder / "backbone.json", backbone.meta)
     return folder
+
+
+def poison_encoder_at(model, step: int):
+    """An on_step hook that fills the model's first encoder weight with NaN after `step`: the next
+    step's loss is NaN (for the tests of how a run that goes non-finite ends)."""
+    import torch
+
+    def hook(record) -> None:
+        if record["step"] == step:
+            with torch.no_grad():
+                next(model.encoder.parameters()).fill_(float("nan"))
+
+    return hook

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import poison_encoder_at
 from PIL import Image
 from test_train import make_workspace, quick, tiny_captioner, tiny_lm_folder
 from typer.testing import CliRunner
@@ -61,10 +62,7 @@ def test_a_run_that_fails_still_writes_its_curves(tmp_path):
     ws = make_workspace(tmp_path)
     model = tiny_captioner()
 
-    def poison_after_2(record):
-        if record["step"] == 2:
-            with torch.no_grad():
-                model.encoder.parameters().__next__().fill_(float("nan"))
+    poison_after_2 = poison_encoder_at(model, 2)
 
     with pytest.raises(NonFiniteLossError):
         train(quick(max_steps=5, name="nan"), ws, model=model, on_step=poison_after_2, quiet=True)

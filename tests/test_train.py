@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import gpt2_tokenizer
+from helpers import gpt2_tokenizer, poison_encoder_at
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -247,10 +247,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ws = make_workspace(tmp_path)
     model = tiny_captioner()
 
-    def poison_after_2(record):
-        if record["step"] == 2:
-            with torch.no_grad():
-                model.encoder.parameters().__next__().fill_(float("nan"))
+    poison_after_2 = poison_encoder_at(model, 2)
 
     with pytest.raises(NonFiniteLossError, match="loss is nan.*last good checkpoint"):
         train(quick(max_steps=5, save_every=1, name="nan"), ws, model=model, on_step=poison_after_2, quiet=True)
