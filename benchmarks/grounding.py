@@ -17,6 +17,7 @@ Writes benchmarks/results/grounding.json (runs are added to the file, keyed by v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -52,6 +53,85 @@ def open_visual_init(bias: float):
     return hook
 
 
+def readout_supervision(weight: float, gated: bool):
+    """Deep supervision of the cross-attention: during cross-entropy steps, every block's cross-attention
+    output (mean over levels; with `gated`, the visual contribution (1 - g) 1[1 - g > tau] C that enters
+    the LM) must also predict the next token through one small shared head (LayerNorm + Linear over the
+    tokens of the training captions). `weight` x the mean over blocks is added to the loss.
+
+    Why: the SRAU read-out learns to bind colour to shape only through the frozen LM's answer to a few
+    gated channels; this gives each block's cross-attention a direct signal to fetch the object a word
+    needs. The head is thrown away; the captions still come from the LM alone."""
+    def hook(model, n: int, manifest, **_) -> None:
+        from vgpt_cli.train import objectives
+
+        ids = model.tokenize([c for it in manifest.items("train") for c in it.captions])["labels"]
+        vocab = torch.unique(ids[ids != -100])
+        remap = torch.full((model.vocab_size,), -100, dtype=torch.long)
+        remap[vocab] = torch.arange(len(vocab))
+        d = model.xattn[0].o.out_features
+        model.readout_head = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, len(vocab)))
+        captured: list[torch.Tensor] = []
+        pending: dict[int, torch.Tensor] = {}
+
+        def keep_c(i):
+            def f(m, inp, out):
+                if model.training and torch.is_grad_enabled():
+                    pending[i] = out
+                    if not gated:
+                        captured.append(out.mean(dim=1))
+            return f
+
+        def keep_v(i):
+            def f(m, inp, g):
+                if model.training and torch.is_grad_enabled() and gated:
+                    tau = model.config.tau if model.tau_override is None else model.tau_override
+                    h = 1 - g
+                    captured.append((torch.where(h > tau, h, h.new_zeros(())) * pending[i]).sum(1)
+                                    / math.sqrt(g.shape[1]))
+            return f
+
+        for i, (x, g) in enumerate(zip(model.xattn, model.gates)):
+            x.register_forward_hook(keep_c(i))
+            g.register_forward_hook(keep_v(i))
+        plain = objectives.token_loss_sum
+
+        def with_readout(logits, labels, label_smoothing=0.0):
+            loss = plain(logits, labels, label_smoothing)
+            if captured and model.training:
+                target = remap.to(labels.device)[labels.clamp(min=0)].masked_fill(labels == -100, -100)
+                aux = sum(torch.nn.functional.cross_entropy(
+                    model.readout_head(c.float()).flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+                    for c in captured) / len(captured)
+                captured.clear()
+                loss = loss + weight * aux
+            return loss
+
+        objectives.token_loss_sum = with_readout
+    return hook
+
+
+def lora(rank: int, alpha: float, targets: tuple[str, ...] = ("q_proj", "v_proj")):
+    """Low-rank adapters on the frozen LM's self-attention projections (y = W x + alpha/rank B A x, B = 0 at
+    the start, so the model starts as before). They are new parameters (the LM stays frozen, so a step
+    costs about what a frozen-LM step costs) and let the LM's own attention change, e.g. unlearn
+    repeating the colour it has just written."""
+    def hook(model, n: int, **_) -> None:
+        adapters = torch.nn.ModuleDict()
+        for name, module in model.lm.named_modules():
+            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+                key = name.replace(".", "_")
+                a = torch.nn.Linear(module.in_features, rank, bias=False)
+                b = torch.nn.Linear(rank, module.out_features, bias=False)
+                torch.nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+                torch.nn.init.zeros_(b.weight)
+                adapters[key] = torch.nn.Sequential(a, b)
+                module.register_forward_hook(
+                    lambda m, inp, out, ab=adapters[key]: out + ab(inp[0]) * (alpha / rank))
+        model.lora = adapters  # on the captioner, not the LM: trained as a new part while the LM is frozen
+    return hook
+
+
 # Everything not named here is the demo's (vgpt_cli.demo.DemoSettings). step_factor: more steps for
 # recipes whose step is cheaper, so that every recipe trains for about the same wall-clock time.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -70,6 +150,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "lr": 3e-3},
     # the encoder trained alone first (vgpt_cli.train.warm_start): `vgpt demo`'s recipe
     "frozen-enc-warm10": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10},
+    # warm-start alternatives: the binding must live in the encoder's own tokens (no token layer in the
+    # throw-away decoder), a higher rate for the new parameters, a longer warm start
+    "warm10-no-memory": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                         "warm_decoder": {"memory_layer": False}},
+    "warm10-frozen-encoder": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "freeze_encoder": True},
+    "warm10-no-memory-frozen-encoder": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                                        "warm_decoder": {"memory_layer": False}, "freeze_encoder": True},
+    "warm10-readout": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                       "model_hooks": [readout_supervision(1.0, gated=False)]},
+    "warm10-readout-gated": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                             "model_hooks": [readout_supervision(1.0, gated=True)]},
+    "warm10-lora8": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "model_hooks": [lora(8, 16.0)]},
+    "warm10-lm-trained": {"freeze_lm_steps_frac": 0.0, "encoder_warm_start": 10},
+    "warm10-lm-half": {"freeze_lm_steps_frac": 0.5, "encoder_warm_start": 10},
+    "warm10-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "lr": 3e-3},
+    "warm20-no-memory": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 20,
+                         "warm_decoder": {"memory_layer": False}},
 }
 
 
@@ -134,12 +231,16 @@ def word_gates(model, items, store, max_length: int) -> dict[str, float]:
     words, and what the model predicts where the reference names a colour or a shape:
     - colour_present: the predicted word at a colour position is a colour of the scene;
     - shape_present: the predicted word at a shape position is a shape of the scene;
-    - shape_bound: ... and it is the shape of the object with the colour just named (binding)."""
+    - shape_bound: ... and it is the shape of the object with the colour just named (binding);
+    - first_colour_right: the colour of the caption's first object is predicted right;
+    - later_colour_right / later_colour_copied: where the reference names the colour of its second or third
+      object, the predicted colour is that one / is one the caption has already named (a repeat)."""
     from vgpt_cli.data.shapes import COLOURS, SHAPES, SIZES
     from vgpt_cli.train.data import pad_features
 
     sums = {"colour": [0.0, 0], "shape": [0.0, 0], "other": [0.0, 0]}
-    hits = {"colour_present": [0, 0], "shape_present": [0, 0], "shape_bound": [0, 0]}
+    hits = {"colour_present": [0, 0], "shape_present": [0, 0], "shape_bound": [0, 0],
+            "first_colour_right": [0, 0], "later_colour_right": [0, 0], "later_colour_copied": [0, 0]}
 
     def word_of(token: int) -> str:
         return model.tokenizer.decode([token]).strip().lower()
@@ -160,7 +261,7 @@ def word_gates(model, items, store, max_length: int) -> dict[str, float]:
                 objects = it.extra["objects"]
                 colours, shapes = {o["colour"] for o in objects}, {o["shape"] for o in objects}
                 pairs = {(o["colour"], o["shape"]) for o in objects}
-                last_colour = None
+                last_colour, said = None, []
                 # gates at position t belong to the token fed there; the word predicted next is labels[t]
                 for t in range(int(tok["attention_mask"][b].sum())):
                     label = int(tok["labels"][b, t])
@@ -173,6 +274,15 @@ def word_gates(model, items, store, max_length: int) -> dict[str, float]:
                     if kind == "colour":
                         hits["colour_present"][0] += guess in colours
                         hits["colour_present"][1] += 1
+                        if said:
+                            hits["later_colour_right"][0] += guess == word
+                            hits["later_colour_copied"][0] += guess != word and guess in said
+                            hits["later_colour_right"][1] += 1
+                            hits["later_colour_copied"][1] += 1
+                        else:
+                            hits["first_colour_right"][0] += guess == word
+                            hits["first_colour_right"][1] += 1
+                        said.append(word)
                     elif kind == "shape":
                         g = guess.rstrip("s")
                         hits["shape_present"][0] += g in shapes
@@ -183,6 +293,33 @@ def word_gates(model, items, store, max_length: int) -> dict[str, float]:
                     last_colour = word if kind == "colour" else last_colour if word in SIZES else None
     return {**{k: round(s / max(1, n), 4) for k, (s, n) in sums.items()},
             **{k: round(h / max(1, n), 4) for k, (h, n) in hits.items()}}
+
+
+def errors_by_object_count(preds: dict[str, str], items) -> dict[str, Any]:
+    """Object F1 by the scene's number of objects, and what the wrong (colour, shape) pairs are: both
+    words in the scene but not as a pair (binding), a colour not in the scene, a shape not in the scene;
+    `distinct_named_per_object`: distinct pairs named per object there (a repeated pair counts once)."""
+    from vgpt_cli.data.shapes import mentioned_objects
+
+    out: dict[str, Any] = {}
+    kinds = {"binding": 0, "colour_not_in_scene": 0, "shape_not_in_scene": 0, "missed": 0}
+    for n in (1, 2, 3):
+        tp = named = true = 0
+        for it in (it for it in items if len(it.extra["objects"]) == n):
+            objs = it.extra["objects"]
+            truth = {(o["colour"], o["shape"]) for o in objs}
+            said = mentioned_objects(preds[it.id])
+            tp, named, true = tp + len(said & truth), named + len(said), true + len(truth)
+            colours, shapes = {c for c, _ in truth}, {s for _, s in truth}
+            for c, s in said - truth:
+                key = "shape_not_in_scene" if s not in shapes else "colour_not_in_scene" if c not in colours \
+                    else "binding"
+                kinds[key] += 1
+            kinds["missed"] += len(truth - said)
+        if true:
+            out[str(n)] = {"object_f1": round(2 * tp / (named + true), 4),
+                           "distinct_named_per_object": round(named / true, 3)}
+    return {"object_f1": out, "wrong_pairs": kinds}
 
 
 def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str, Any]:
@@ -202,6 +339,7 @@ def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str,
     _, scores = score_items(preds, items, "shapes", spice=False, log=lambda s: None)
     truth = {it.id: " and ".join(f"{o['colour']} {o['shape']}" for o in it.extra["objects"]) for it in items}
     return {"scores": {k: round(float(v), 4) for k, v in scores.items()},
+            "by_object_count": errors_by_object_count(preds, items),
             "captions": [{"id": i, "caption": preds[i], "truth": truth[i]} for i in list(preds)[:6]]}
 
 
@@ -209,6 +347,28 @@ def _bf16() -> bool:
     from vgpt_cli.demo import cpu_has_fast_bf16
 
     return cpu_has_fast_bf16()
+
+
+@contextlib.contextmanager
+def warm_decoder(options: dict[str, Any] | None, freeze_encoder: bool = False):
+    """The throw-away decoder of the encoder warm start, built with `options` (WordDecoder's keywords);
+    with freeze_encoder, the warm-started encoder is not trained further by SRAU."""
+    from vgpt_cli.train import warm_start
+
+    original = warm_start.warm_start_encoder
+
+    def patched(model, *args, **kwargs):
+        result = original(model, *args, **kwargs, decoder_options=options)
+        if freeze_encoder:
+            model.encoder.requires_grad_(False)
+        return result
+
+    if options or freeze_encoder:
+        warm_start.warm_start_encoder = patched
+    try:
+        yield
+    finally:
+        warm_start.warm_start_encoder = original
 
 
 # --- one run ----------------------------------------------------------------------------------------
@@ -252,7 +412,8 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
             model.train()
 
     t0 = time.perf_counter()
-    result = train(config, ws, model=model, on_step=on_step, quiet=True)
+    with warm_decoder(variant.get("warm_decoder"), variant.get("freeze_encoder", False)):
+        result = train(config, ws, model=model, on_step=on_step, quiet=True)
     seconds = time.perf_counter() - t0 - eval_seconds[0]
     test = test_scores(model, manifest, store, config.val_beam, config.max_length)
     if eval_at:
@@ -264,6 +425,7 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
             "hook_seconds": hook_seconds,
             "last_loss": round(result.last_loss or float("nan"), 4), **test["scores"],
             "visual_gate_by_word": gates_by_word, "gradient_path": path, "captions": test["captions"],
+            "by_object_count": test["by_object_count"],
             "recipe": {k: v for k, v in variant.items() if k != "model_hooks"},
             **({"frontier": frontier} if eval_at else {})}
 

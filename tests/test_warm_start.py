@@ -59,10 +59,12 @@ def test_caption_words_lowercase_and_strip_punctuation():
     assert caption_words("A RED square, on grey.") == ["a", "red", "square", "on", "grey"]
 
 
-def test_warm_start_learns_to_read_the_image(tok):
+@pytest.mark.parametrize("decoder_options", [None, {"memory_layer": False}])
+def test_warm_start_learns_to_read_the_image(tok, decoder_options):
+    # without the decoder's own token layer, what it reads must be in the encoder's tokens themselves
     items, store = scenes()
     model = tiny_captioner(tok)
-    result = warm_start_encoder(model, items, store, 40, seed=0, lr=3e-3)
+    result = warm_start_encoder(model, items, store, 40, seed=0, lr=3e-3, decoder_options=decoder_options)
     # Words per caption: a, colour, shape, <eos>. Blind to the image, the colour costs ln 2 and the rest
     # is predictable: ln(2) / 4 nats per word is the best a decoder that ignores the image can do.
     blind = math.log(2) / 4

@@ -49,13 +49,17 @@ def teacher_forcing(sequences: Sequence[list[int]]) -> tuple[Tensor, Tensor]:
 
 
 class WordDecoder(nn.Module):
-    """Encoder tokens (B, N, D) -> next-word logits: 1 memory layer + 2 decoder layers, 256 wide."""
+    """Encoder tokens (B, N, D) -> next-word logits: 1 memory layer + 2 decoder layers, 256 wide.
 
-    def __init__(self, d_model: int, vocab: int, width: int = 256, heads: int = 4, max_words: int = MAX_WORDS + 1):
+    memory_layer=False reads the encoder's tokens with no token layer of its own (measured: the same
+    SRAU result, docs/results.md "Grounding")."""
+
+    def __init__(self, d_model: int, vocab: int, width: int = 256, heads: int = 4, max_words: int = MAX_WORDS + 1,
+                 memory_layer: bool = True):
         super().__init__()
         self.adapt = nn.Sequential(nn.Linear(d_model, width), nn.GELU(), nn.LayerNorm(width))
         self.memory_layer = nn.TransformerEncoderLayer(width, heads, 4 * width, 0.1, batch_first=True,
-                                                       norm_first=True)
+                                                       norm_first=True) if memory_layer else None
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(max_words, width) * 0.02)
         layer = nn.TransformerDecoderLayer(width, heads, 4 * width, 0.1, batch_first=True, norm_first=True)
@@ -65,7 +69,10 @@ class WordDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, mask: Tensor, ids: Tensor, image_index: Tensor) -> Tensor:
         # tokens (Bi, N, D) one row per image, mask (Bi, N) True = real; ids (B, T); image_index (B,)
-        memory = self.memory_layer(self.adapt(tokens), src_key_padding_mask=~mask)[image_index]
+        memory = self.adapt(tokens)
+        if self.memory_layer is not None:
+            memory = self.memory_layer(memory, src_key_padding_mask=~mask)
+        memory = memory[image_index]
         T = ids.shape[1]
         h = self.embed(ids) + self.pos[:T]
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device)
@@ -84,11 +91,13 @@ class WarmStartResult:
 
 def warm_start_encoder(model: Any, items: Sequence[Any], store: Any, epochs: int, *, seed: int,
                        images_per_batch: int = 16, lr: float = 5e-4, autocast_dtype: torch.dtype | None = None,
-                       log: Callable[[str], None] = lambda s: None) -> WarmStartResult:
+                       log: Callable[[str], None] = lambda s: None, decoder_options: dict[str, Any] | None = None,
+                       ) -> WarmStartResult:
     """Train `model.encoder` (in place) for `epochs` passes over `items`' captions under a WordDecoder.
 
     items: objects with `.id` (the feature store key) and `.captions`. The LM, the cross-attention and
     the gates are not touched. Deterministic for a given seed; the global RNG is left as it was.
+    decoder_options: keywords of the throw-away WordDecoder (e.g. {"memory_layer": False}).
     """
     if epochs < 1:
         raise ValueError(f"warm start: epochs must be >= 1, got {epochs}")
@@ -102,7 +111,7 @@ def warm_start_encoder(model: Any, items: Sequence[Any], store: Any, epochs: int
     device = next(encoder.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        decoder = WordDecoder(encoder.proj.out_features, len(vocab)).to(device)
+        decoder = WordDecoder(encoder.proj.out_features, len(vocab), **(decoder_options or {})).to(device)
         params = [p for p in encoder.parameters() if p.requires_grad] + list(decoder.parameters())
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         order_rng = torch.Generator().manual_seed(seed)
