@@ -15,6 +15,10 @@ Sized for about 100 minutes on a 2-core CPU (4 fractions x 4 models x 2 seeds, 5
 Larger, on a GPU (more steps, all of the test split):
     python benchmarks/data_efficiency.py --device cuda --steps 1000 --test-size 2000 --seeds 1,2,3
 Finished runs are kept in the workspace: rerunning the same command skips them (resumable).
+At convergence with the demo's warm start (issue 11's study: 0.1% and 1%, 3 seeds, validation curves,
+per-seed paired differences visualgpt minus no-gates; hours on this CPU, minutes on a GPU):
+    python benchmarks/data_efficiency.py --fractions 0.001,0.01 --seeds 1,2,3 --steps 600 --val-every 50 \
+        --encoder-warm-start 10 --models visualgpt,no-gates,soft-gates,random-lm
 A 3-minute check that everything runs:
     python benchmarks/data_efficiency.py --smoke
 Writes benchmarks/results/data_efficiency.json, docs/results-data-efficiency.md (the table) and
@@ -57,6 +61,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=150)
     p.add_argument("--val-size", type=int, default=10)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--encoder-warm-start", type=int, default=0,
+                   help="epochs of encoder warm start before SRAU (the demo: 10; 0: as the published runs)")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="validate every N steps: each run's validation curve and whether it has converged "
+                        "(default: only at the last step)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new run after this many minutes; the table holds the runs done")
     p.add_argument("--smoke", action="store_true", help="1 fraction, 1 seed, 3 steps: checks that it runs")
@@ -120,9 +129,10 @@ def main() -> None:
                 cfg = TrainConfig(
                     lm=LM, dataset=dataset, encoder_layers=demo.encoder_layers, gate_init_bias=demo.gate_init_bias,
                     lr=demo.lr, lm_lr=demo.lm_lr, warmup=min(demo.warmup, a.steps // 5), schedule="cosine",
-                    batch_size=a.batch_size, max_steps=a.steps, val_size=a.val_size, val_beam=1, val_every=a.steps,
+                    batch_size=a.batch_size, max_steps=a.steps, val_size=a.val_size, val_beam=1,
+                    val_every=a.val_every or a.steps,
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
-                    name=f"{dataset}-{model}", patience=10**6, encoder_warm_start=0,  # as its published runs
+                    name=f"{dataset}-{model}", patience=10**6, encoder_warm_start=a.encoder_warm_start,
                     **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
                 reused = _finished(run_dir, cfg, backbone.fingerprint)  # by an earlier, interrupted invocation
@@ -145,7 +155,9 @@ def main() -> None:
                        "shape_f1": round(scores.get("shape_f1", float("nan")), 4),
                        "BLEU-4": round(scores.get("Bleu_4", float("nan")), 4),
                        "last_loss": round(last_loss or float("nan"), 4),
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                       "seconds": round(time.perf_counter() - t0, 1),
+                       "validation_curve": validation_curve(run_dir)}
+                row["converged"] = converged(row["validation_curve"], a.steps)
                 done = run_dir / "study_row.json"  # a reused run keeps the time it took to train and score
                 if done.exists():
                     row["seconds"] = json.loads(done.read_text()).get("seconds", row["seconds"])
@@ -162,8 +174,11 @@ def main() -> None:
     fractions = [f for f in fractions if any(r["fraction"] == f for r in rows)]
     table = summarise(rows, fractions, models)
     print_table(table, title=f"data efficiency on shapes ({a.steps} steps per run, test {a.test_size} scenes)")
+    paired = paired_differences(rows)
+    if paired:
+        print_table(paired, title="paired per seed: visualgpt minus no-gates")
     raw = {"settings": {**vars(a), "workspace": str(a.workspace), "precision": precision,
-                        "demo_settings": asdict(demo)}, "runs": rows, "table": table,
+                        "demo_settings": asdict(demo)}, "runs": rows, "table": table, "paired": paired,
            "seconds": round(seconds, 1), "run_seconds": round(sum(r["seconds"] for r in rows), 1), "stopped": stopped}
     best = {m: max((r["CIDEr"] for r in table if r["model"] == m), default=0.0) for m in models}
     goals = {}
@@ -202,6 +217,41 @@ def _rescore(run_dir: Path, manifest, max_length: int) -> dict | None:
     if decode.get("beam_size") != BEAM or decode.get("max_length") != max_length or set(preds) != {i.id for i in items}:
         return None
     return score_items(preds, items, manifest.format, spice=False, log=lambda s: None)[1]
+
+
+def validation_curve(run_dir: Path) -> list[dict]:
+    """[{step, cider}] of the run's validations (metrics.jsonl)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in records if r.get("event") == "validation"]
+
+
+def converged(curve: list[dict], steps: int, tolerance: float = 0.05) -> bool | None:
+    """Validation CIDEr flat over the last third of the run: every validation there within `tolerance`
+    of their mean (relative, at least 0.05 absolute). None with fewer than 3 validations there."""
+    last = [c["cider"] for c in curve if c["step"] >= steps * 2 / 3]
+    if len(last) < 3:
+        return None
+    mean = sum(last) / len(last)
+    return max(abs(v - mean) for v in last) <= max(tolerance * abs(mean), 0.05)
+
+
+def paired_differences(rows: list[dict], a: str = "visualgpt", b: str = "no-gates") -> list[dict]:
+    """For every (fraction, seed) with both models: a minus b in CIDEr and object F1 (same data, same seed)."""
+    out = []
+    for r in rows:
+        if r["model"] != a:
+            continue
+        other = next((x for x in rows if x["model"] == b and (x["fraction"], x["seed"]) == (r["fraction"], r["seed"])),
+                     None)
+        if other is not None:
+            out.append({"fraction": r["fraction"], "seed": r["seed"],
+                        "CIDEr_diff": round(r["CIDEr"] - other["CIDEr"], 4),
+                        "object_f1_diff": round(r["object_f1"] - other["object_f1"], 4)})
+    return out
 
 
 def _at(table: list[dict], model: str, fraction: float) -> float:
