@@ -132,6 +132,52 @@ def test_several_images_in_one_request_keep_their_order(client, reference):
     assert res[0]["caption"] == PHOTO_CAPTIONS["astronaut"]
 
 
+def test_a_batch_gets_the_same_pixels_features_and_captions_as_one_image_at_a_time(captioner, monkeypatch):
+    """What the server's model thread does with a batch (one backbone forward over all its images, one
+    search) answers each image as captioning it alone does; the pixels made from the upload's bytes in
+    the request's thread are those `caption()` makes from the file on disk."""
+    import numpy as np
+    import skimage.data
+
+    from vgpt_cli.features import open_rgb
+    from vgpt_cli.serve.app import decode_uploads
+    from vgpt_cli.serve.uploads import Upload
+
+    def png(a) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    names = list(PHOTO_CAPTIONS)
+    uploads = [Upload("chelsea.jpg", "image/jpeg", CHELSEA.read_bytes())] + [
+        Upload(f"{k}.png", "image/png", png(getattr(skimage.data, k)())) for k in names[1:]]
+    bb = captioner.backbone
+    pixels = decode_uploads(uploads, 10**8, bb.pixels)
+    assert torch.equal(pixels[0], bb.pixels(open_rgb(CHELSEA)))
+
+    forwards: list[int] = []
+    real_forward = bb.forward_tokens
+    monkeypatch.setattr(bb, "forward_tokens", lambda x: forwards.append(len(x)) or real_forward(x))
+    batched = bb.features_for_pixels(pixels, batch_size=len(pixels))
+    assert forwards == [len(pixels)]  # one forward for the whole batch
+    alone = [bb.features_for_pixels([p], batch_size=1)[0] for p in pixels]
+    for a, b in zip(batched, alone):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(alone[0].astype(np.float32), alone[1].astype(np.float32), atol=1e-2)  # they differ
+
+    forwards.clear()
+    together = captioner.caption_pixels(pixels, gates=True, beams=True)
+    assert forwards == [len(pixels)]
+    one_by_one = [captioner.caption_pixels([p], gates=True, beams=True)[0] for p in pixels]
+    assert [r.caption for r in together] == [r.caption for r in one_by_one]
+    assert together[0].caption == PHOTO_CAPTIONS["chelsea"]
+    for t, o in zip(together, one_by_one):
+        assert [b["caption"] for b in t.beams] == [b["caption"] for b in o.beams]
+        assert [x["token"] for x in t.tokens] == [x["token"] for x in o.tokens]
+        assert t.score == pytest.approx(o.score, abs=1e-3)
+        assert [x["visual"] for x in t.tokens] == pytest.approx([x["visual"] for x in o.tokens], abs=2e-3)
+
+
 def test_model_health_page_and_openapi(client, captioner, model_dir):
     m = client.get("/v1/model").json()
     assert m["model_dir"] == str(model_dir.resolve())
@@ -329,14 +375,14 @@ def test_missing_serve_extra_is_one_line_with_the_install_command_intact(monkeyp
 # --- batching and disconnects --------------------------------------------------------------------------
 def test_requests_that_arrive_while_the_model_works_are_batched_together(captioner, reference, monkeypatch):
     entered, gate = threading.Event(), threading.Event()
-    real = captioner.caption
+    real = captioner.caption_pixels
 
     def held(*a, **k):
         entered.set()
         gate.wait(60)  # the first batch holds the model while three more requests arrive
         return real(*a, **k)
 
-    monkeypatch.setattr(captioner, "caption", held)
+    monkeypatch.setattr(captioner, "caption_pixels", held)
     app = create_app(captioner, ServeSettings(max_batch=8, max_wait_ms=0))
     photos = [CHELSEA, ASTRONAUT, CHELSEA, ASTRONAUT]
     with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
@@ -441,14 +487,14 @@ def wait_until(predicate, what: str, limit_s: float = 60.0) -> None:
 
 def test_a_client_that_disconnects_leaves_no_work_in_the_queue(captioner, monkeypatch):
     entered, gate = threading.Event(), threading.Event()
-    real = captioner.caption
+    real = captioner.caption_pixels
 
     def slow(*a, **k):
         entered.set()
         gate.wait(60)  # the first batch holds the model until the second client has gone
         return real(*a, **k)
 
-    monkeypatch.setattr(captioner, "caption", slow)
+    monkeypatch.setattr(captioner, "caption_pixels", slow)
     app = create_app(captioner, ServeSettings(max_wait_ms=0))
     with Server(app) as srv:
         health = lambda: httpx.get(f"{srv.url}/health").json()  # noqa: E731

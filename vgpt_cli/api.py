@@ -17,12 +17,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from vgpt_cli.errors import DataError, ModelLoadError, VgptError
 from vgpt_cli.workspace import Workspace
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -128,36 +131,46 @@ class ImageCaptioner:
         results: list[CaptionResult] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            pils: list[Image.Image] = []
+            pixels: list[Tensor] = []
             good: list[CaptionResult] = []
             for i, img in enumerate(chunk):
                 if isinstance(img, Image.Image):
                     r = CaptionResult(f"<PIL image #{start + i}>")
-                    pils.append(img)
+                    pixels.append(self.backbone.pixels(img))
                     good.append(r)
                 else:
                     r = CaptionResult(str(img))
                     try:
-                        pils.append(open_rgb(img))
+                        pixels.append(self.backbone.pixels(open_rgb(img)))
                         good.append(r)
                     except BadImage as e:
                         r.error = e.reason
                 results.append(r)
-            if pils:
-                self._caption_batch(pils, good, gates=gates, beams=beams, attention=attention)
+            if pixels:
+                self._caption_batch(pixels, good, gates=gates, beams=beams, attention=attention)
             if progress is not None:
                 progress(len(chunk))
         return results
 
-    def _caption_batch(self, pils: list[Image.Image], results: list[CaptionResult], *, gates: bool, beams: bool,
+    def caption_pixels(self, pixels: Sequence[Tensor], *, gates: bool = False, beams: bool = False,
+                       attention: bool = False) -> list[CaptionResult]:
+        """caption() for images already made into the backbone's input (`self.backbone.pixels(image)`,
+        which callers may run in other threads): one backbone forward and one search per batch_size."""
+        results = [CaptionResult(f"<pixels #{i}>") for i in range(len(pixels))]
+        for start in range(0, len(pixels), self.batch_size):
+            self._caption_batch(list(pixels[start:start + self.batch_size]), results[start:start + self.batch_size],
+                                gates=gates, beams=beams, attention=attention)
+        return results
+
+    def _caption_batch(self, pixels: list[Tensor], results: list[CaptionResult], *, gates: bool, beams: bool,
                        attention: bool) -> None:
-        """Backbone, then one batched (beam) search over all of `pils`; fills `results` in place."""
+        """One backbone forward, then one batched (beam) search over all of `pixels`; fills `results` in place."""
         import torch
 
         from vgpt_cli.decode import pad_features
         from vgpt_cli.decode.search import beam_search, decode
 
-        arrays = self.backbone.features_for_images(pils, batch_size=self.batch_size)
+        arrays = self.backbone.features_for_pixels(pixels, batch_size=self.batch_size)
         f, lengths = pad_features(arrays, self.device)
         with torch.inference_mode():
             if beams and self.options.beam_size > 1:

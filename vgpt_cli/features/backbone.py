@@ -190,6 +190,20 @@ class Backbone:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
 
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One decoded image -> its (3, H, W) uint8 input: EXIF orientation, RGB, the eval resize + crop.
+        PIL work only (it releases the GIL), so callers may run it in several threads at once, off the
+        thread that runs the model (as `vgpt serve` does)."""
+        return self.preprocess(to_rgb(ImageOps.exif_transpose(image)))
+
+    def features_for_pixels(self, pixels: Sequence[torch.Tensor], batch_size: int = 16) -> list[np.ndarray]:
+        """(N, C) float16 per `pixels` result, one forward per `batch_size` of them."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(pixels), batch_size):
+            tokens = self.forward_tokens(torch.stack(list(pixels[start:start + batch_size])))
+            out.extend(t.half().numpy() for t in tokens)
+        return out
+
     def features_for_images(self, images: Sequence[str | Path | Image.Image], batch_size: int = 16,
                             max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
         """(N, C) float16 per image: the same decoding, transform and forward as extraction."""
@@ -198,15 +212,14 @@ class Backbone:
             batch = []
             for img in images[start:start + batch_size]:
                 if isinstance(img, Image.Image):
-                    pil = to_rgb(ImageOps.exif_transpose(img))
-                else:
-                    try:
-                        pil = open_rgb(img, max_pixels)
-                    except BadImage as e:
-                        raise DataError(f"{e.path}: {e.reason}; give a readable JPEG/PNG image") from None
+                    batch.append(self.pixels(img))
+                    continue
+                try:
+                    pil = open_rgb(img, max_pixels)
+                except BadImage as e:
+                    raise DataError(f"{e.path}: {e.reason}; give a readable JPEG/PNG image") from None
                 batch.append(self.preprocess(pil))
-            tokens = self.forward_tokens(torch.stack(batch))
-            out.extend(t.half().numpy() for t in tokens)
+            out.extend(self.features_for_pixels(batch, batch_size))
         return out
 
 

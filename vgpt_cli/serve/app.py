@@ -6,8 +6,9 @@
     GET  /                               the browser page (vgpt_cli/serve/page.html, self-contained)
     GET  /docs, /openapi.json            FastAPI's OpenAPI page and schema
 
-Image decoding runs in worker threads and the model in its own thread (see batcher.py): the event
-loop only parses requests and moves jobs. Every refusal is a JSON {"detail": "..."} with a 4xx status.
+Image decoding and resizing to the backbone's input run in worker threads, one per request, and the
+model in its own thread (see batcher.py): the event loop only parses requests and moves jobs.
+Every refusal is a JSON {"detail": "..."} with a 4xx status.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -100,24 +102,27 @@ class BearerAuth:
 
 
 # --- the work ---------------------------------------------------------------------------------------
-def decode_uploads(uploads: list[Upload], max_pixels: int) -> list[Any]:
-    """PIL images from the uploaded bytes (in memory); the first bad one refused with its name and reason."""
+def decode_uploads(uploads: list[Upload], max_pixels: int, prepare: Callable[[Any], Any] | None = None) -> list[Any]:
+    """The uploaded bytes decoded in memory (PIL images), each passed through `prepare` when given (the
+    server: Backbone.pixels, the model's input); the first bad one refused with its name and reason."""
     from vgpt_cli.features import BadImage, open_rgb_bytes
 
     images = []
     for i, u in enumerate(uploads):
         try:
-            images.append(open_rgb_bytes(u.data, u.filename, max_pixels))
+            image = open_rgb_bytes(u.data, u.filename, max_pixels)
         except BadImage as e:
             which = f"{u.filename}" if len(uploads) == 1 else f"{u.filename} (file {i + 1} of {len(uploads)})"
             raise UploadError(422, f"{which}: {e.reason}; send a readable JPEG or PNG image") from None
+        images.append(prepare(image) if prepare is not None else image)
     return images
 
 
-def caption_batch(captioner, images: list[Any], options: list[dict[str, Any]]) -> list[Any]:
-    """One batched search over the images of several requests (the batcher's function)."""
+def caption_batch(captioner, pixels: list[Any], options: list[dict[str, Any]]) -> list[Any]:
+    """The batcher's function: one backbone forward and one batched search over the images of several
+    requests, already decoded and resized in the requests' own threads (Backbone.pixels)."""
     attention = any(o.get("attention") for o in options)
-    return captioner.caption(images, gates=True, beams=True, attention=attention)
+    return captioner.caption_pixels(pixels, gates=True, beams=True, attention=attention)
 
 
 def result_json(result, filename: str, attention: bool) -> dict[str, Any]:
@@ -224,10 +229,12 @@ def create_app(captioner, settings: ServeSettings | None = None) -> FastAPI:
                 return JSONResponse({"detail": "client disconnected"}, status_code=499)
             batcher.announce(len(uploads) - 1)
             announced = len(uploads)
-            images = await run_in_threadpool(decode_uploads, uploads, settings.max_pixels)
+            # decoding and resizing (PIL, without the GIL) in this request's thread, in parallel with
+            # other requests' and with the model: the model thread only stacks, forwards and searches
+            pixels = await run_in_threadpool(decode_uploads, uploads, settings.max_pixels, captioner.backbone.pixels)
         finally:
             batcher.retract(announced)
-        futures = batcher.submit(images, {"attention": attention})  # no await since retract: no gap
+        futures = batcher.submit(pixels, {"attention": attention})  # no await since retract: no gap
         try:
             results = await wait_for_results(request, batcher, futures)
         except ClientGone:  # nobody reads this answer; its jobs are already withdrawn
