@@ -133,13 +133,14 @@ def test_several_images_in_one_request_keep_their_order(client, reference):
 
 
 def test_a_batch_gets_the_same_pixels_features_and_captions_as_one_image_at_a_time(captioner, monkeypatch):
-    """What the server's model thread does with a batch (one backbone forward over all its images, one
-    search) answers each image as captioning it alone does; the pixels made from the upload's bytes in
+    """What the server's model thread does with a batch (backbone forwards over a few of its images at a
+    time, or all at once, then one search) answers each image as captioning it alone does; the pixels made from the upload's bytes in
     the request's thread are those `caption()` makes from the file on disk."""
     import numpy as np
     import skimage.data
 
     from vgpt_cli.features import open_rgb
+    from vgpt_cli.features.backbone import CPU_FORWARD_IMAGES
     from vgpt_cli.serve.app import decode_uploads
     from vgpt_cli.serve.uploads import Upload
 
@@ -159,15 +160,17 @@ def test_a_batch_gets_the_same_pixels_features_and_captions_as_one_image_at_a_ti
     real_forward = bb.forward_tokens
     monkeypatch.setattr(bb, "forward_tokens", lambda x: forwards.append(len(x)) or real_forward(x))
     batched = bb.features_for_pixels(pixels, batch_size=len(pixels))
-    assert forwards == [len(pixels)]  # one forward for the whole batch
+    assert forwards == [CPU_FORWARD_IMAGES] * (len(pixels) // CPU_FORWARD_IMAGES)  # a few images per forward
+    whole = real_forward(torch.stack(pixels))  # all four in one forward
     alone = [bb.features_for_pixels([p], batch_size=1)[0] for p in pixels]
-    for a, b in zip(batched, alone):
+    for a, w, b in zip(batched, whole, alone):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(w.float().numpy(), b.astype(np.float32), rtol=2e-3, atol=2e-3)
     assert not np.allclose(alone[0].astype(np.float32), alone[1].astype(np.float32), atol=1e-2)  # they differ
 
     forwards.clear()
     together = captioner.caption_pixels(pixels, gates=True, beams=True)
-    assert forwards == [len(pixels)]
+    assert sum(forwards) == len(pixels)
     one_by_one = [captioner.caption_pixels([p], gates=True, beams=True)[0] for p in pixels]
     assert [r.caption for r in together] == [r.caption for r in one_by_one]
     assert together[0].caption == PHOTO_CAPTIONS["chelsea"]
