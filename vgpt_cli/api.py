@@ -155,7 +155,7 @@ class ImageCaptioner:
     def caption_pixels(self, pixels: Sequence[Tensor], *, gates: bool = False, beams: bool = False,
                        attention: bool = False) -> list[CaptionResult]:
         """caption() for images already made into the backbone's input (`self.backbone.pixels(image)`,
-        which callers may run in other threads): one backbone forward and one search per batch_size."""
+        which callers may run in other threads): one search per batch_size of them."""
         results = [CaptionResult(f"<pixels #{i}>") for i in range(len(pixels))]
         for start in range(0, len(pixels), self.batch_size):
             self._caption_batch(list(pixels[start:start + self.batch_size]), results[start:start + self.batch_size],
@@ -164,7 +164,7 @@ class ImageCaptioner:
 
     def _caption_batch(self, pixels: list[Tensor], results: list[CaptionResult], *, gates: bool, beams: bool,
                        attention: bool) -> None:
-        """One backbone forward, then one batched (beam) search over all of `pixels`; fills `results` in place."""
+        """The backbone, then one batched (beam) search over all of `pixels`; fills `results` in place."""
         import torch
 
         from vgpt_cli.decode import pad_features

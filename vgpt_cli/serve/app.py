@@ -119,7 +119,7 @@ def decode_uploads(uploads: list[Upload], max_pixels: int, prepare: Callable[[An
 
 
 def caption_batch(captioner, pixels: list[Any], options: list[dict[str, Any]]) -> list[Any]:
-    """The batcher's function: one backbone forward and one batched search over the images of several
+    """The batcher's function: the backbone and one batched search over the images of several
     requests, already decoded and resized in the requests' own threads (Backbone.pixels)."""
     attention = any(o.get("attention") for o in options)
     return captioner.caption_pixels(pixels, gates=True, beams=True, attention=attention)
