@@ -322,7 +322,55 @@ def errors_by_object_count(preds: dict[str, str], items) -> dict[str, Any]:
     return {"object_f1": out, "wrong_pairs": kinds}
 
 
-def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str, Any]:
+def attention_at_colours(model, items, store) -> dict[str, Any]:
+    """Teacher-forced on the references of multi-object test scenes: where the cross-attention (mean over
+    heads, levels, layers) peaks at the token that predicts a colour word: on the object that colour names
+    (`about_to_be_named`), on an object the caption has already named, on another object, or on none;
+    separately for the caption's first object and for the later ones."""
+    from vgpt_cli.attention import region_cells, word_attention
+    from vgpt_cli.data.shapes import COLOURS, object_mask
+    from vgpt_cli.demo import BACKBONE, DemoSettings
+    from vgpt_cli.features import load_backbone
+
+    backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
+    tok = model.tokenizer
+    counts: dict[str, dict[str, int]] = {"first": {}, "later": {}}
+    model.eval()
+    for it in items:
+        objs = it.extra["objects"]
+        if len(objs) < 2:
+            continue
+        shapes = {o["shape"] for o in objs}
+        cells = []
+        for o in objs:
+            region = backbone.preprocess(object_mask(o).convert("RGB"))[0].numpy() > 127
+            cells.append(region_cells(region, (7, 7)))
+        feats = torch.from_numpy(store.get(it.id).astype("float32"))
+        for caption in it.captions:
+            ids = tok(caption, add_special_tokens=False)["input_ids"]
+            words = [tok.decode([t]).strip().lower().rstrip(",") for t in ids]
+            maps = word_attention(model, feats, ids)  # (T, 7, 7): maps[t] is the query that predicts token t + 1
+            said: list[int] = []
+            for t, w in enumerate(words):
+                if t == 0 or w not in COLOURS:
+                    continue
+                shape = next((x.rstrip("s") for x in words[t + 1:t + 3] if x.rstrip("s") in shapes), None)
+                target = next((k for k, o in enumerate(objs) if (o["colour"], o["shape"]) == (w, shape)), None)
+                if target is None:
+                    continue
+                peak = int(torch.argmax(maps[t - 1].flatten()))
+                hit = [bool(c.flat[peak]) for c in cells]
+                kind = ("about_to_be_named" if hit[target] else "already_named" if any(hit[k] for k in said)
+                        else "another_object" if any(hit) else "no_object")
+                bucket = counts["later" if said else "first"]
+                bucket[kind] = bucket.get(kind, 0) + 1
+                said.append(target)
+    return {k: {**{kind: round(n / max(1, sum(v.values())), 4) for kind, n in v.items()}, "n": sum(v.values())}
+            for k, v in counts.items()}
+
+
+def test_scores(model, manifest, store, beam: int, max_length: int, bf16: bool | None = None) -> dict[str, Any]:
+    """Decode the test scenes (bf16 autocast where the CPU has it, unless bf16=False) and score them."""
     from vgpt_cli.decode import DecodeOptions, decode
     from vgpt_cli.evaluate.report import score_items
     from vgpt_cli.train.data import pad_features
@@ -330,7 +378,7 @@ def test_scores(model, manifest, store, beam: int, max_length: int) -> dict[str,
     items = manifest.items("test")
     model.eval()
     preds: dict[str, str] = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16() if bf16 is None else bf16):
         for start in range(0, len(items), 50):
             chunk = items[start:start + 50]
             feats, lengths = pad_features([store.get(it.id) for it in chunk])
@@ -420,12 +468,13 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
         frontier.append({"step": result.steps, "train_seconds": round(seconds, 1),
                          **{k: test["scores"][k] for k in ("object_f1", "grounded", "shape_f1", "CIDEr")}})
     gates_by_word = word_gates(model, manifest.items("test")[:50], store, config.max_length)
+    attention = attention_at_colours(model, manifest.items("test")[:50], store)
     shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)  # a SmolLM2 run folder is ~3 GB
     return {"variant": name, "seed": seed, "steps": result.steps, "train_seconds": round(seconds, 1),
             "hook_seconds": hook_seconds,
             "last_loss": round(result.last_loss or float("nan"), 4), **test["scores"],
             "visual_gate_by_word": gates_by_word, "gradient_path": path, "captions": test["captions"],
-            "by_object_count": test["by_object_count"],
+            "by_object_count": test["by_object_count"], "attention_before_colour": attention,
             "recipe": {k: v for k, v in variant.items() if k != "model_hooks"},
             **({"frontier": frontier} if eval_at else {})}
 
@@ -442,6 +491,10 @@ def main() -> None:
     p.add_argument("--results", default="grounding", help="results file stem (parallel runs: one each)")
     p.add_argument("--eval-at", default="", help="also score the test scenes at these steps (the frontier), "
                    "e.g. 70,140,280,420")
+    p.add_argument("--diagnose", type=Path, default=None, metavar="MODEL_DIR",
+                   help="no training: the test-scene diagnostics of a saved model (e.g. WORKSPACE/runs/demo/best "
+                        "after `vgpt demo`): object F1 by object count, teacher-forced colour/shape/binding, and "
+                        "where the attention looks before a colour word")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -455,6 +508,9 @@ def main() -> None:
     from vgpt_cli.workspace import Workspace
 
     manifest, store = demo_data(a.workspace, image_size=a.image_size)
+    if a.diagnose:
+        diagnose(a.diagnose, manifest, store)
+        return
     ws = Workspace.from_option(a.workspace)
     ws.set_current(features=store.fingerprint)
     out = RESULTS / f"{a.results}.json"
@@ -467,6 +523,19 @@ def main() -> None:
             runs = [x for x in runs if (x["variant"], x["seed"]) != (label, seed)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("gradient_path", "captions")}), flush=True)
             summarise_and_write(runs, out)
+
+
+def diagnose(model_dir: Path, manifest, store) -> None:
+    """Print the test-scene diagnostics of a saved model (the demo's settings: beam 3, 24 tokens)."""
+    from vgpt_cli.runtime import load_model
+
+    model = load_model(model_dir, "cpu")
+    items = manifest.items("test")
+    test = test_scores(model, manifest, store, beam=3, max_length=24, bf16=False)  # as `vgpt evaluate` decodes
+    print(json.dumps({"model": str(model_dir), **{k: test["scores"][k] for k in ("object_f1", "grounded", "CIDEr")},
+                      "by_object_count": test["by_object_count"],
+                      "teacher_forced": word_gates(model, items, store, 24),
+                      "attention_before_colour": attention_at_colours(model, items, store)}, indent=1))
 
 
 def summarise_and_write(runs: list[dict[str, Any]], out: Path) -> None:
