@@ -221,12 +221,10 @@ def _rescore(run_dir: Path, manifest, max_length: int) -> dict | None:
 
 def validation_curve(run_dir: Path) -> list[dict]:
     """[{step, cider}] of the run's validations (metrics.jsonl)."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    records = [json.loads(line) for line in lines if line.strip()]
-    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in records if r.get("event") == "validation"]
+    from vgpt_cli.train.curves import METRICS_FILE, read_records
+
+    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in read_records(run_dir / METRICS_FILE)
+            if r.get("event") == "validation"]
 
 
 def converged(curve: list[dict], steps: int, tolerance: float = 0.05) -> bool | None:

@@ -28,11 +28,16 @@ EVAL_TAG = "eval/cider"
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a line cut short by a kill (the last one) is skipped."""
-    out = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        return out
+        return []
+    return parse_records(text)
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of metrics.jsonl lines; lines that are not one (cut short) are skipped."""
+    out = []
     for line in text.splitlines():
         try:
             rec = json.loads(line)
@@ -207,14 +212,7 @@ class TensorBoardMirror:
         if end == 0:
             return 0
         self.offset += end
-        records = []
-        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
+        records = parse_records(chunk[:end].decode("utf-8", errors="replace"))
         items = scalars(records, self.counter)
         for tag, step, value in items:
             self.writer.add_scalar(tag, value, step)
