@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -107,7 +108,7 @@ def readout_supervision(weight: float, gated: bool):
                 loss = loss + weight * aux
             return loss
 
-        objectives.token_loss_sum = with_readout
+        model.readout_loss_sum = with_readout  # run_one puts it in place of token_loss_sum while training
     return hook
 
 
@@ -460,7 +461,11 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
             model.train()
 
     t0 = time.perf_counter()
-    with warm_decoder(variant.get("warm_decoder"), variant.get("freeze_encoder", False)):
+    readout = getattr(model, "readout_loss_sum", None)
+    from vgpt_cli.train import objectives
+
+    with warm_decoder(variant.get("warm_decoder"), variant.get("freeze_encoder", False)), \
+            (mock.patch.object(objectives, "token_loss_sum", readout) if readout else contextlib.nullcontext()):
         result = train(config, ws, model=model, on_step=on_step, quiet=True)
     seconds = time.perf_counter() - t0 - eval_seconds[0]
     test = test_scores(model, manifest, store, config.val_beam, config.max_length)
