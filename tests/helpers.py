@@ -90,3 +90,17 @@ def poison_encoder_at(model, step: int):
                 next(model.encoder.parameters()).fill_(float("nan"))
 
     return hook
+
+
+def tiny_lm(vocab: int, family: str = "gpt2", positions: int = 64, tie: bool | None = None):
+    """A random 2-layer, 64-wide GPT-2 or Llama (GQA: 4 heads, 2 key/value heads) over `vocab` tokens;
+    tie=None keeps the family's default for tied input/output embeddings. The caller seeds torch."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tied = {} if tie is None else {"tie_word_embeddings": tie}
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=positions,
+                                          **tied))
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=96, vocab_size=vocab,
+                                        max_position_embeddings=positions, **tied))

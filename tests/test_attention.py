@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_lm
 from PIL import Image
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from vgpt_cli.api import load_captioner
@@ -35,12 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def build(tok, family="gpt2", seed=0, **kw) -> Captioner:
     torch.manual_seed(seed)
-    if family == "gpt2":
-        lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64))
-    else:
-        lm = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=96, vocab_size=len(tok),
-                                          max_position_embeddings=64, tie_word_embeddings=False))
+    lm = tiny_lm(len(tok), family)  # GPT-2 tied, Llama untied (their defaults)
     cfg = CaptionerConfig(lm=f"tiny-{family}", d_in=D_IN, encoder_ffn=32, **kw)
     torch.manual_seed(seed + 1)
     model = Captioner.from_config(cfg, lm=lm, tokenizer=tok).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_lm
 
 from vgpt_cli.decode.reference import reference_beam_search
 from vgpt_cli.decode.search import DecodeOptions, beam_search, decode, greedy, sample, sequence_log_probs
@@ -22,13 +22,7 @@ def tiny_captioner(tok, family: str = "gpt2", levels: int = 3) -> Captioner:
     """A tiny random captioner whose EOS sometimes wins early, sometimes never (so that finished
     hypotheses, images done early and captions cut at max_length all occur)."""
     torch.manual_seed(0)
-    if family == "gpt2":
-        lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64,
-                                        tie_word_embeddings=False))
-    else:
-        lm = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=96, vocab_size=len(tok),
-                                          max_position_embeddings=64, tie_word_embeddings=False))
+    lm = tiny_lm(len(tok), family, tie=False)
     head = lm.lm_head.weight
     with torch.no_grad():
         torch.nn.init.normal_(head, std=0.3)  # peaked distributions: no near-ties between candidates

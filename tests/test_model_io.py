@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from helpers import tiny_lm
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import vgpt_cli.model.lm as lm_module
 from vgpt_cli.errors import ModelLoadError
@@ -16,12 +17,7 @@ from vgpt_cli.model import CONFIG_FILE, WEIGHTS_FILE, Captioner, CaptionerConfig
 
 def build(tok, family: str) -> Captioner:
     torch.manual_seed(0)
-    if family == "gpt2":
-        lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=32))
-    else:
-        lm = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=96, vocab_size=len(tok),
-                                          max_position_embeddings=32, tie_word_embeddings=True))
+    lm = tiny_lm(len(tok), family, positions=32, tie=True)
     cfg = CaptionerConfig(lm=f"tiny-{family}", d_in=8, encoder_layers=2, encoder_ffn=16, tau=0.1)
     model = Captioner.from_config(cfg, lm=lm, tokenizer=tok).eval()
     for g in model.gates:  # non-trivial gates, so that every new weight matters
