@@ -329,8 +329,8 @@ def attention_at_colours(model, items, store) -> dict[str, Any]:
     (`about_to_be_named`), on an object the caption has already named, on another object, or on none;
     separately for the caption's first object and for the later ones."""
     from vgpt_cli.attention import region_cells, word_attention
-    from vgpt_cli.data.shapes import COLOURS, object_mask
-    from vgpt_cli.demo import BACKBONE, DemoSettings
+    from vgpt_cli.data.shapes import COLOURS
+    from vgpt_cli.demo import BACKBONE, DemoSettings, object_region
     from vgpt_cli.features import load_backbone
 
     backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
@@ -342,10 +342,7 @@ def attention_at_colours(model, items, store) -> dict[str, Any]:
         if len(objs) < 2:
             continue
         shapes = {o["shape"] for o in objs}
-        cells = []
-        for o in objs:
-            region = backbone.preprocess(object_mask(o).convert("RGB"))[0].numpy() > 127
-            cells.append(region_cells(region, (7, 7)))
+        cells = [region_cells(object_region(backbone, o), (7, 7)) for o in objs]
         feats = torch.from_numpy(store.get(it.id).astype("float32"))
         for caption in it.captions:
             ids = tok(caption, add_special_tokens=False)["input_ids"]

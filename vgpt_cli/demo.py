@@ -91,6 +91,13 @@ def demo_photo() -> Path:
     return Path(str(resources.files("vgpt_cli.assets").joinpath(PHOTO)))
 
 
+def object_region(backbone, obj: dict[str, Any]):
+    """A shapes object's pixels as the backbone sees them (its own resize and crop): (h, w) bool."""
+    from vgpt_cli.data.shapes import object_mask
+
+    return backbone.preprocess(object_mask(obj).convert("RGB"))[0].numpy() > 127
+
+
 def shapes_attention(model, backbone, store, items, captions: dict[str, str]) -> dict[str, Any]:
     """attention_peak_in_object over the shape words of `captions` (by item id) that name an object of
     their scene: each word's map (the mean of its tokens', teacher-forced on the caption as tokenized),
@@ -98,7 +105,7 @@ def shapes_attention(model, backbone, store, items, captions: dict[str, str]) ->
     import torch
 
     from vgpt_cli.attention import attention_peak_in_object, word_attention
-    from vgpt_cli.data.shapes import naming_words, object_mask
+    from vgpt_cli.data.shapes import naming_words
     from vgpt_cli.evaluate.attention_figure import word_groups
 
     tok = model.tokenizer
@@ -114,8 +121,7 @@ def shapes_attention(model, backbone, store, items, captions: dict[str, str]) ->
             continue  # tokens that do not spell the words: no word to take a map for
         maps = word_attention(model, torch.from_numpy(store.get(it.id).astype("float32")), ids)
         for k, obj in named:
-            region = backbone.preprocess(object_mask(obj).convert("RGB"))[0].numpy() > 127
-            samples.append((maps[groups[k][1]].mean(dim=0), region))
+            samples.append((maps[groups[k][1]].mean(dim=0), object_region(backbone, obj)))
     return attention_peak_in_object(samples)
 
 
