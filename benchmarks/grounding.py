@@ -77,6 +77,7 @@ def readout_supervision(weight: float, gated: bool):
 
         def keep_c(i):
             def f(m, inp, out):
+                out = out[0]  # (C, coverage sum)
                 if model.training and torch.is_grad_enabled():
                     pending[i] = out
                     if not gated:
@@ -163,6 +164,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "warm10-readout-gated": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
                              "model_hooks": [readout_supervision(1.0, gated=True)]},
     "warm10-lora8": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "model_hooks": [lora(8, 16.0)]},
+    # coverage (CaptionerConfig.coverage): each head is pushed off the image tokens it already attended to
+    "warm10-coverage1": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "coverage": 1.0},
+    "warm10-coverage3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "coverage": 3.0},
     "warm10-lm-trained": {"freeze_lm_steps_frac": 0.0, "encoder_warm_start": 10},
     "warm10-lm-half": {"freeze_lm_steps_frac": 0.5, "encoder_warm_start": 10},
     "warm10-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "lr": 3e-3},

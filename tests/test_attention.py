@@ -54,11 +54,12 @@ def caption_ids(model, text="a red circle and a blue star"):
     return model.tokenizer(text, add_special_tokens=False)["input_ids"] + [model.eos_token_id]
 
 
-@pytest.mark.parametrize("family,levels,gating", [("gpt2", 2, "srau"), ("llama", 1, "srau"), ("gpt2", 2, "none")])
-def test_weights_reproduce_the_models_own_attention_output(tok, family, levels, gating):
+@pytest.mark.parametrize("family,levels,gating,coverage", [("gpt2", 2, "srau", None), ("llama", 1, "srau", None),
+                                                          ("gpt2", 2, "none", None), ("gpt2", 2, "srau", 3.0)])
+def test_weights_reproduce_the_models_own_attention_output(tok, family, levels, gating, coverage):
     # The weights times the values must give what the model's scaled_dot_product_attention gave: the
     # input of each block's output projection, caught on the unfused (training) path.
-    model = build(tok, family, encoder_layers=levels, gating=gating)
+    model = build(tok, family, encoder_layers=levels, gating=gating, coverage=coverage)
     f, ids = feats(9), caption_ids(model)
     w = attention_weights(model, f, ids)
     L, K, h, T, N = w.shape

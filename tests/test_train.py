@@ -288,6 +288,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("args, message", [
     (["--tau", "0.6"], "tau 0.6"),
+    (["--coverage", "nan"], "--coverage nan: must be a finite number"),
     (["--lr", "-1e-4"], "--lr -0.0001: a learning rate must be a positive"),
     (["--lm", "no/such/folder-xyz"], "cannot load the language model"),
     (["--lm", "/nowhere/model.gguf"], "GGUF file not found"),

@@ -8,8 +8,9 @@ figure. `word_attention` is the whole API; `attention_weights` keeps the per-lay
 The model is not changed for this: a forward hook on each block's query projection (`xattn[i].q`,
 which both the training and the fused inference path call) keeps the queries of one teacher-forced
 pass, and the weights are softmax(q k^T / sqrt(head_dim)) against the keys `Captioner.encode` gives,
-exactly the scores the model's scaled_dot_product_attention softmaxes (tests/test_attention.py
-checks that these weights times the values reproduce the model's own attention output).
+exactly the scores the model's scaled_dot_product_attention softmaxes (with coverage, less the same
+penalty); tests/test_attention.py checks that these weights times the values reproduce the model's
+own attention output.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from vgpt_cli.model.srau import covered_attention
 
 
 def _model(captioner: Any):
@@ -108,7 +111,11 @@ def attention_weights(captioner: Any, features: Tensor | np.ndarray, token_ids: 
         K, h, N, hd = k.shape
         q = queries[i][0][0].float().view(-1, h, hd)        # (T, h, hd)
         scores = torch.einsum("thd,khnd->khtn", q, k) / math.sqrt(hd)
-        out.append(scores.softmax(dim=-1))                  # (K, h, T, N)
+        if model.xattn[i].coverage is not None:  # the penalty the model adds (srau.covered_attention)
+            p, _ = covered_attention(scores.unsqueeze(2), model.xattn[i].coverage.detach().float())
+            out.append(p.squeeze(2))
+        else:
+            out.append(scores.softmax(dim=-1))              # (K, h, T, N)
     return torch.stack(out).cpu()
 
 

@@ -56,6 +56,9 @@ def command(
     tau: Annotated[float | None, _opt("--tau", help=f"SRAU gate threshold, 0 <= tau < 0.5 (default {d('tau')}).")] = None,
     encoder_layers: Annotated[int | None, _opt("--encoder-layers", help=f"K, visual encoder layers (default {d('encoder_layers')}; paper {paper('encoder_layers')}).")] = None,
     gating: Annotated[str | None, _opt("--gating", help=f"srau or none (plain cross-attention) (default {d('gating')}).")] = None,
+    coverage: Annotated[float | None, _opt("--coverage", help="Coverage in the cross-attention (not in the paper): "
+                                           "a learned per-head penalty on looking again where the caption already "
+                                           f"looked, starting at this weight (default {d('coverage')}).")] = None,
     lr: Annotated[float | None, _opt("--lr", help=f"AdamW learning rate of the new parameters (default {d('lr')}; "
                                  f"paper {paper('lr')}).")] = None,
     lm_lr: Annotated[float | None, _opt("--lm-lr", help="Learning rate of the pretrained LM's parameters "
@@ -131,7 +134,7 @@ def command(
     from vgpt_cli.train.run_folder import folder_size, human_size, read_run_config, resumable_run
 
     ws = workspace(ctx)
-    flags = dict(preset=preset, lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, lr=lr, lm_lr=lm_lr,
+    flags = dict(preset=preset, lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, coverage=coverage, lr=lr, lm_lr=lm_lr,
                  encoder_warm_start=encoder_warm_start, warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                  max_steps=max_steps, label_smoothing=label_smoothing, precision=precision, seed=seed,
                  patience=patience, val_every=val_every, val_size=val_size, max_length=max_length, scst=scst,

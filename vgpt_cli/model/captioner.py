@@ -21,7 +21,15 @@ from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.model.config import CaptionerConfig
 from vgpt_cli.model.encoder import VisualEncoder, padding_mask
 from vgpt_cli.model.lm import LMAdapter, adapter_for, as_float32, load_language_model
-from vgpt_cli.model.srau import CrossAttention, LevelGates, residual_combine, srau_combine
+from vgpt_cli.model.srau import (
+    CrossAttention,
+    LevelGates,
+    coverage_groups,
+    coverage_real,
+    coverage_rows,
+    residual_combine,
+    srau_combine,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -76,6 +84,7 @@ class DecodeState:
     capacity_hint: int = 0             # tokens to allocate room for at the first step
     xmask: Tensor | None = None        # the memory's additive cross-attention mask, made once per memory
     spare: Tensor | None = None        # a free buffer of the same shape, the target of the next reorder
+    coverage: Tensor | None = None     # (layers, B, K, heads, N): attention summed over the steps so far
 
     @property
     def cache(self) -> list[tuple[Tensor, Tensor]]:
@@ -96,9 +105,10 @@ class DecodeState:
             spare = self.buffer if self.buffer.shape == shape else None
             mask = None if self.key_mask is None else self.key_mask.index_select(0, idx)
         gates = None if self.gates is None else self.gates.index_select(0, idx)
+        coverage = None if self.coverage is None else self.coverage.index_select(1, idx)
         xmask = self.xmask if memory is self.memory else None
         return DecodeState(memory, beams, buf, mask, gates, self.length, self.padded, self.capacity_hint, xmask,
-                           spare)
+                           spare, coverage)
 
     def reorder(self, beam_idx: Tensor, within_groups: bool | None = None) -> DecodeState:
         """New row b continues old row beam_idx[b] (beam search). Returns a new state.
@@ -147,7 +157,7 @@ class Captioner(nn.Module):
             raise ConfigError(f"encoder_heads={enc_heads} does not divide the LM width {D}: choose a divisor")
         self.encoder = VisualEncoder(config.d_in, D, config.encoder_layers, enc_heads, config.encoder_ffn,
                                      config.encoder_dropout)
-        self.xattn = nn.ModuleList([CrossAttention(D, heads, config.cross_attn_dropout)
+        self.xattn = nn.ModuleList([CrossAttention(D, heads, config.cross_attn_dropout, config.coverage)
                                     for _ in range(a.num_layers)])
         if config.gating == "srau":
             self.gates = nn.ModuleList([LevelGates(config.encoder_layers, D, config.gate_init_bias) for _ in range(a.num_layers)])
@@ -248,7 +258,8 @@ class Captioner(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def _decode(self, input_ids: Tensor, memory: VisualMemory, key_mask: Tensor | None,
-                cache: Tensor | None, past: int, want_gates: bool, xmask: Tensor | None = None):
+                cache: Tensor | None, past: int, want_gates: bool, xmask: Tensor | None = None,
+                coverage: Tensor | None = None):
         """Run the SRAU decoder over new tokens input_ids (B, T) after `past` cached tokens.
 
         key_mask (B, >= past + T): True where a token is real; None: every token is real, and then no
@@ -257,7 +268,10 @@ class Captioner(nn.Module):
         cache: None (teacher forcing: nothing is kept), or the (layers, 2, B, H_kv, capacity, hd) buffer
         of DecodeState, whose positions past..past+T-1 are written in place.
         xmask: `_memory_mask(memory)` when the caller keeps it across steps.
-        Positions are step indices. Returns logits (B, T, V), gates (B, T, 2) or None.
+        coverage: with config.coverage, the (layers, B, K, heads, N) attention of the steps before (None at
+        the first step or in teacher forcing).
+        Positions are step indices. Returns logits (B, T, V), gates (B, T, 2) or None, and the new
+        coverage (None without config.coverage).
         """
         a = self.adapter
         B, T = input_ids.shape
@@ -288,7 +302,14 @@ class Captioner(nn.Module):
                  and not torch.is_grad_enabled())
         if fused and xmask is None:
             xmask = self._memory_mask(memory)
+        covering = self.config.coverage is not None
+        Bm = memory.batch_size
+        real = None
+        if covering and key_mask is not None:
+            real = coverage_real(key_mask[:, L0:L], Bm, memory.keys[0].shape[1])
+        new_coverage = []
         for i in range(self.num_layers):
+            past_i = None if coverage is None else coverage_groups(coverage[i], Bm)
             x = a.ln1(i, h)
             q, k, v = a.qkv(i, x, ctx)  # q (B, H, T, hd), k/v (B, H_kv, T, hd)
             if cache is not None:
@@ -304,13 +325,18 @@ class Captioner(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, -1)
             A = h + a.attn_out(i, y)                                     # (B, T, D)
             if fused:
-                o, ling, vis = self._cross_srau(i, A, memory, xmask, tau, want_gates)
+                o, ling, vis, total = self._cross_srau(i, A, memory, xmask, tau, want_gates, past_i, real)
+                if covering:
+                    new_coverage.append(coverage_rows(total, Bm, memory.keys[i].shape[1]))
                 if want_gates:
                     ling_sum = ling if ling_sum is None else ling_sum + ling
                     vis_sum = vis if vis_sum is None else vis_sum + vis
                 h = o + a.mlp(i, a.ln2(i, o))
                 continue
-            C = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask)  # (B, K, T, D)
+            C, total = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask, past_i,
+                                     real)  # (B, K, T, D)
+            if covering:
+                new_coverage.append(coverage_rows(total, Bm, memory.keys[i].shape[1]))
             if self.gates is not None:
                 o, ling, vis = srau_combine(A, C, self.gates[i], tau, want_gates)
                 if want_gates:
@@ -323,7 +349,7 @@ class Captioner(nn.Module):
         gates = None
         if want_gates and ling_sum is not None:
             gates = torch.stack([ling_sum, vis_sum], dim=-1) / self.num_layers
-        return logits, gates
+        return logits, gates, (torch.stack(new_coverage) if covering else None)
 
     def _memory_mask(self, memory: VisualMemory) -> Tensor:
         """The memory's padding as the additive mask (Bm*K, 1, 1, N) of the cross-attention's
@@ -334,12 +360,14 @@ class Captioner(nn.Module):
         m.masked_fill_(~memory.mask, float("-inf"))
         return m.view(Bm, 1, 1, 1, N).expand(Bm, K, 1, 1, N).reshape(Bm * K, 1, 1, N)
 
-    def _cross_srau(self, i: int, A: Tensor, memory: VisualMemory, xmask: Tensor, tau: float, want_gates: bool):
+    def _cross_srau(self, i: int, A: Tensor, memory: VisualMemory, xmask: Tensor, tau: float, want_gates: bool,
+                    past: Tensor | None = None, real: Tensor | None = None):
         """Block i's cross-attention and SRAU combine at inference: the maths of CrossAttention.forward
         + srau_combine in fewer kernels. The K levels stay level-major (K, B*T, D) from the output
         projection through the gates (no permutes), the gate bias rides in the batched matmul, and
         each threshold is one F.threshold (x if x > tau else 0, i.e. torch.where(x > tau, x, 0)).
-        A (B, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)) like srau_combine."""
+        A (B, T, D) -> (O (B, T, D), ling (B, T), vis (B, T)) like srau_combine, and the coverage sum
+        (CrossAttention.attend)."""
         xa, gates = self.xattn[i], self.gates[i]
         B, T, D = A.shape
         k, v = memory.keys[i], memory.values[i]
@@ -347,8 +375,8 @@ class Captioner(nn.Module):
         beams, R = B // Bm, B * T
         q = xa.q(self.adapter.ln1(i, A)).view(Bm, beams * T, h, hd).transpose(1, 2)
         q = q.unsqueeze(1).expand(Bm, K, h, beams * T, hd).reshape(Bm * K, h, beams * T, hd)
-        y = F.scaled_dot_product_attention(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd),
-                                           attn_mask=xmask)                  # (Bm*K, h, beams*T, hd)
+        y, total = xa.attend(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd), xmask, beams,
+                             past, real)                             # (Bm*K, h, beams*T, hd)
         y = y.view(Bm, K, h, R // Bm, hd).permute(1, 0, 3, 2, 4).reshape(K, R, D)
         c = F.linear(y, xa.o.weight, xa.o.bias)                              # (K, R, D): C_k
         a = A.reshape(1, R, D)
@@ -358,7 +386,7 @@ class Captioner(nn.Module):
         vis = F.threshold(g.neg_().add_(1), tau, 0.0)                        # g is now 1 - g
         means = (ling.mean(dim=(0, 2)).view(B, T), vis.mean(dim=(0, 2)).view(B, T)) if want_gates else (None, None)
         o = (ling.mul_(a).add_(vis.mul_(c))).sum(dim=0).div_(math.sqrt(K))
-        return (o.view(B, T, D), *means)
+        return (o.view(B, T, D), *means, total)
 
     def forward(self, features: Tensor, lengths: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, return_gates: bool = False,
@@ -371,7 +399,7 @@ class Captioner(nn.Module):
         if image_index is not None:
             memory = memory.index_select(image_index.to(memory.mask.device))
         key_mask = None if attention_mask is None else attention_mask.to(input_ids.device).bool()
-        logits, gates = self._decode(input_ids, memory, key_mask, None, 0, return_gates)
+        logits, gates, _ = self._decode(input_ids, memory, key_mask, None, 0, return_gates)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -436,11 +464,11 @@ class Captioner(nn.Module):
                     else attention_mask.to(token_ids.device).bool().view(B))
             key_mask[:, L0] = step
         xmask = state.xmask if state.xmask is not None else self._memory_mask(state.memory)
-        logits, gates = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0, return_gates,
-                                     xmask)
+        logits, gates, coverage = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0,
+                                               return_gates, xmask, state.coverage)
         spare = state.spare if buf is state.buffer else None  # a grown buffer leaves the old spare behind
         new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1] if gates is not None else None,
-                          L0 + 1, padded, state.capacity_hint, xmask, spare)
+                          L0 + 1, padded, state.capacity_hint, xmask, spare, coverage)
         return logits[:, -1], new
 
     # ------------------------------------------------------------------ save / load

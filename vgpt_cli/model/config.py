@@ -40,6 +40,9 @@ class CaptionerConfig:
     gate_init_bias: float | None = None
     # Caption length in tokens, EOS included, BOS not (the authors decode at most 20).
     max_caption_tokens: int = 20
+    # Coverage in the cross-attention (not in the paper): None, or the initial per-head weight of a
+    # learned penalty on attending again to image tokens the caption already attended to (srau.py).
+    coverage: float | None = None
 
     def validate(self) -> CaptionerConfig:
         if not (0.0 <= self.tau < 0.5):
@@ -57,6 +60,8 @@ class CaptionerConfig:
             raise ConfigError(f"d_in={self.d_in}, encoder_ffn={self.encoder_ffn}: widths must be positive")
         if self.max_caption_tokens < 2:
             raise ConfigError(f"max_caption_tokens={self.max_caption_tokens}: needs room for a word and EOS (>= 2)")
+        if self.coverage is not None and not math.isfinite(self.coverage):
+            raise ConfigError(f"coverage={self.coverage}: must be a finite number (or unset)")
         if self.gate_init_bias is not None and not math.isfinite(self.gate_init_bias):
             raise ConfigError(f"gate_init_bias={self.gate_init_bias}: must be a finite number (or unset)")
         for name in ("encoder_dropout", "cross_attn_dropout"):

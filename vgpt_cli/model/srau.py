@@ -15,15 +15,43 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def covered_attention(scores: Tensor, weight: Tensor, past: Tensor | None = None,
+                      real: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention with coverage: each head's scores minus weight[h] x the attention its earlier queries
+    of the same caption gave each memory token (before this penalty, so all positions are computed at
+    once in teacher forcing, and decoding carries one running sum).
+
+    scores (G, h, R, T, N): logits with the memory mask applied, for R caption rows of T positions;
+    weight (h,); past (G, h, R, N): the running sum of earlier steps (decoding), or None;
+    real (G, 1, R, T, 1): 1 on real caption positions (a padded step adds no coverage), or None.
+    Returns the attention (G, h, R, T, N) and the new running sum (G, h, R, N).
+    """
+    raw = scores.softmax(dim=-1)
+    if real is not None:
+        raw = raw * real
+    seen = raw.cumsum(dim=3)
+    before = seen - raw                       # exclusive: position t sees positions < t
+    total = seen[:, :, :, -1]
+    if past is not None:
+        before = before + past.unsqueeze(3)
+        total = total + past
+    penalty = weight.view(1, -1, 1, 1, 1).to(scores.dtype) * before
+    return (scores - penalty).softmax(dim=-1), total
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of decoder states over the K memory levels, with shared projections.
 
     Keys/values of the memory are projected once per image (`project_memory`). Decoder rows may be
     `beams` consecutive copies per image: their queries are stacked along the query axis against
     the one copy of that image's memory, so beam search never copies the memory.
+
+    coverage: None (the paper), or the initial per-head weight of a learned coverage penalty
+    (`covered_attention`): a head is pushed away from the image tokens it already attended to while
+    writing this caption, so that after naming one object it looks for the next.
     """
 
-    def __init__(self, d_model: int, heads: int, dropout: float):
+    def __init__(self, d_model: int, heads: int, dropout: float, coverage: float | None = None):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"cross-attention width {d_model} is not divisible by {heads} heads")
@@ -33,6 +61,20 @@ class CrossAttention(nn.Module):
         self.v = nn.Linear(d_model, d_model)
         self.o = nn.Linear(d_model, d_model)
         self.drop = nn.Dropout(dropout)
+        self.coverage = None if coverage is None else nn.Parameter(torch.full((heads,), float(coverage)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, beams: int,
+               past: Tensor | None = None, real: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """q (G, h, beams*T, hd) against k, v (G, h, N, hd); mask (G, 1, 1, N), boolean (True = real) or
+        additive. Without coverage: scaled_dot_product_attention, and no running sum. With it: past /
+        real / the returned running sum as in `covered_attention`, rows laid out (G, h, beams, ...)."""
+        if self.coverage is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        G, h, R, hd = q.shape
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        p, total = covered_attention(scores.view(G, h, beams, R // beams, -1), self.coverage, past, real)
+        return (p.view(G, h, R, -1) @ v), total
 
     def project_memory(self, e: Tensor) -> tuple[Tensor, Tensor]:
         # e (B, K, N, D), already normalised by the block's LN1 -> k, v (B, K, h, N, hd)
@@ -41,18 +83,39 @@ class CrossAttention(nn.Module):
         v = self.v(e).view(B, K, N, self.heads, self.head_dim).transpose(2, 3)
         return k, v
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        # x (B, T, D) with B = Bm * beams; k, v (Bm, K, h, N, hd); mask (Bm, N) True = real -> (B, K, T, D)
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor, past: Tensor | None = None,
+                real: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        # x (B, T, D) with B = Bm * beams; k, v (Bm, K, h, N, hd); mask (Bm, N) True = real
+        # -> C (B, K, T, D) and, with coverage, the running sum (see coverage_rows)
         B, T, D = x.shape
         Bm, K, h, N, hd = k.shape
         beams = B // Bm
         q = self.q(x).view(Bm, beams * T, h, hd).transpose(1, 2)  # (Bm, h, beams*T, hd)
         q = q.unsqueeze(1).expand(Bm, K, h, beams * T, hd).reshape(Bm * K, h, beams * T, hd)
         m = mask.view(Bm, 1, 1, 1, N).expand(Bm, K, 1, 1, N).reshape(Bm * K, 1, 1, N)
-        y = F.scaled_dot_product_attention(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd),
-                                           attn_mask=m)  # (Bm*K, h, beams*T, hd)
+        y, total = self.attend(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd), m, beams,
+                               past, real)  # (Bm*K, h, beams*T, hd)
         y = y.view(Bm, K, h, beams, T, hd).permute(0, 3, 1, 4, 2, 5).reshape(B, K, T, D)
-        return self.drop(self.o(y))
+        return self.drop(self.o(y)), total
+
+
+def coverage_rows(total: Tensor, Bm: int, K: int) -> Tensor:
+    """A running coverage sum (Bm*K, h, beams, N), as attention makes it, -> (B, K, h, N) per decoder row."""
+    _, h, beams, N = total.shape
+    return total.view(Bm, K, h, beams, N).permute(0, 3, 1, 2, 4).reshape(Bm * beams, K, h, N)
+
+
+def coverage_groups(rows: Tensor, Bm: int) -> Tensor:
+    """The inverse of coverage_rows: (B, K, h, N) -> (Bm*K, h, beams, N)."""
+    B, K, h, N = rows.shape
+    return rows.view(Bm, B // Bm, K, h, N).permute(0, 2, 3, 1, 4).reshape(Bm * K, h, B // Bm, N)
+
+
+def coverage_real(step_mask: Tensor, Bm: int, K: int) -> Tensor:
+    """Real caption positions (B, T) -> (Bm*K, 1, beams, T, 1) floats for covered_attention."""
+    B, T = step_mask.shape
+    r = step_mask.float().view(Bm, 1, 1, B // Bm, T, 1)
+    return r.expand(Bm, K, 1, B // Bm, T, 1).reshape(Bm * K, 1, B // Bm, T, 1)
 
 
 class LevelGates(nn.Module):

@@ -48,6 +48,8 @@ class ModelOptions:
     # 5 with K = 1 starts from the pretrained LM itself.
     gate_init_bias: float | None = 5.0
     max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
+    # None: the paper's cross-attention; w: a learned per-head coverage penalty starting at w (CaptionerConfig).
+    coverage: float | None = None
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None
     cross_attn_dropout: float | None = None
@@ -59,7 +61,8 @@ class ModelOptions:
         extra = {k: getattr(self, k) for k in ("encoder_dropout", "cross_attn_dropout") if getattr(self, k) is not None}
         return CaptionerConfig(lm=lm or self.lm or "gpt2", lm_init=self.lm_init, d_in=d_in,
                                encoder_layers=self.encoder_layers, tau=self.tau, gating=self.gating,
-                               gate_init_bias=self.gate_init_bias, max_caption_tokens=self.max_length, **extra)
+                               gate_init_bias=self.gate_init_bias, max_caption_tokens=self.max_length,
+                               coverage=self.coverage, **extra)
 
     def check(self) -> None:
         """CaptionerConfig's own checks, worded with the option names (--max-length, not max_caption_tokens)."""
@@ -72,7 +75,7 @@ class ModelOptions:
             raise ConfigError(f"--{_MODEL_FLAGS[m.group(1)]} {m.group(2)}{str(e)[m.end():]}") from None
 
 
-_MODEL_FLAGS = {"tau": "tau", "gating": "gating", "lm_init": "lm-init", "encoder_layers": "encoder-layers",
+_MODEL_FLAGS = {"tau": "tau", "gating": "gating", "coverage": "coverage", "lm_init": "lm-init", "encoder_layers": "encoder-layers",
                 "max_caption_tokens": "max-length"}
 
 
