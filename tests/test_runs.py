@@ -548,12 +548,13 @@ def test_resume_refuses_a_changed_dropout_or_gate_init(tmp_path):
 
     assert set(RESUME_LOCKED) == set(TrainConfig().part("model").__dataclass_fields__) == {
         "lm", "lm_init", "tau", "encoder_layers", "gating", "gate_init_bias", "max_length", "encoder_dropout",
-        "cross_attn_dropout"}
+        "cross_attn_dropout", "coverage"}
     # every CaptionerConfig setting training chooses comes from the model part
     assert isinstance(TrainConfig().part("model"), ModelOptions)
     ws = make_workspace(tmp_path)
     train(quick(max_steps=1, name="m"), ws, model=tiny_captioner(), quiet=True, keep_last=True)
-    for change in ({"encoder_dropout": 0.3}, {"cross_attn_dropout": 0.0}, {"gate_init_bias": 2.0}, {"tau": 0.1}):
+    for change in ({"encoder_dropout": 0.3}, {"cross_attn_dropout": 0.0}, {"gate_init_bias": 2.0}, {"tau": 0.1},
+                   {"coverage": 1.0}):
         with pytest.raises(ConfigError, match=f"--resume cannot change {next(iter(change))}"):
             train(quick(max_steps=2, name="m", **change), ws, resume=True, quiet=True)
     resumed = train(quick(max_steps=2, name="m", lr=5e-4), ws, resume=True, quiet=True)  # the rest may change
