@@ -494,6 +494,8 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
     p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
+    p.add_argument("--caption-order", default="random", choices=("random", "reading"),
+                   help="the order in which the scenes' captions name their objects (use its own --workspace)")
     p.add_argument("--results", default="grounding", help="results file stem (parallel runs: one each)")
     p.add_argument("--eval-at", default="", help="also score the test scenes at these steps (the frontier), "
                    "e.g. 70,140,280,420")
@@ -513,7 +515,7 @@ def main() -> None:
 
     from vgpt_cli.workspace import Workspace
 
-    manifest, store = demo_data(a.workspace, image_size=a.image_size)
+    manifest, store = demo_data(a.workspace, image_size=a.image_size, caption_order=a.caption_order)
     if a.diagnose:
         diagnose(a.diagnose, manifest, store)
         return
@@ -523,7 +525,8 @@ def main() -> None:
     runs = json.loads(out.read_text())["raw"]["runs"] if out.exists() else []
     for name in a.variants.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
-            label = name + (f"@{a.image_size}px" if a.image_size else "")
+            label = (name + (f"@{a.image_size}px" if a.image_size else "")
+                     + (f"@{a.caption_order}-order" if a.caption_order != "random" else ""))
             eval_at = tuple(int(x) for x in a.eval_at.split(",") if x)
             r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps, eval_at)
             runs = [x for x in runs if (x["variant"], x["seed"]) != (label, seed)] + [r]

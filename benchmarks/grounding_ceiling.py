@@ -40,7 +40,8 @@ DEMO_TAG = "49 tokens x 1320"
 PAIRS = None  # filled from vgpt_cli.data.shapes
 
 
-def demo_data(workspace: Path, seed: int = 42, scenes: int = 1000, image_size: int | None = None):
+def demo_data(workspace: Path, seed: int = 42, scenes: int = 1000, image_size: int | None = None,
+              caption_order: str = "random"):
     """The demo's manifest and feature store (built here when missing, as `vgpt demo` builds them)."""
     from vgpt_cli.data.build import SamplingOptions, prepare_shapes
     from vgpt_cli.demo import BACKBONE, DemoSettings
@@ -50,7 +51,7 @@ def demo_data(workspace: Path, seed: int = 42, scenes: int = 1000, image_size: i
     from vgpt_cli.workspace import Workspace
 
     ws = Workspace.from_option(workspace)
-    manifest, _ = prepare_shapes(ws, scenes, seed, SamplingOptions(seed=seed))
+    manifest, _ = prepare_shapes(ws, scenes, seed, SamplingOptions(seed=seed), caption_order=caption_order)
     backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages, image_size=image_size)
     store_dir = ws.features_root / backbone.fingerprint
     extract_items(manifest.all_items(), backbone, store_dir, num_workers=1, progress=False, warn=print)

@@ -105,6 +105,31 @@ def test_scene_vocabulary_is_varied():
     assert len(starts) >= 3  # several templates, not one
 
 
+def test_reading_order_names_objects_top_to_bottom_left_to_right_and_changes_nothing_else():
+    from vgpt_cli.data.shapes import POSITIONS, naming_words
+
+    cells = [name for name, _ in POSITIONS]
+    multi = [(i, s) for i, s in ((i, make_scene(3, i)) for i in range(200)) if len(s["objects"]) > 1]
+    seen_other_order = False
+    for i, scene in multi:
+        reading, shuffled = scene_captions(scene, 3, i, order="reading"), scene_captions(scene, 3, i)
+        assert len(reading) == len(shuffled)
+        want = sorted(scene["objects"], key=lambda o: cells.index(o["position"]))
+        for caption in reading:
+            if " above " in caption or " to the left of " in caption:
+                continue  # a relation keeps its own order
+            named = [o for _, o in naming_words(caption, scene["objects"])]
+            assert named == want, (caption, want)
+        # the same templates and words, only the objects' order differs (a 3-object caption with positions
+        # gives the first object's only)
+        words = lambda cs: [sorted(c.replace(",", "").split()) for c in cs if not c.startswith("there is")]  # noqa: E731
+        assert words(reading) == words(shuffled)
+        seen_other_order |= reading != shuffled
+    assert seen_other_order
+    with pytest.raises(ValueError, match="caption order 'sideways'"):
+        scene_captions(multi[0][1], 3, 0, order="sideways")
+
+
 SCENE = [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]
 
 

@@ -164,8 +164,8 @@ def write_manifest(ws: Workspace, manifest: Manifest) -> Path:
 
 
 def prepare_shapes(ws: Workspace, count: int, seed: int, opts: SamplingOptions, *, name: str = "shapes",
-                   root: Path | None = None, on_progress: Callable[[int], None] | None = None
-                   ) -> tuple[Manifest, Path]:
+                   root: Path | None = None, on_progress: Callable[[int], None] | None = None,
+                   caption_order: str = "random") -> tuple[Manifest, Path]:
     """Render `count` shapes scenes under root (default <workspace>/sources/<name>) and write their
     manifest: what `vgpt prepare shapes` and `vgpt demo` both do.
 
@@ -196,9 +196,9 @@ def prepare_shapes(ws: Workspace, count: int, seed: int, opts: SamplingOptions, 
     stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     done = False
     try:
-        staged = write_shapes(stage, count, seed, on_progress=on_progress)
+        staged = write_shapes(stage, count, seed, on_progress=on_progress, caption_order=caption_order)
         source = read_karpathy(staged, stage, "shapes")
-        source.extra = {"scenes": count, "generator_seed": seed}
+        source.extra = {"scenes": count, "generator_seed": seed, "caption_order": caption_order}
         manifest = build_manifest(source, name, opts)
         _move_paths(manifest, str(stage), str(root))
         manifest.source["path"] = str(root / FILE_NAME)

@@ -40,6 +40,9 @@ POSITIONS = (
 )
 _PHRASE = dict(POSITIONS)
 FILE_NAME = "dataset_shapes.json"
+# The order in which a caption names the objects: "random" (each caption its own draw) or "reading"
+# (top to bottom, left to right: the next object is determined by the one just named).
+CAPTION_ORDERS = ("random", "reading")
 
 Obj = dict[str, Any]
 
@@ -110,24 +113,31 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def scene_captions(scene: dict[str, Any], seed: int, index: int, n: int = 5) -> list[str]:
-    """`n` differently phrased captions, each naming every object's colour and shape."""
+def scene_captions(scene: dict[str, Any], seed: int, index: int, n: int = 5, order: str = "random") -> list[str]:
+    """`n` differently phrased captions, each naming every object's colour and shape, in `order`
+    (CAPTION_ORDERS; a caption relating two objects keeps its own order: "a to the left of b")."""
+    if order not in CAPTION_ORDERS:
+        raise ValueError(f"caption order {order!r}: use one of {', '.join(CAPTION_ORDERS)}")
     rng = random.Random(f"captions-{seed}-{index}")
     objs = list(scene["objects"])
     bg = scene["background"]
     k = len(objs)
+    cell = {name: i for i, (name, _) in enumerate(POSITIONS)}
+
+    def ordered() -> list[Obj]:
+        shuffled = rng.sample(objs, k)  # drawn in both orders, so that the other choices stay the same
+        return sorted(objs, key=lambda o: cell[o["position"]]) if order == "reading" else shuffled
 
     def nps(sizes: bool) -> list[str]:
-        order = rng.sample(objs, k)
-        return [_np(o, sizes) for o in order]
+        return [_np(o, sizes) for o in ordered()]
 
     def with_positions() -> str:
-        order = rng.sample(objs, k)
+        named = ordered()
         if k == 3:  # positions for all three would run past 20 words
-            first = f"{_np(order[0], False)} {_PHRASE[order[0]['position']]}"
-            return f"there is {first} with {_join([_np(o, False) for o in order[1:]])}"
+            first = f"{_np(named[0], False)} {_PHRASE[named[0]['position']]}"
+            return f"there is {first} with {_join([_np(o, False) for o in named[1:]])}"
         sizes = rng.random() < 0.5
-        return "there is " + _join([f"{_np(o, sizes)} {_PHRASE[o['position']]}" for o in order])
+        return "there is " + _join([f"{_np(o, sizes)} {_PHRASE[o['position']]}" for o in named])
 
     def relation() -> str | None:
         a, b = rng.sample(objs, 2)
@@ -234,8 +244,9 @@ def object_scores(captions: dict[str, str], objects: dict[str, list[dict]]) -> d
 
 # --- the data set on disk -------------------------------------------------------------------
 def write_shapes(root: Path, count: int, seed: int,
-                 on_progress: Callable[[int], None] | None = None) -> Path:
-    """Render `count` scenes to root/images/*.png and write root/dataset_shapes.json (Karpathy style).
+                 on_progress: Callable[[int], None] | None = None, caption_order: str = "random") -> Path:
+    """Render `count` scenes to root/images/*.png and write root/dataset_shapes.json (Karpathy style),
+    the captions naming objects in `caption_order` (CAPTION_ORDERS).
 
     Split: a seeded, exact 80/10/10 of the scenes.
     """
@@ -250,7 +261,7 @@ def write_shapes(root: Path, count: int, seed: int,
         filename = f"shapes_{i:06d}.png"
         render_scene(scene).save(images / filename, compress_level=1)
         sentences = []
-        for c in scene_captions(scene, seed, i):
+        for c in scene_captions(scene, seed, i, order=caption_order):
             sentences.append({"raw": c, "tokens": _WORD.findall(c), "imgid": i, "sentid": sentid})
             sentid += 1
         entries.append({"filepath": "images", "filename": filename, "imgid": i, "split": splits[i],
@@ -259,5 +270,6 @@ def write_shapes(root: Path, count: int, seed: int,
         if on_progress:
             on_progress(1)
     path = root / FILE_NAME
-    atomic_write_json(path, {"dataset": "shapes", "seed": seed, "count": count, "images": entries})
+    atomic_write_json(path, {"dataset": "shapes", "seed": seed, "count": count, "caption_order": caption_order,
+                             "images": entries})
     return path
