@@ -426,6 +426,32 @@ def test_batcher_waits_only_for_images_announced_as_coming():
     assert seen == [[1], [2, 3]]
 
 
+def test_a_batch_smaller_than_the_last_waits_for_the_clients_just_answered():
+    # Under load the clients of a batch send their next images as soon as they are answered, but not
+    # before the next batch forms: a batch that would start smaller than the last one waits for them
+    # (at most max_wait) instead of running the one image already queued alone (16 clients were
+    # served in batches of 15, 1, 15, 1, ...).
+    seen: list[list[int]] = []
+
+    async def scenario():
+        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=60_000)
+        await b.start()
+        try:
+            assert await asyncio.wait_for(asyncio.gather(*b.submit([1, 2, 3], {})), 30) == [1, 2, 3]
+            (f4,) = b.submit([4], {})  # one of the three answered clients is back; nothing announced
+            await asyncio.sleep(0.2)
+            assert not f4.done()  # its batch waits for the other two
+            later = b.submit([5, 6], {})
+            assert await asyncio.wait_for(asyncio.gather(f4, *later), 30) == [4, 5, 6]
+            b.max_wait = 0.05  # and never longer than max_wait: the others did not come back
+            assert await asyncio.wait_for(b.submit([7], {})[0], 30) == 7
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert seen == [[1, 2, 3], [4, 5, 6], [7]]
+
+
 def test_batcher_skips_withdrawn_jobs_and_caps_the_batch():
     seen: list[list[int]] = []
     gate = threading.Event()
