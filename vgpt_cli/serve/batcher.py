@@ -164,7 +164,7 @@ class Batcher:
                     self._take(batch, self._queue.get_nowait())
                 harvest()
                 prepare_the_rest()
-                if len(batch) >= self.max_batch:
+                if len(batch) >= self.max_batch or failed is not None:  # full, or failing: no one else joins
                     break
                 left = deadline - time.monotonic()
                 # more is known to be coming, or the batch is smaller than the last one
