@@ -8,7 +8,16 @@ import torch
 from helpers import tiny_lm
 
 from vgpt_cli.decode.reference import reference_beam_search
-from vgpt_cli.decode.search import DecodeOptions, beam_search, decode, greedy, sample, sequence_log_probs
+from vgpt_cli.decode.search import (
+    DecodeOptions,
+    beam_search,
+    best_continuations,
+    decode,
+    greedy,
+    row_topk,
+    sample,
+    sequence_log_probs,
+)
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.model import Captioner, CaptionerConfig
 
@@ -190,3 +199,27 @@ def test_cache_grows_past_its_first_allocation_and_a_late_mask_counts(model):
     assert state.length == T and state.buffer.shape[4] >= T and state.padded
     real = mask.bool()
     assert (torch.stack(steps, 1) - full)[real].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("vocab", [64 * 40 + 17, 64 * 40, 300])
+def test_best_continuations_are_those_of_topk_over_every_beam_and_token(vocab):
+    # What beam search took before (topk over all K x V sums score + log p of an image) against what it
+    # takes now (each row's best tokens found slice by slice, then the best of those): the same values,
+    # beams and tokens, best first. Rows with banned (-inf) tokens, an image with dead beams (-inf
+    # scores, as at step 0), a row whose best tokens all sit in one slice, a vocabulary with a shorter
+    # last slice, one without, and one of fewer slices than candidates (plain topk).
+    gen = torch.Generator().manual_seed(0)
+    B, K = 5, 4
+    logp = torch.randn(B * K, vocab, generator=gen).mul(3).log_softmax(-1)
+    logp[1, ::2] = float("-inf")
+    logp[6, 128:192] += 25.0
+    logp[7, -3:] += 25.0  # the best tokens in the last (shorter) slice
+    scores = torch.randn(B, K, generator=gen) * 4
+    scores[2, 1:] = float("-inf")
+    top, src, tok = best_continuations(scores, logp, 2 * K)
+    ref_top, idx = (scores.reshape(-1, 1) + logp).reshape(B, K * vocab).topk(2 * K, dim=1)
+    assert torch.equal(top, ref_top)
+    assert torch.equal(src, idx // vocab) and torch.equal(tok, idx % vocab)
+    values, cols = row_topk(logp, 2 * K)
+    ref_values, ref_cols = logp.topk(2 * K, dim=1)
+    assert torch.equal(values, ref_values) and torch.equal(cols, ref_cols)

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaCo
 
 from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.model import Captioner, CaptionerConfig
+from vgpt_cli.model.lm import VOCAB_SLICE, vocab_logits
 from vgpt_cli.model.srau import LevelGates, srau_combine
 
 D_IN = 16
@@ -356,3 +357,20 @@ def test_gate_init_bias_starts_every_gate_at_sigmoid_b(tok):
     assert float(default.gates[0].weight.detach().std()) == pytest.approx(0.02, rel=0.1)
     with pytest.raises(ConfigError):
         CaptionerConfig(gate_init_bias=float("nan")).validate()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sliced_vocabulary_logits_are_bit_identical_to_the_lm_head(tok, bias):
+    # CPU inference computes the LM head slice by slice of the vocabulary (faster); every logit must
+    # come out exactly as the head's own one product gives it, for decode steps (rows, 1, D) and for
+    # teacher-forced sequences (rows, T, D); with autograd on it is the head itself (gradient flows).
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, len(tok), bias=bias)
+    assert head.out_features > 3 * VOCAB_SLICE
+    for shape in ((80, 1, 64), (5, 1, 64), (3, 7, 64)):
+        h = torch.randn(shape)
+        with torch.inference_mode():
+            assert torch.equal(vocab_logits(head, h), head(h))
+    h = torch.randn(2, 3, 64, requires_grad=True)
+    out = vocab_logits(head, h)
+    assert out.grad_fn is not None and torch.equal(out, head(h))

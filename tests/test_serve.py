@@ -179,6 +179,13 @@ def test_a_batch_gets_the_same_pixels_features_and_captions_as_one_image_at_a_ti
         assert [x["token"] for x in t.tokens] == [x["token"] for x in o.tokens]
         assert t.score == pytest.approx(o.score, abs=1e-3)
         assert [x["visual"] for x in t.tokens] == pytest.approx([x["visual"] for x in o.tokens], abs=2e-3)
+    # what the server runs: the backbone in pieces while a batch forms (prepare), then one search
+    pieces = bb.features_for_pixels(pixels[:1]) + bb.features_for_pixels(pixels[1:])
+    served = captioner.caption_features(pieces, gates=True, beams=True)
+    for t, o in zip(served, one_by_one):
+        assert t.caption == o.caption and [b["caption"] for b in t.beams] == [b["caption"] for b in o.beams]
+        assert [x["token"] for x in t.tokens] == [x["token"] for x in o.tokens]
+        assert t.score == pytest.approx(o.score, abs=1e-3)
 
 
 def test_model_health_page_and_openapi(client, captioner, model_dir):
@@ -378,14 +385,14 @@ def test_missing_serve_extra_is_one_line_with_the_install_command_intact(monkeyp
 # --- batching and disconnects --------------------------------------------------------------------------
 def test_requests_that_arrive_while_the_model_works_are_batched_together(captioner, reference, monkeypatch):
     entered, gate = threading.Event(), threading.Event()
-    real = captioner.caption_pixels
+    real = captioner.caption_features
 
     def held(*a, **k):
         entered.set()
         gate.wait(60)  # the first batch holds the model while three more requests arrive
         return real(*a, **k)
 
-    monkeypatch.setattr(captioner, "caption_pixels", held)
+    monkeypatch.setattr(captioner, "caption_features", held)
     app = create_app(captioner, ServeSettings(max_batch=8, max_wait_ms=0))
     photos = [CHELSEA, ASTRONAUT, CHELSEA, ASTRONAUT]
     with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
@@ -424,6 +431,88 @@ def test_batcher_waits_only_for_images_announced_as_coming():
 
     asyncio.run(scenario())
     assert seen == [[1], [2, 3]]
+
+
+def test_a_batch_smaller_than_the_last_waits_for_the_clients_just_answered():
+    # Under load the clients of a batch send their next images as soon as they are answered, but not
+    # before the next batch forms: a batch that would start smaller than the last one waits for them
+    # (at most max_wait) instead of running the one image already queued alone (16 clients were
+    # served in batches of 15, 1, 15, 1, ...).
+    seen: list[list[int]] = []
+
+    async def scenario():
+        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=60_000)
+        await b.start()
+        try:
+            assert await asyncio.wait_for(asyncio.gather(*b.submit([1, 2, 3], {})), 30) == [1, 2, 3]
+            (f4,) = b.submit([4], {})  # one of the three answered clients is back; nothing announced
+            await asyncio.sleep(0.2)
+            assert not f4.done()  # its batch waits for the other two
+            later = b.submit([5, 6], {})
+            assert await asyncio.wait_for(asyncio.gather(f4, *later), 30) == [4, 5, 6]
+            b.max_wait = 0.05  # and never longer than max_wait: the others did not come back
+            assert await asyncio.wait_for(b.submit([7], {})[0], 30) == 7
+        finally:
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert seen == [[1, 2, 3], [4, 5, 6], [7]]
+
+
+def test_prepare_runs_while_the_batch_forms_and_latecomers_join_it():
+    # The model thread would sit idle while a batch waits for its images: prepare (the backbone) runs on
+    # the images already there, and images that arrive while it runs join the batch, even past
+    # max_wait (the model is busy with this batch anyway); run_batch gets the prepared items in order.
+    prepared: list[list[int]] = []
+    seen: list[list[int]] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def prepare(items):
+        prepared.append(list(items))
+        started.set()
+        gate.wait(30)
+        return [i * 10 for i in items]
+
+    async def scenario():
+        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=0,
+                    prepare=prepare)
+        await b.start()
+        try:
+            (f1,) = b.submit([1], {})
+            while not started.is_set():  # prepare([1]) runs in the model thread
+                await asyncio.sleep(0.01)
+            later = b.submit([2, 3], {})  # past max_wait (0), while prepare runs
+            await asyncio.sleep(0.1)
+            gate.set()
+            assert await asyncio.wait_for(asyncio.gather(f1, *later), 30) == [10, 20, 30]
+        finally:
+            gate.set()
+            await b.stop()
+
+    asyncio.run(scenario())
+    assert prepared == [[1], [2, 3]] and seen == [[10, 20, 30]]
+
+
+def test_a_failing_prepare_fails_its_batch_only():
+    def prepare(items):
+        if 0 in items:
+            raise RuntimeError("bad image")
+        return items
+
+    async def scenario():
+        b = Batcher(lambda items, options: [i + 1 for i in items], max_batch=4, max_wait_ms=0, prepare=prepare)
+        await b.start()
+        try:
+            bad = b.submit([0, 5], {})
+            with pytest.raises(RuntimeError, match="bad image"):
+                await asyncio.wait_for(asyncio.gather(*bad), 30)
+            assert await asyncio.wait_for(b.submit([7], {})[0], 30) == 8  # the worker goes on
+            return b.stats
+        finally:
+            await b.stop()
+
+    stats = asyncio.run(scenario())
+    assert stats.failed_batches == 1 and stats.batches == 1
 
 
 def test_batcher_skips_withdrawn_jobs_and_caps_the_batch():
@@ -490,14 +579,14 @@ def wait_until(predicate, what: str, limit_s: float = 60.0) -> None:
 
 def test_a_client_that_disconnects_leaves_no_work_in_the_queue(captioner, monkeypatch):
     entered, gate = threading.Event(), threading.Event()
-    real = captioner.caption_pixels
+    real = captioner.caption_features
 
     def slow(*a, **k):
         entered.set()
         gate.wait(60)  # the first batch holds the model until the second client has gone
         return real(*a, **k)
 
-    monkeypatch.setattr(captioner, "caption_pixels", slow)
+    monkeypatch.setattr(captioner, "caption_features", slow)
     app = create_app(captioner, ServeSettings(max_wait_ms=0))
     with Server(app) as srv:
         health = lambda: httpx.get(f"{srv.url}/health").json()  # noqa: E731

@@ -162,15 +162,30 @@ class ImageCaptioner:
                                 gates=gates, beams=beams, attention=attention)
         return results
 
+    def caption_features(self, arrays: Sequence[Any], *, gates: bool = False, beams: bool = False,
+                         attention: bool = False) -> list[CaptionResult]:
+        """caption_pixels() for images whose backbone features are already computed
+        (`self.backbone.features_for_pixels(pixels)`: (N, C) arrays): one search per batch_size of them."""
+        results = [CaptionResult(f"<features #{i}>") for i in range(len(arrays))]
+        for start in range(0, len(arrays), self.batch_size):
+            self._search_batch(list(arrays[start:start + self.batch_size]), results[start:start + self.batch_size],
+                               gates=gates, beams=beams, attention=attention)
+        return results
+
     def _caption_batch(self, pixels: list[Tensor], results: list[CaptionResult], *, gates: bool, beams: bool,
                        attention: bool) -> None:
         """The backbone, then one batched (beam) search over all of `pixels`; fills `results` in place."""
+        arrays = self.backbone.features_for_pixels(pixels, batch_size=self.batch_size)
+        self._search_batch(arrays, results, gates=gates, beams=beams, attention=attention)
+
+    def _search_batch(self, arrays: list[Any], results: list[CaptionResult], *, gates: bool, beams: bool,
+                      attention: bool) -> None:
+        """One batched (beam) search over the images' features; fills `results` in place."""
         import torch
 
         from vgpt_cli.decode import pad_features
         from vgpt_cli.decode.search import beam_search, decode
 
-        arrays = self.backbone.features_for_pixels(pixels, batch_size=self.batch_size)
         f, lengths = pad_features(arrays, self.device)
         with torch.inference_mode():
             if beams and self.options.beam_size > 1:

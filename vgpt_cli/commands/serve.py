@@ -25,8 +25,9 @@ def command(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=(
         "At most this many images (of any requests) per batched search."))] = 16,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help=(
-        "A batch waits at most this long for images already arriving (being received or decoded) to "
-        "join it; with none on the way it starts at once."))] = 50.0,
+        "A batch waits at most this long for images already arriving (being received or decoded), "
+        "and for the clients the last batch answered while it is smaller than that batch; otherwise "
+        "it starts at once."))] = 50.0,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, help=(
         "Require 'Authorization: Bearer KEY' on every endpoint but /health."))] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body.")

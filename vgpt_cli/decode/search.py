@@ -102,6 +102,41 @@ def _prepare_logp(logits: Tensor, step: int, opts: DecodeOptions, eos: int, seqs
     return logp
 
 
+# tokens per slice of a log-probability row when looking for its best tokens (see row_topk)
+TOPK_SLICE = 64
+
+
+def row_topk(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest values of each row of x (R, V) and their columns, largest first: x.topk(n, dim=1)
+    in fewer passes over a long row. A row's n largest values lie in the n slices of TOPK_SLICE columns
+    whose maxima are largest, so topk looks at those slices only (one amax pass, then a few hundred
+    columns a row). The values are exactly topk's; among equal values the column may differ."""
+    R, V = x.shape
+    m = V // TOPK_SLICE
+    if m <= n:
+        return x.topk(n, dim=1)
+    whole = m * TOPK_SLICE
+    best_slices = x[:, :whole].reshape(R, m, TOPK_SLICE).amax(-1).topk(n, dim=1).indices      # (R, n)
+    cols = (best_slices[:, :, None] * TOPK_SLICE + torch.arange(TOPK_SLICE, device=x.device)).reshape(R, -1)
+    if whole < V:  # the last, shorter slice: always looked at
+        cols = torch.cat([cols, torch.arange(whole, V, device=x.device).expand(R, -1)], 1)
+    values, j = x.gather(1, cols).topk(n, dim=1)
+    return values, cols.gather(1, j)
+
+
+def best_continuations(scores: Tensor, logp: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The n best (beam, token) continuations of each image, best first: scores (B, K) of its beams and
+    logp (B*K, V) of their next tokens -> (score + log p (B, n), beam (B, n), token (B, n)).
+
+    The same as topk over all B x K*V sums, without forming them: adding a beam's score keeps the order
+    of its tokens, so an image's n best are among its beams' n best tokens each (row_topk), and each sum
+    is the same float addition."""
+    B, K = scores.shape
+    values, tokens = row_topk(logp, n)                              # (B*K, n)
+    top, j = (scores.reshape(-1, 1) + values).reshape(B, K * n).topk(n, dim=1)
+    return top, j // n, tokens.reshape(B, K * n).gather(1, j)
+
+
 class _Pool:
     """The K best finished hypotheses of one image."""
 
@@ -161,9 +196,8 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
         if step == 0 and K > 1:
             logits, state = logits.repeat_interleave(K, dim=0), state.repeat_rows(K)
         logp = _prepare_logp(logits, step, opts, eos, seqs)       # (R, V)
-        Ba, V = scores.shape[0], logp.shape[1]
-        top, idx = (scores.reshape(-1, 1) + logp).reshape(Ba, K * V).topk(2 * K, dim=1)
-        src, tok = idx // V, idx % V
+        Ba = scores.shape[0]
+        top, src, tok = best_continuations(scores, logp, 2 * K)
         is_eos = tok == eos
         rows_of = torch.arange(Ba, device=dev)[:, None] * K     # first row of each image
         fin = is_eos & (rank < K) & torch.isfinite(top)

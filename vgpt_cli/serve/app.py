@@ -118,11 +118,17 @@ def decode_uploads(uploads: list[Upload], max_pixels: int, prepare: Callable[[An
     return images
 
 
-def caption_batch(captioner, pixels: list[Any], options: list[dict[str, Any]]) -> list[Any]:
-    """The batcher's function: the backbone and one batched search over the images of several
-    requests, already decoded and resized in the requests' own threads (Backbone.pixels)."""
+def backbone_features(captioner, pixels: list[Any]) -> list[Any]:
+    """The batcher's prepare: the backbone over images already decoded and resized in the requests' own
+    threads (Backbone.pixels); it runs on a batch's first images while the batch still forms."""
+    return captioner.backbone.features_for_pixels(pixels, batch_size=captioner.batch_size)
+
+
+def caption_batch(captioner, features: list[Any], options: list[dict[str, Any]]) -> list[Any]:
+    """The batcher's function: one batched search over the images of several requests (their
+    backbone features: backbone_features)."""
     attention = any(o.get("attention") for o in options)
-    return captioner.caption_pixels(pixels, gates=True, beams=True, attention=attention)
+    return captioner.caption_features(features, gates=True, beams=True, attention=attention)
 
 
 def result_json(result, filename: str, attention: bool) -> dict[str, Any]:
@@ -181,8 +187,9 @@ def create_app(captioner, settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     # one chunk per batch: caption() must not split what the batcher put together
     captioner.batch_size = max(captioner.batch_size, settings.max_batch)
-    batcher = Batcher(lambda images, options: caption_batch(captioner, images, options),
-                      max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
+    batcher = Batcher(lambda features, options: caption_batch(captioner, features, options),
+                      max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                      prepare=lambda pixels: backbone_features(captioner, pixels))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
