@@ -6,6 +6,7 @@ The helpers here (tiny_captioner, make_workspace) are also used by test_train_dd
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,53 @@ def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
     assert abs(float(token_loss_sum(out.logits.detach(), b.labels)) - float(ref)) < 1e-3
 
 
+def test_unlikelihood_matches_a_loop_over_positions_and_earlier_words():
+    from vgpt_cli.train.objectives import unlikelihood_sum
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 9, generator=gen, dtype=torch.float64) * 3
+    labels = torch.tensor([[4, 2, 4, 7, 2, 1], [3, 3, 5, 8, -100, -100]])
+    want = 0.0
+    for b in range(2):
+        for t in range(6):
+            if labels[b, t] < 0:
+                continue
+            p = logits[b, t].softmax(-1)
+            earlier = {int(c) for c in labels[b, :t] if c >= 0} - {int(labels[b, t])}
+            want += sum(-math.log(1 - float(p[c])) for c in earlier)
+    assert float(unlikelihood_sum(logits, labels)) == pytest.approx(want, rel=1e-6)
+    # sure of an earlier word that is not its target: a large penalty; sure of its own target (which it
+    # has written before): none
+    sure = torch.full((1, 5, 9), -30.0, dtype=torch.float64)
+    sure[0, torch.arange(5), labels[0, :5]] = 30.0  # every position sure of its target (4, 2, 4, 7, 2)
+    assert float(unlikelihood_sum(sure, labels[:1, :5])) < 1e-6
+    sure[0, 4, 2], sure[0, 4, 4] = -30.0, 30.0  # position 4 (target 2) sure of the earlier 4
+    assert float(unlikelihood_sum(sure, labels[:1, :5])) > 10  # -log(1e-6): p is capped below 1
+
+
+def test_the_unlikelihood_weight_reaches_the_backward_and_the_logged_loss_stays_cross_entropy(tmp_path):
+    from vgpt_cli.features.store import open_workspace_store
+    from vgpt_cli.runtime import DistContext
+    from vgpt_cli.train.data import caption_examples
+    from vgpt_cli.train.objectives import cross_entropy_step, unlikelihood_sum
+
+    ws = make_workspace(tmp_path)
+    model = tiny_captioner()
+    examples = caption_examples(Manifest.load(ws.manifest_path("toy")).items("train"))
+    b = collate(open_workspace_store(ws), model, examples, max_length=20)
+    with torch.no_grad():
+        logits = model(b.features, b.lengths, b.input_ids, b.attention_mask).logits
+    ce, ul = float(token_loss_sum(logits, b.labels)), float(unlikelihood_sum(logits, b.labels))
+    assert ul > 0
+    seen: list[float] = []
+    for w in (0.0, 5.0):
+        seen.clear()
+        loss, n, _ = cross_entropy_step(model, [b], DistContext(), lambda t: seen.append(float(t.detach())),
+                                        precision="fp32", label_smoothing=0.0, unlikelihood=w)
+        assert loss == pytest.approx(ce / n, rel=1e-5)  # what is logged: the cross-entropy alone
+        assert seen[0] == pytest.approx((ce + w * ul) / n, rel=1e-5)  # what is trained
+
+
 # --- training behaviour ------------------------------------------------------------------------------
 def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)  # 8 images, one caption each
@@ -289,6 +337,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("args, message", [
     (["--tau", "0.6"], "tau 0.6"),
     (["--coverage", "nan"], "--coverage nan: must be a finite number"),
+    (["--unlikelihood", "-1"], "--unlikelihood -1.0: must be a finite weight >= 0"),
     (["--lr", "-1e-4"], "--lr -0.0001: a learning rate must be a positive"),
     (["--lm", "no/such/folder-xyz"], "cannot load the language model"),
     (["--lm", "/nowhere/model.gguf"], "GGUF file not found"),

@@ -98,6 +98,8 @@ class OptimiserOptions:
     # are drawn independently (the paper).
     group_by_image: bool = False
     label_smoothing: float = 0.0
+    # Weight of token-level unlikelihood on repeating an earlier word of the caption (objectives.py); 0: off.
+    unlikelihood: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
     seed: int = 42
@@ -126,6 +128,8 @@ class OptimiserOptions:
         for name in ("soft_gate_steps", "freeze_lm_steps", "warmup", "encoder_warm_start"):
             if getattr(self, name) < 0:
                 _bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if not (0.0 <= self.unlikelihood < math.inf):
+            _bad(f"--unlikelihood {self.unlikelihood}: must be a finite weight >= 0 (0: off)")
         if not (0.0 <= self.label_smoothing < 1.0):
             _bad(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
         if self.clip_grad < 0:

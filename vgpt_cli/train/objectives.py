@@ -28,6 +28,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
                            reduction="sum", label_smoothing=label_smoothing)
 
 
+def unlikelihood_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al., 2019, "Neural text generation with unlikelihood
+    training"), summed: at every target position t, -log(1 - p_t(c)) for each distinct token c among the
+    caption's earlier targets that is not the target at t. It makes repeating an earlier word cost
+    something unless the reference repeats it (labels as token_loss_sum's; -100 is padding)."""
+    B, T, _ = logits.shape
+    tokens, real = labels.clamp(min=0), labels != -100
+    earlier = torch.ones(T, T, dtype=torch.bool, device=labels.device).tril(-1)          # [t, u]: u < t
+    seen_before = ((tokens[:, :, None] == tokens[:, None, :]) & earlier).any(-1)         # [b, u]: a copy of
+    candidates = tokens[:, None, :].expand(B, T, T)                                      # [b, t, u]
+    use = (earlier & real[:, None, :] & ~seen_before[:, None, :] & real[:, :, None]
+           & (candidates != tokens[:, :, None]))
+    p = logits.float().log_softmax(-1).gather(2, candidates).exp()
+    return (-torch.log1p(-p.clamp(max=1 - 1e-6)) * use).sum()
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -36,9 +52,11 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def cross_entropy_step(model: Any, batches: Sequence[Batch], dist: DistContext, backward: Backward, *,
-                       precision: str, label_smoothing: float) -> tuple[float, int, float | None]:
+                       precision: str, label_smoothing: float, unlikelihood: float = 0.0
+                       ) -> tuple[float, int, float | None]:
     """Forward and backward of every micro-batch of one step; returns (mean token loss, target tokens),
-    both over all processes, and this process's mean visual gate over real tokens (None without gates)."""
+    both over all processes, and this process's mean visual gate over real tokens (None without gates).
+    unlikelihood: the weight of unlikelihood_sum in the gradient (the loss returned stays cross-entropy)."""
     device = dist.device
     n_local = sum(b.n_targets for b in batches)
     n_global = int(dist.all_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
@@ -57,8 +75,9 @@ def cross_entropy_step(model: Any, batches: Sequence[Batch], dist: DistContext, 
             if out.gates is not None:
                 real = b.attention_mask.bool()
                 gate_sum, gate_n = gate_sum + out.gates[..., 1][real].float().sum(), gate_n + real.sum()
+            trained = part + unlikelihood * unlikelihood_sum(out.logits, b.labels) if unlikelihood else part
             # DDP averages gradients over processes: scale by world size so the mean is over tokens.
-            backward(part * (dist.world_size / n_global))
+            backward(trained * (dist.world_size / n_global))
             loss_sum += part.detach().double()
     total = dist.all_sum(loss_sum).item() / n_global
     return total, n_global, float(gate_sum / gate_n) if gate_n else None

@@ -109,7 +109,8 @@ class Trainer:
     def xe_step(self, batches: list[Batch]) -> tuple[float, int]:
         loss, tokens, self.last_gate = cross_entropy_step(self.model, batches, self.dist, self.optim.backward,
                                                           precision=self.cfg.precision,
-                                                          label_smoothing=self.cfg.label_smoothing)
+                                                          label_smoothing=self.cfg.label_smoothing,
+                                                          unlikelihood=self.cfg.unlikelihood)
         return loss, tokens
 
     def scst_step(self, step: int) -> tuple[float, int]:
