@@ -164,6 +164,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "warm10-readout-gated": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
                              "model_hooks": [readout_supervision(1.0, gated=True)]},
     "warm10-lora8": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "model_hooks": [lora(8, 16.0)]},
+    # gates nearer the threshold (sigmoid(2) = 0.88; the visual branch opens below 0.8): more channels open sooner
+    "warm10-gate-bias2": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "gate_init_bias": 2.0},
     # token-level unlikelihood (vgpt train --unlikelihood): the wrong captions copy an earlier colour
     "warm10-unlikelihood": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "unlikelihood": 1.0},
     # coverage (CaptionerConfig.coverage): each head is pushed off the image tokens it already attended to
