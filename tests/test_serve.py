@@ -9,6 +9,7 @@ API's answers for the same files (an independent path: the file is opened from d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -409,13 +410,22 @@ def test_requests_that_arrive_while_the_model_works_are_batched_together(caption
         assert h["images"] == 4 and h["batches"] == 2 and h["largest_batch"] == 3
 
 
+@contextlib.asynccontextmanager
+async def running(batcher: Batcher):
+    """The batcher started, and stopped on the way out (also when the scenario fails)."""
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()
+
+
 def test_batcher_waits_only_for_images_announced_as_coming():
     seen: list[list[int]] = []
 
     async def scenario():
         b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=60_000)
-        await b.start()
-        try:
+        async with running(b):
             # nothing announced: a lone job runs at once, not after the 60 s wait
             assert await asyncio.wait_for(b.submit([1], {})[0], 30) == 1
             # one more announced: the batch waits for it (and no longer than it must)
@@ -426,8 +436,6 @@ def test_batcher_waits_only_for_images_announced_as_coming():
             b.retract(1)
             (f3,) = b.submit([3], {})
             assert await asyncio.wait_for(asyncio.gather(f2, f3), 30) == [2, 3]
-        finally:
-            await b.stop()
 
     asyncio.run(scenario())
     assert seen == [[1], [2, 3]]
@@ -442,8 +450,7 @@ def test_a_batch_smaller_than_the_last_waits_for_the_clients_just_answered():
 
     async def scenario():
         b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=60_000)
-        await b.start()
-        try:
+        async with running(b):
             assert await asyncio.wait_for(asyncio.gather(*b.submit([1, 2, 3], {})), 30) == [1, 2, 3]
             (f4,) = b.submit([4], {})  # one of the three answered clients is back; nothing announced
             await asyncio.sleep(0.2)
@@ -452,8 +459,6 @@ def test_a_batch_smaller_than_the_last_waits_for_the_clients_just_answered():
             assert await asyncio.wait_for(asyncio.gather(f4, *later), 30) == [4, 5, 6]
             b.max_wait = 0.05  # and never longer than max_wait: the others did not come back
             assert await asyncio.wait_for(b.submit([7], {})[0], 30) == 7
-        finally:
-            await b.stop()
 
     asyncio.run(scenario())
     assert seen == [[1, 2, 3], [4, 5, 6], [7]]
@@ -474,20 +479,18 @@ def test_prepare_runs_while_the_batch_forms_and_latecomers_join_it():
         return [i * 10 for i in items]
 
     async def scenario():
-        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=0,
-                    prepare=prepare)
-        await b.start()
-        try:
-            (f1,) = b.submit([1], {})
-            while not started.is_set():  # prepare([1]) runs in the model thread
-                await asyncio.sleep(0.01)
-            later = b.submit([2, 3], {})  # past max_wait (0), while prepare runs
-            await asyncio.sleep(0.1)
-            gate.set()
-            assert await asyncio.wait_for(asyncio.gather(f1, *later), 30) == [10, 20, 30]
-        finally:
-            gate.set()
-            await b.stop()
+        b = Batcher(lambda items, options: seen.append(list(items)) or list(items), max_batch=4, max_wait_ms=0, prepare=prepare)
+        async with running(b):
+            try:
+                (f1,) = b.submit([1], {})
+                while not started.is_set():  # prepare([1]) runs in the model thread
+                    await asyncio.sleep(0.01)
+                later = b.submit([2, 3], {})  # past max_wait (0), while prepare runs
+                await asyncio.sleep(0.1)
+                gate.set()
+                assert await asyncio.wait_for(asyncio.gather(f1, *later), 30) == [10, 20, 30]
+            finally:
+                gate.set()
 
     asyncio.run(scenario())
     assert prepared == [[1], [2, 3]] and seen == [[10, 20, 30]]
@@ -501,15 +504,12 @@ def test_a_failing_prepare_fails_its_batch_only():
 
     async def scenario():
         b = Batcher(lambda items, options: [i + 1 for i in items], max_batch=4, max_wait_ms=0, prepare=prepare)
-        await b.start()
-        try:
+        async with running(b):
             bad = b.submit([0, 5], {})
             with pytest.raises(RuntimeError, match="bad image"):
                 await asyncio.wait_for(asyncio.gather(*bad), 30)
             assert await asyncio.wait_for(b.submit([7], {})[0], 30) == 8  # the worker goes on
             return b.stats
-        finally:
-            await b.stop()
 
     stats = asyncio.run(scenario())
     assert stats.failed_batches == 1 and stats.batches == 1
@@ -526,8 +526,7 @@ def test_batcher_skips_withdrawn_jobs_and_caps_the_batch():
 
     async def scenario():
         b = Batcher(run, max_batch=2, max_wait_ms=0)
-        await b.start()
-        try:
+        async with running(b):
             (first,) = b.submit([1], {})
             await asyncio.sleep(0.05)  # the worker takes job 1 and blocks in the model
             later = b.submit([2, 3, 4], {})
@@ -536,8 +535,6 @@ def test_batcher_skips_withdrawn_jobs_and_caps_the_batch():
             assert await first == 10
             assert await asyncio.gather(*later[1:]) == [30, 40]
             return b.stats
-        finally:
-            await b.stop()
 
     stats = asyncio.run(scenario())
     assert seen == [[1], [3, 4]]
