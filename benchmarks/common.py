@@ -47,10 +47,10 @@ def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_results(script: str, raw: dict[str, Any], goals: dict[str, dict[str, Any]]) -> Path:
-    """Write benchmarks/results/<script>.json with the raw numbers, the machine and the goals."""
+def write_results(script: str, raw: dict[str, Any], goals: dict[str, dict[str, Any]], name: str | None = None) -> Path:
+    """Write benchmarks/results/<script>.json (or <name>.json) with the raw numbers, the machine and the goals."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{Path(script).stem}.json"
+    path = RESULTS / f"{name or Path(script).stem}.json"
     payload = {"script": Path(script).name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "machine": machine(), "raw": raw, "goals": goals}
     path.write_text(json.dumps(payload, indent=2) + "\n")
