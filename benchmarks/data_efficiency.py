@@ -55,8 +55,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=20000, help="scenes generated (80%% form the training pool)")
     p.add_argument("--fractions", default="0.001,0.005,0.01,0.05")
     p.add_argument("--seeds", default="1,2")
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated; NAME@F1+F2 runs that model at those fractions only (e.g. random-lm@0.001)")
+    p.add_argument("--steps", default="50",
+                   help="optimiser steps per run, or per fraction as F:STEPS,... (e.g. 0.001:120,0.01:200)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--test-size", type=int, default=150)
     p.add_argument("--val-size", type=int, default=10)
@@ -68,11 +70,35 @@ def parse() -> argparse.Namespace:
                         "(default: only at the last step)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new run after this many minutes; the table holds the runs done")
+    p.add_argument("--results", default="data_efficiency",
+                   help="results file stem; docs/results-data-efficiency.md and the plot are written for the default only")
     p.add_argument("--smoke", action="store_true", help="1 fraction, 1 seed, 3 steps: checks that it runs")
     a = p.parse_args()
     if a.smoke:
-        a.pool, a.fractions, a.seeds, a.steps, a.test_size, a.val_size = 300, "0.05", "1", 3, 10, 4
+        a.pool, a.fractions, a.seeds, a.steps, a.test_size, a.val_size = 300, "0.05", "1", "3", 10, 4
     return a
+
+
+def steps_by_fraction(spec: str, fractions: list[float]) -> dict[float, int]:
+    """--steps: one number for every fraction, or F:STEPS pairs naming every fraction."""
+    if ":" not in spec:
+        return {f: int(spec) for f in fractions}
+    given = {float(f): int(n) for f, n in (part.split(":") for part in spec.split(","))}
+    missing = [f for f in fractions if f not in given]
+    if missing:
+        raise SystemExit(f"--steps {spec}: no steps for fraction(s) {missing}; give F:STEPS for each of {fractions}")
+    return {f: given[f] for f in fractions}
+
+
+def models_by_fraction(spec: str, fractions: list[float]) -> dict[str, list[float]]:
+    """--models: NAME (every fraction) or NAME@F1+F2 (those fractions only), comma-separated."""
+    out = {}
+    for part in spec.split(","):
+        name, _, only = part.partition("@")
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        out[name] = [float(f) for f in only.split("+")] if only else list(fractions)
+    return out
 
 
 def prepare(ws, pool: int, fraction: float, seed: int, test_size: int, val_size: int) -> str:
@@ -107,7 +133,9 @@ def main() -> None:
     precision = "bf16" if (a.device.startswith("cuda") or cpu_has_fast_bf16()) else "fp32"
     fractions = [float(f) for f in a.fractions.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    models = a.models.split(",")
+    steps = steps_by_fraction(a.steps, fractions)
+    runs_at = models_by_fraction(a.models, fractions)
+    models = list(runs_at)
     backbone = load_backbone(BACKBONE, device=a.device, add_stages=demo.add_stages)
     rows, t_all = [], time.perf_counter()
     stopped = ""
@@ -121,16 +149,16 @@ def main() -> None:
             ws.set_current(features=summary.fingerprint)
             n_train = len(manifest.items("train"))
             n_caps = sum(len(i.captions) for i in manifest.items("train"))
-            for model in models:
+            for model in (m for m in models if fraction in runs_at[m]):
                 if a.max_minutes is not None and time.perf_counter() - t_all > 60 * a.max_minutes:
                     stopped = f"stopped by --max-minutes {a.max_minutes} before {dataset}-{model}"
                     break
                 t0 = time.perf_counter()
                 cfg = TrainConfig(
                     lm=LM, dataset=dataset, encoder_layers=demo.encoder_layers, gate_init_bias=demo.gate_init_bias,
-                    lr=demo.lr, lm_lr=demo.lm_lr, warmup=min(demo.warmup, a.steps // 5), schedule="cosine",
-                    batch_size=a.batch_size, max_steps=a.steps, val_size=a.val_size, val_beam=1,
-                    val_every=a.val_every or a.steps,
+                    lr=demo.lr, lm_lr=demo.lm_lr, warmup=min(demo.warmup, steps[fraction] // 5), schedule="cosine",
+                    batch_size=a.batch_size, max_steps=steps[fraction], val_size=a.val_size, val_beam=1,
+                    val_every=a.val_every or steps[fraction],
                     max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
                     name=f"{dataset}-{model}", patience=10**6, encoder_warm_start=a.encoder_warm_start,
                     **MODELS[model])
@@ -148,7 +176,8 @@ def main() -> None:
                     scores = evaluate_split(ws, "test", model_dir=run_dir / "best", beam_size=BEAM,
                                             max_length=demo.max_length, device=a.device, spice=False,
                                             log=lambda s: None).scores
-                row = {"fraction": fraction, "seed": seed, "model": model, "train_images": n_train,
+                row = {"fraction": fraction, "seed": seed, "model": model, "steps": steps[fraction],
+                       "train_images": n_train,
                        "train_captions": n_caps, "CIDEr": round(scores.get("CIDEr", float("nan")), 4),
                        "grounded": round(scores.get("grounded", float("nan")), 4),
                        "object_f1": round(scores.get("object_f1", float("nan")), 4),
@@ -157,7 +186,7 @@ def main() -> None:
                        "last_loss": round(last_loss or float("nan"), 4),
                        "seconds": round(time.perf_counter() - t0, 1),
                        "validation_curve": validation_curve(run_dir)}
-                row["converged"] = converged(row["validation_curve"], a.steps)
+                row["converged"] = converged(row["validation_curve"], steps[fraction])
                 done = run_dir / "study_row.json"  # a reused run keeps the time it took to train and score
                 if done.exists():
                     row["seconds"] = json.loads(done.read_text()).get("seconds", row["seconds"])
@@ -173,7 +202,7 @@ def main() -> None:
     seconds = time.perf_counter() - t_all
     fractions = [f for f in fractions if any(r["fraction"] == f for r in rows)]
     table = summarise(rows, fractions, models)
-    print_table(table, title=f"data efficiency on shapes ({a.steps} steps per run, test {a.test_size} scenes)")
+    print_table(table, title=f"data efficiency on shapes (steps per run {a.steps}, test {a.test_size} scenes)")
     paired = paired_differences(rows)
     if paired:
         print_table(paired, title="paired per seed: visualgpt minus no-gates")
@@ -186,8 +215,8 @@ def main() -> None:
         from benchmarks.common import goal
         goals["visualgpt_over_random_lm_cider_at_smallest_fraction"] = goal(
             _at(table, "visualgpt", fractions[0]) / max(_at(table, "random-lm", fractions[0]), 1e-9), 1.0)
-    write_results(__file__, raw, goals)
-    if not a.smoke:
+    write_results(__file__, raw, goals, name=a.results)
+    if not a.smoke and a.results == "data_efficiency":
         write_docs(table, fractions, models, a, sum(r["seconds"] for r in rows), stopped)
 
 
@@ -292,7 +321,7 @@ def write_docs(table: list[dict], fractions: list[float], models: list[str], a: 
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     text = (f"# Data efficiency on shapes (generated by benchmarks/data_efficiency.py)\n\n"
             f"CIDEr mean ± sd over seeds {a.seeds} / object F1 / grounded score; {a.steps} steps of {a.batch_size} captions per "
-            f"run; test: {a.test_size} scenes; {seconds / 60:.0f} minutes on {a.device} (the runs' own time, summed)."
+            f"run (F:STEPS per fraction where so given); test: {a.test_size} scenes; {seconds / 60:.0f} minutes on {a.device} (the runs' own time, summed)."
             f"{' ' + stopped + '.' if stopped else ''}\n\n" + "\n".join(lines) + "\n")
     (DOCS / "results-data-efficiency.md").write_text(text)
     try:
@@ -312,7 +341,7 @@ def write_docs(table: list[dict], fractions: list[float], models: list[str], a: 
         ax.set_xscale("log")
         ax.set_xlabel("training data (% of the pool)")
         ax.set_ylabel(label)
-    axes[0].set_title(f"shapes: {a.steps} steps per run, mean ± sd of {len(a.seeds.split(','))} seeds", fontsize=10)
+    axes[0].set_title(f"shapes: steps per run {a.steps}, mean ± sd of {len(a.seeds.split(','))} seeds", fontsize=10)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(DOCS / "data_efficiency.png", dpi=120)
