@@ -16,9 +16,14 @@ Larger, on a GPU (more steps, all of the test split):
     python benchmarks/data_efficiency.py --device cuda --steps 1000 --test-size 2000 --seeds 1,2,3
 Finished runs are kept in the workspace: rerunning the same command skips them (resumable).
 At convergence with the demo's warm start (issue 11's study: 0.1% and 1%, 3 seeds, validation curves,
-per-seed paired differences visualgpt minus no-gates; hours on this CPU, minutes on a GPU):
-    python benchmarks/data_efficiency.py --fractions 0.001,0.01 --seeds 1,2,3 --steps 600 --val-every 50 \
-        --encoder-warm-start 10 --models visualgpt,no-gates,soft-gates,random-lm
+per-seed paired differences visualgpt minus no-gates; about 85 minutes per fraction on this CPU, minutes
+on a GPU). One fraction at a time (finished runs are reused by the combined command):
+    python benchmarks/data_efficiency.py --workspace /tmp/vgpt-study --fractions 0.001 --seeds 1,2,3 \
+        --steps 120 --val-every 20 --val-size 20 --encoder-warm-start 10 \
+        --models visualgpt,no-gates,soft-gates,random-lm --results data_efficiency_converged
+    python benchmarks/data_efficiency.py --workspace /tmp/vgpt-study --fractions 0.001,0.01 --seeds 1,2,3 \
+        --steps 0.001:120,0.01:200 --val-every 20 --val-size 20 --encoder-warm-start 10 \
+        --models visualgpt,no-gates,soft-gates,random-lm@0.001
 A 3-minute check that everything runs:
     python benchmarks/data_efficiency.py --smoke
 Writes benchmarks/results/data_efficiency.json, docs/results-data-efficiency.md (the table) and
