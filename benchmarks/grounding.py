@@ -407,8 +407,9 @@ def attention_at_colours(model, items, store) -> dict[str, Any]:
         if len(objs) < 2:
             continue
         shapes = {o["shape"] for o in objs}
-        cells = [region_cells(object_region(backbone, o), (7, 7)) for o in objs]
         feats = torch.from_numpy(store.get(it.id).astype("float32"))
+        side = math.isqrt(feats.shape[0])  # 7 x 7 tokens at 224 px, 14 x 14 at 448
+        cells = [region_cells(object_region(backbone, o), (side, side)) for o in objs]
         for caption in it.captions:
             ids = tok(caption, add_special_tokens=False)["input_ids"]
             words = [tok.decode([t]).strip().lower().rstrip(",") for t in ids]
