@@ -54,6 +54,23 @@ def open_visual_init(bias: float):
     return hook
 
 
+def gate_inputs(model, batch, record) -> None:
+    """One teacher-forced pass over `batch` (eval, no gradient) on the module path, whose gates see (A, C):
+    record(a, c, g) is called in every block with A (B, T, D), C (B, K, T, D) and the gates g (B, K, T, D)."""
+    was, fused = model.training, model.fused_inference
+    model.eval()
+    model.fused_inference = False
+    hooks = [gates.register_forward_hook(lambda m, i, o: record(i[0], i[1], o)) for gates in model.gates]
+    try:
+        with torch.no_grad():
+            model(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, image_index=batch.image_index)
+    finally:
+        model.train(was)
+        model.fused_inference = fused
+        for h in hooks:
+            h.remove()
+
+
 def stream_scaled_output(alpha: float):
     """Each block's cross-attention output projection rescaled so that C's RMS is `alpha` x the typical
     magnitude (median |A|; the RMS is dominated by a few huge channels) of the LM's stream A in that block,
@@ -65,22 +82,11 @@ def stream_scaled_output(alpha: float):
         batch = collate(store, model, caption_examples(manifest.items("train"))[:16], model.config.max_caption_tokens)
         real = batch.attention_mask.bool()
         rms: list[tuple[float, float]] = []
-        hooks = [g.register_forward_hook(lambda m, i, o: rms.append(
-            (float(i[0][real].abs().median()), float(i[1][real.unsqueeze(1).expand(i[1].shape[:3])].pow(2).mean().sqrt()))))
-            for g in model.gates]
-        was, fused = model.training, model.fused_inference
-        model.eval()
-        model.fused_inference = False  # the module path, whose gates see (A, C)
-        try:
-            with torch.no_grad():
-                model(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, image_index=batch.image_index)
-                for x, (a_med, c_rms) in zip(model.xattn, rms):
-                    x.o.weight.mul_(alpha * a_med / c_rms)
-        finally:
-            model.train(was)
-            model.fused_inference = fused
-            for h in hooks:
-                h.remove()
+        gate_inputs(model, batch, lambda a, c, g: rms.append(
+            (float(a[real].abs().median()), float(c[real.unsqueeze(1).expand(c.shape[:3])].pow(2).mean().sqrt()))))
+        with torch.no_grad():
+            for x, (a_med, c_rms) in zip(model.xattn, rms):
+                x.o.weight.mul_(alpha * a_med / c_rms)
         print(json.dumps({"stream_scaled_output": [round(alpha * a / c, 1) for a, c in rms]}), flush=True)
     return hook
 
@@ -94,10 +100,11 @@ def top_blocks_only(n: int):
     def hook(model, n_tokens: int, **_) -> None:
         first = model.num_layers - n
         for i in range(first):
-            x = model.xattn[i]
-            x.forward = lambda q, k, v, mask, past=None, real=None, x=x: (
-                q.new_zeros(q.shape[0], k.shape[1], q.shape[1], q.shape[2]), None)
-            x.requires_grad_(False)
+            xa = model.xattn[i]
+            # CrossAttention.forward(x (B, T, D), k (Bm, K, ...), ...) -> (C (B, K, T, D), no coverage)
+            xa.forward = lambda x, k, v, mask, past=None, real=None: (
+                x.new_zeros(x.shape[0], k.shape[1], x.shape[1], x.shape[2]), None)
+            xa.requires_grad_(False)
             model.gates[i].requires_grad_(False)
     return hook
 
@@ -222,7 +229,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # plain residual cross-attention (no gates, A + C) on the same recipe: does the gate's share of the stream
     # limit what the image can say?
     "warm10-no-gates": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "gating": "none"},
-    # the cross-attention's output starts at a share of the stream's scale (alpha x its RMS), not 1-2% of it
+    # the cross-attention's output starts at the stream's typical magnitude (median |A|), not far below it
     "warm10-stream-scaled": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
                              "model_hooks": [stream_scaled_output(1.0)]},
     # cross-attention in the top 10 of the 30 blocks only (deep blocks are where the visual channels open)
@@ -631,8 +638,7 @@ def stream_share(model, items, store, captions: int = 64) -> list[dict[str, floa
     tau = model.config.tau
     rows: list[dict[str, float]] = []
 
-    def record(module, inputs, g):
-        a, c = inputs                                         # (B, T, D), (B, K, T, D)
+    def record(a, c, g):
         sel = real[:, None, :].expand(g.shape[:3])
         ling = torch.where(g > tau, g, 0.0) * a.unsqueeze(1)
         vis = torch.where(1 - g > tau, 1 - g, 0.0) * c
@@ -643,16 +649,7 @@ def stream_share(model, items, store, captions: int = 64) -> list[dict[str, floa
                      "stream_rms": round(float(a[real].pow(2).mean().sqrt()), 3),
                      "cross_attention_rms": round(float(c[sel].pow(2).mean().sqrt()), 3)})
 
-    model.eval()
-    fused, model.fused_inference = model.fused_inference, False  # the module path, whose gates see (A, C)
-    hooks = [g.register_forward_hook(record) for g in model.gates]
-    try:
-        with torch.no_grad():
-            model(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, image_index=batch.image_index)
-    finally:
-        model.fused_inference = fused
-        for h in hooks:
-            h.remove()
+    gate_inputs(model, batch, record)
     return rows
 
 
