@@ -10,24 +10,21 @@ its last step, with the demo's settings: lite0 features with stage 2 appended, K
 at sigmoid(5) (see docs/results.md for why), bf16 autocast where the CPU has AMX. Scores: CIDEr-D,
 and on the scenes' recorded objects object F1 (partial credit) and grounded (all or nothing).
 
-Sized for about 100 minutes on a 2-core CPU (4 fractions x 4 models x 2 seeds, 50 steps each):
-    python benchmarks/data_efficiency.py
-Larger, on a GPU (more steps, all of the test split):
-    python benchmarks/data_efficiency.py --device cuda --steps 1000 --test-size 2000 --seeds 1,2,3
-Finished runs are kept in the workspace: rerunning the same command skips them (resumable).
-At convergence with the demo's warm start (issue 11's study: 0.1% and 1%, 3 seeds, validation curves,
-per-seed paired differences visualgpt minus no-gates; about 85 minutes per fraction on this CPU, minutes
-on a GPU). One fraction at a time (finished runs are reused by the combined command):
-    python benchmarks/data_efficiency.py --workspace /tmp/vgpt-study --fractions 0.001 --seeds 1,2,3 \
-        --steps 120 --val-every 20 --val-size 20 --encoder-warm-start 10 \
-        --models visualgpt,no-gates,soft-gates,random-lm --results data_efficiency_converged
-    python benchmarks/data_efficiency.py --workspace /tmp/vgpt-study --fractions 0.001,0.01 --seeds 1,2,3 \
-        --steps 0.001:120,0.01:200 --val-every 20 --val-size 20 --encoder-warm-start 10 \
-        --models visualgpt,no-gates,soft-gates,random-lm@0.001
-A 3-minute check that everything runs:
-    python benchmarks/data_efficiency.py --smoke
-Writes benchmarks/results/data_efficiency.json, docs/results-data-efficiency.md (the table) and
-docs/data_efficiency.png (the plot, when matplotlib is installed).
+Presets (--preset; any setting may still be given on its own):
+    python benchmarks/data_efficiency.py                      # smoke (default): a few minutes, checks it runs
+    python benchmarks/data_efficiency.py --preset study --workspace /tmp/vgpt-study
+        issue 11's study at convergence: 0.1% and 1% x visualgpt, no-gates, soft-gates (random-lm at 0.1%)
+        x 3 seeds; the demo's encoder warm start, 120 / 200 steps, validation every 20 steps on 20 scenes
+        (each run's curve, and whether it is flat over its last third), per-seed paired differences
+        visualgpt minus no-gates. About 3 hours on a 2-core CPU; minutes on a GPU (add --device cuda).
+    python benchmarks/data_efficiency.py --preset first-study   # 4 fractions x 4 models x 2 seeds, 50 steps (~100 min)
+Larger, on a GPU (more steps, all of the test split), for example:
+    python benchmarks/data_efficiency.py --preset study --device cuda --steps 1000 --test-size 2000
+Finished runs are kept in the workspace: rerunning the same command skips them (resumable), and a
+command that adds fractions or models reuses the runs it shares with an earlier one.
+Writes benchmarks/results/<results>.json (smoke: data_efficiency_smoke, study: data_efficiency,
+first-study: data_efficiency_50steps); the study also writes docs/results-data-efficiency.md (the table
+and the paired differences) and docs/data_efficiency.png (the plot, when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -54,33 +51,50 @@ BEAM = 3  # test decoding, as the demo's
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+PRESETS: dict[str, dict] = {
+    # checks that everything runs (a few minutes here): the default, so it never overwrites a study
+    "smoke": dict(pool=300, fractions="0.05", seeds="1", steps="3", test_size=10, val_size=4,
+                  results="data_efficiency_smoke"),
+    # issue 11's study at convergence: the demo's encoder warm start, validation curves, 3 seeds
+    "study": dict(fractions="0.001,0.01", seeds="1,2,3", steps="0.001:120,0.01:200", val_every=20, val_size=20,
+                  encoder_warm_start=10, models="visualgpt,no-gates,soft-gates,random-lm@0.001",
+                  results="data_efficiency"),
+    # the first study: 50 steps per run at four fractions, no warm start (docs/results.md keeps its table)
+    "first-study": dict(fractions="0.001,0.005,0.01,0.05", seeds="1,2", steps="50", val_size=10,
+                        encoder_warm_start=0, results="data_efficiency_50steps"),
+}
+BASE = dict(pool=20000, models=",".join(MODELS), batch_size=16, test_size=150, val_size=10, encoder_warm_start=0,
+            val_every=None)
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smoke", choices=PRESETS,
+                   help="the settings below, each of which may still be given (default: smoke)")
     p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-data-efficiency"))
-    p.add_argument("--pool", type=int, default=20000, help="scenes generated (80%% form the training pool)")
-    p.add_argument("--fractions", default="0.001,0.005,0.01,0.05")
-    p.add_argument("--seeds", default="1,2")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated; NAME@F1+F2 runs that model at those fractions only (e.g. random-lm@0.001)")
-    p.add_argument("--steps", default="50",
-                   help="optimiser steps per run, or per fraction as F:STEPS,... (e.g. 0.001:120,0.01:200)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--test-size", type=int, default=150)
-    p.add_argument("--val-size", type=int, default=10)
+    p.add_argument("--pool", type=int, help="scenes generated (80%% form the training pool; default 20000)")
+    p.add_argument("--fractions", help="comma-separated fractions of the training pool")
+    p.add_argument("--seeds", help="comma-separated")
+    p.add_argument("--models", help="comma-separated; NAME@F1+F2 runs that model at those fractions only "
+                   "(e.g. random-lm@0.001); default: all four at every fraction")
+    p.add_argument("--steps", help="optimiser steps per run, or per fraction as F:STEPS,... (e.g. 0.001:120,0.01:200)")
+    p.add_argument("--batch-size", type=int, help="captions per step (default 16)")
+    p.add_argument("--test-size", type=int, help="test scenes (default 150)")
+    p.add_argument("--val-size", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--encoder-warm-start", type=int, default=0,
-                   help="epochs of encoder warm start before SRAU (the demo: 10; 0: as the published runs)")
-    p.add_argument("--val-every", type=int, default=None,
+    p.add_argument("--encoder-warm-start", type=int,
+                   help="epochs of encoder warm start before SRAU (the demo: 10; 0: none)")
+    p.add_argument("--val-every", type=int,
                    help="validate every N steps: each run's validation curve and whether it has converged "
                         "(default: only at the last step)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new run after this many minutes; the table holds the runs done")
-    p.add_argument("--results", default="data_efficiency",
-                   help="results file stem; docs/results-data-efficiency.md and the plot are written for the default only")
-    p.add_argument("--smoke", action="store_true", help="1 fraction, 1 seed, 3 steps: checks that it runs")
+    p.add_argument("--results", help="results file stem (benchmarks/results/STEM.json); "
+                   "docs/results-data-efficiency.md and the plot are written for 'data_efficiency' only")
     a = p.parse_args()
-    if a.smoke:
-        a.pool, a.fractions, a.seeds, a.steps, a.test_size, a.val_size = 300, "0.05", "1", "3", 10, 4
+    for key, value in {**BASE, **PRESETS[a.preset]}.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     return a
 
 
@@ -221,8 +235,8 @@ def main() -> None:
         goals["visualgpt_over_random_lm_cider_at_smallest_fraction"] = goal(
             _at(table, "visualgpt", fractions[0]) / max(_at(table, "random-lm", fractions[0]), 1e-9), 1.0)
     write_results(__file__, raw, goals, name=a.results)
-    if not a.smoke and a.results == "data_efficiency":
-        write_docs(table, fractions, models, a, sum(r["seconds"] for r in rows), stopped)
+    if a.results == "data_efficiency":
+        write_docs(table, paired, rows, fractions, models, a, sum(r["seconds"] for r in rows), stopped)
 
 
 def _finished(run_dir: Path, cfg, fingerprint: str) -> bool:
@@ -312,8 +326,8 @@ def summarise(rows: list[dict], fractions: list[float], models: list[str]) -> li
     return out
 
 
-def write_docs(table: list[dict], fractions: list[float], models: list[str], a: argparse.Namespace,
-               seconds: float, stopped: str) -> None:
+def write_docs(table: list[dict], paired: list[dict], rows: list[dict], fractions: list[float], models: list[str],
+               a: argparse.Namespace, seconds: float, stopped: str) -> None:
     lines = ["| model | " + " | ".join(f"{f:g} ({next(r['train_captions'] for r in table if r['fraction'] == f)} captions)"
                                       for f in fractions) + " |",
              "|---|" + "---:|" * len(fractions)]
@@ -321,13 +335,23 @@ def write_docs(table: list[dict], fractions: list[float], models: list[str], a: 
         cells = []
         for f in fractions:
             r = next((r for r in table if r["model"] == m and r["fraction"] == f), None)
-            cells.append(f"{r['CIDEr']:.3f} ± {r['CIDEr_sd']:.3f} / {r['object_f1']:.2f} / {r['grounded']:.2f}"
-                         if r else "")
+            cells.append(f"{r['CIDEr']:.3f} ± {r['CIDEr_sd']:.3f} / {r['object_f1']:.3f} ± {r['object_f1_sd']:.3f} / "
+                         f"{r['grounded']:.2f}" if r else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    text = (f"# Data efficiency on shapes (generated by benchmarks/data_efficiency.py)\n\n"
-            f"CIDEr mean ± sd over seeds {a.seeds} / object F1 / grounded score; {a.steps} steps of {a.batch_size} captions per "
-            f"run (F:STEPS per fraction where so given); test: {a.test_size} scenes; {seconds / 60:.0f} minutes on {a.device} (the runs' own time, summed)."
-            f"{' ' + stopped + '.' if stopped else ''}\n\n" + "\n".join(lines) + "\n")
+    if paired:
+        lines += ["", "Paired per seed, visualgpt minus no-gates (same data, same seed):", "",
+                  "| fraction | seed | CIDEr | object F1 |", "|---:|---:|---:|---:|"]
+        lines += [f"| {d['fraction']:g} | {d['seed']} | {d['CIDEr_diff']:+.3f} | {d['object_f1_diff']:+.3f} |"
+                  for d in paired]
+    checked = [r["converged"] for r in rows if r.get("converged") is not None]
+    text = (f"# Data efficiency on shapes (generated by benchmarks/data_efficiency.py --preset {a.preset})\n\n"
+            f"CIDEr mean ± sd over seeds {a.seeds} / object F1 mean ± sd / grounded; steps per run {a.steps} "
+            f"({a.batch_size} captions each); encoder warm start {a.encoder_warm_start} epochs; validation every "
+            f"{a.val_every or 'last'} steps on {a.val_size} scenes; test: {a.test_size} scenes, beam {BEAM}; "
+            f"{seconds / 60:.0f} minutes on {a.device} (the runs' own time, summed)."
+            + (f" Validation CIDEr flat (within 5%) over the last third: {sum(checked)} of {len(checked)} runs."
+               if checked else "")
+            + f"{' ' + stopped + '.' if stopped else ''}\n\n" + "\n".join(lines) + "\n")
     (DOCS / "results-data-efficiency.md").write_text(text)
     try:
         import matplotlib
