@@ -168,6 +168,135 @@ def readout_supervision(weight: float, gated: bool):
     return hook
 
 
+def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "shape")):
+    """Supervised cross-attention (as in Liu et al., 2017, "Attention correctness in neural image
+    captioning"): at the query that predicts an object's colour word and at the one that predicts its
+    shape word, each block's cross-attention (mean over heads and levels) is pushed onto that object's
+    grid cells: `weight` x the mean over blocks of -log(attention mass on the object), summed over those
+    tokens, is added to the training loss. `which` = ("shape",) supervises only the query that predicts
+    the shape word, which the colour just written determines (the object order of a caption is random, so
+    which object comes next is not something the image alone can say). Targets come from the scene's recorded objects, through the
+    backbone's own resize and crop (as the attention diagnostic); nothing changes at inference.
+
+    Why: 1e found that before a later object's colour the attention peaks on an object already named 47%
+    of the time, and the shape after a colour is that colour's object only 74-77% of the time; this
+    tells the read-out directly which object each of those words is about."""
+    def hook(model, n: int, manifest, store, **_) -> None:
+        import re
+
+        import numpy as np
+
+        from vgpt_cli.attention import region_cells
+        from vgpt_cli.data.shapes import SIZES, naming_words
+        from vgpt_cli.demo import BACKBONE, DemoSettings, object_region
+        from vgpt_cli.features import load_backbone
+
+        backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
+        side = math.isqrt(n)
+        tok = model.tokenizer
+
+        def image_key(f) -> bytes:  # a training image's features as the batch carries them (float32)
+            return np.ascontiguousarray(np.asarray(f[:2, :16], dtype=np.float32)).tobytes()
+
+        targets: dict[tuple[bytes, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
+        for it in manifest.items("train"):
+            objs = it.extra["objects"]
+            cells = {}
+            for o in objs:
+                c = torch.from_numpy(region_cells(object_region(backbone, o), (side, side)).reshape(-1))
+                key = (o["colour"], o["shape"])
+                cells[key] = c if key not in cells else cells[key] | c
+            feats = store.get(it.id)
+            for caption in it.captions:
+                enc = tok(caption, add_special_tokens=False, return_offsets_mapping=True)
+                ids, spans = enc["input_ids"], enc["offset_mapping"]
+                words = [(m.start(), m.group()) for m in re.finditer(r"\S+", caption)]
+                supervised = []
+                for k, obj in naming_words(caption, objs):
+                    i = k - 1
+                    while i >= 0 and re.sub(r"[^a-z]", "", words[i][1].lower()) in SIZES:
+                        i -= 1
+                    for w in [w for w, kind in ((i, "colour"), (k, "shape")) if kind in which]:
+                        j = next((j for j, (a, b) in enumerate(spans) if b > words[w][0]), None)
+                        if j is not None:
+                            supervised.append((j, cells[(obj["colour"], obj["shape"])].float()))
+                targets[(image_key(feats), tuple(ids))] = supervised
+        state: dict[str, Any] = {"q": {}, "k": {}, "rows": None, "found": 0, "missing": 0}
+
+        def before_forward(module, args, kwargs):
+            state["q"].clear()
+            state["k"].clear()
+            state["rows"] = None
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            features, lengths, input_ids = args[:3]
+            index = kwargs.get("image_index")
+            B, T = input_ids.shape
+            tgt = torch.zeros(B, T, features.shape[1])
+            sup = torch.zeros(B, T, dtype=torch.bool)
+            for b in range(B):
+                row = int(index[b]) if index is not None else b
+                ids = input_ids[b, 1:][input_ids[b, 1:] != model.pad_token_id].tolist()  # BOS w1..wn -> w1..wn
+                found = targets.get((image_key(features[row].cpu().numpy()), tuple(ids)))
+                if found is None:  # a caption cut at max_length: look it up by its prefix
+                    found = next((v for (fk, full), v in targets.items()
+                                  if fk == image_key(features[row].cpu().numpy()) and full[:len(ids)] == tuple(ids)),
+                                 None)
+                state["found" if found is not None else "missing"] += 1
+                for t, cells in found or ():
+                    if t < T:
+                        tgt[b, t, :cells.numel()] = cells
+                        sup[b, t] = True
+            n_real = torch.arange(features.shape[1])[None, :] < lengths.cpu()[:, None]  # (I, N)
+            state["rows"] = (tgt, sup, index, n_real)
+
+        def keep(kind, i):
+            def f(m, inp, out):
+                if state["rows"] is not None:
+                    state[kind][i] = out
+            return f
+
+        model.register_forward_pre_hook(before_forward, with_kwargs=True)
+        for i, x in enumerate(model.xattn):
+            x.q.register_forward_hook(keep("q", i))
+            x.k.register_forward_hook(keep("k", i))
+        from vgpt_cli.train import objectives
+
+        plain = objectives.token_loss_sum
+        model.attention_supervision_state = state
+
+        def with_attention(logits, labels, label_smoothing=0.0):
+            loss = plain(logits, labels, label_smoothing)
+            if state["rows"] is None or not state["q"]:
+                return loss
+            tgt, sup, index, n_real = state["rows"]
+            if not bool(sup.any()):
+                return loss
+            terms = []
+            for i, q in state["q"].items():
+                k = state["k"][i]  # (I, K, N, D), one row per distinct image
+                x = model.xattn[i]
+                h, hd = x.heads, x.head_dim
+                B, T, _ = q.shape
+                I, K, N, _ = k.shape
+                real = n_real if index is None else n_real[index]
+                if index is not None:
+                    k = k[index]
+                qh = q.float().view(B, T, h, hd)
+                kh = k.float().view(B, K, N, h, hd)
+                scores = torch.einsum("bthd,bknhd->bkhtn", qh, kh) / math.sqrt(hd)
+                scores = scores.masked_fill(~real[:, None, None, None, :], float("-inf"))
+                p = scores.softmax(-1).mean(dim=(1, 2))  # (B, T, N)
+                mass = (p * tgt[..., :N].to(p.device)).sum(-1)[sup.to(p.device)]
+                terms.append(-torch.log(mass.clamp_min(1e-6)).sum())
+            state["q"].clear()
+            state["k"].clear()
+            return loss + weight * torch.stack(terms).mean()
+
+        model.readout_loss_sum = with_attention  # run_one puts it in place of token_loss_sum while training
+    return hook
+
+
 def lora(rank: int, alpha: float, targets: tuple[str, ...] = ("q_proj", "v_proj")):
     """Low-rank adapters on the frozen LM's self-attention projections (y = W x + alpha/rank B A x, B = 0 at
     the start, so the model starts as before). They are new parameters (the LM stays frozen, so a step
@@ -234,6 +363,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              "model_hooks": [stream_scaled_output(1.0)]},
     # cross-attention in the top 10 of the 30 blocks only (deep blocks are where the visual channels open)
     "warm10-top10": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "model_hooks": [top_blocks_only(10)]},
+    # the cross-attention told which object each colour and shape word is about (supervised attention)
+    "warm10-attn-sup": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                        "model_hooks": [attention_supervision(1.0)]},
+    "warm10-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
+                              "model_hooks": [attention_supervision(1.0, which=("shape",))]},
     "warm10-lm-trained": {"freeze_lm_steps_frac": 0.0, "encoder_warm_start": 10},
     "warm10-lm-half": {"freeze_lm_steps_frac": 0.5, "encoder_warm_start": 10},
     "warm10-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "lr": 3e-3},
