@@ -89,6 +89,8 @@ def parse() -> argparse.Namespace:
                         "(default: only at the last step)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new run after this many minutes; the table holds the runs done")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: tabulate the runs already finished in the workspace (a study in progress)")
     p.add_argument("--results", help="results file stem (benchmarks/results/STEM.json); "
                    "docs/results-data-efficiency.md and the plot are written for 'data_efficiency' only")
     a = p.parse_args()
@@ -158,6 +160,7 @@ def main() -> None:
     backbone = load_backbone(BACKBONE, device=a.device, add_stages=demo.add_stages)
     rows, t_all = [], time.perf_counter()
     stopped = ""
+    skipped: list[str] = []  # --finished-only: runs not trained yet
     # fraction outermost, then seed: a run cut short by --max-minutes leaves whole fractions behind it
     for fraction in fractions:
         for seed in seeds:
@@ -183,6 +186,9 @@ def main() -> None:
                     **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
                 reused = _finished(run_dir, cfg, backbone.fingerprint)  # by an earlier, interrupted invocation
+                if a.finished_only and not reused:
+                    skipped.append(cfg.name)
+                    continue
                 if reused:
                     last_loss = json.loads((run_dir / "result.json").read_text()).get("last_loss")
                 else:
@@ -218,6 +224,9 @@ def main() -> None:
         if stopped:
             print(stopped)
             break
+    if skipped:
+        stopped = f"not yet run: {', '.join(skipped)}"
+        print(stopped)
     seconds = time.perf_counter() - t_all
     fractions = [f for f in fractions if any(r["fraction"] == f for r in rows)]
     table = summarise(rows, fractions, models)
@@ -336,7 +345,8 @@ def write_docs(table: list[dict], paired: list[dict], rows: list[dict], fraction
         for f in fractions:
             r = next((r for r in table if r["model"] == m and r["fraction"] == f), None)
             cells.append(f"{r['CIDEr']:.3f} ± {r['CIDEr_sd']:.3f} / {r['object_f1']:.3f} ± {r['object_f1_sd']:.3f} / "
-                         f"{r['grounded']:.2f}" if r else "")
+                         f"{r['grounded']:.2f}" + (f" ({r['seeds']} of {len(a.seeds.split(','))} seeds)"
+                                                   if r["seeds"] < len(a.seeds.split(",")) else "") if r else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if paired:
         lines += ["", "Paired per seed, visualgpt minus no-gates (same data, same seed):", "",
