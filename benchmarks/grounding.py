@@ -175,8 +175,9 @@ def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "sh
     grid cells: `weight` x the mean over blocks of -log(attention mass on the object), summed over those
     tokens, is added to the training loss. `which` = ("shape",) supervises only the query that predicts
     the shape word, which the colour just written determines (the object order of a caption is random, so
-    which object comes next is not something the image alone can say). Targets come from the scene's recorded objects, through the
-    backbone's own resize and crop (as the attention diagnostic); nothing changes at inference.
+    which object comes next is not something the image alone can say). Targets come from the scene's
+    recorded objects, through the backbone's own resize and crop (as the attention diagnostic); nothing
+    changes at inference.
 
     Why: 1e found that before a later object's colour the attention peaks on an object already named 47%
     of the time, and the shape after a colour is that colour's object only 74-77% of the time; this
