@@ -279,7 +279,7 @@ def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "sh
                 x = model.xattn[i]
                 h, hd = x.heads, x.head_dim
                 B, T, _ = q.shape
-                I, K, N, _ = k.shape
+                _, K, N, _ = k.shape
                 real = n_real if index is None else n_real[index]
                 if index is not None:
                     k = k[index]
