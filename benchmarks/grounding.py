@@ -187,13 +187,13 @@ def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "sh
 
         import numpy as np
 
-        from vgpt_cli.attention import region_cells
+        from vgpt_cli.attention import grid_shape, region_cells
         from vgpt_cli.data.shapes import SIZES, naming_words
         from vgpt_cli.demo import BACKBONE, DemoSettings, object_region
         from vgpt_cli.features import load_backbone
 
         backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
-        side = math.isqrt(n)
+        grid = grid_shape(n)
         tok = model.tokenizer
 
         def image_key(f) -> bytes:  # a training image's features as the batch carries them (float32)
@@ -204,7 +204,7 @@ def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "sh
             objs = it.extra["objects"]
             cells = {}
             for o in objs:
-                c = torch.from_numpy(region_cells(object_region(backbone, o), (side, side)).reshape(-1))
+                c = torch.from_numpy(region_cells(object_region(backbone, o), grid).reshape(-1))
                 key = (o["colour"], o["shape"])
                 cells[key] = c if key not in cells else cells[key] | c
             feats = store.get(it.id)
@@ -238,10 +238,10 @@ def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "sh
             for b in range(B):
                 row = int(index[b]) if index is not None else b
                 ids = input_ids[b, 1:][input_ids[b, 1:] != model.pad_token_id].tolist()  # BOS w1..wn -> w1..wn
-                found = targets.get((image_key(features[row].cpu().numpy()), tuple(ids)))
+                key = image_key(features[row].cpu().numpy())
+                found = targets.get((key, tuple(ids)))
                 if found is None:  # a caption cut at max_length: look it up by its prefix
-                    found = next((v for (fk, full), v in targets.items()
-                                  if fk == image_key(features[row].cpu().numpy()) and full[:len(ids)] == tuple(ids)),
+                    found = next((v for (fk, full), v in targets.items() if fk == key and full[:len(ids)] == tuple(ids)),
                                  None)
                 state["found" if found is not None else "missing"] += 1
                 for t, cells in found or ():
