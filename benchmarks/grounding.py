@@ -369,6 +369,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         "model_hooks": [attention_supervision(1.0)]},
     "warm10-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
                               "model_hooks": [attention_supervision(1.0, which=("shape",))]},
+    # the two that each fixed a part: plain cross-attention (no copied colour) + attention told the shape's object
+    "warm10-no-gates-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "gating": "none",
+                                       "model_hooks": [attention_supervision(1.0, which=("shape",))]},
+    # then one epoch of SCST (CIDEr-D reward, the LM trained too): training on the model's own captions,
+    # where a copied colour costs reward
+    "warm10-scst": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "scst": True, "scst_epochs": 1,
+                    "scst_lr": 5e-5},
     "warm10-lm-trained": {"freeze_lm_steps_frac": 0.0, "encoder_warm_start": 10},
     "warm10-lm-half": {"freeze_lm_steps_frac": 0.5, "encoder_warm_start": 10},
     "warm10-lr-3e-3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "lr": 3e-3},
