@@ -140,6 +140,14 @@ def word_attention(captioner: Any, features: Tensor, token_ids: list[int], mask:
 
 
 # --- does a word look at what it names? ---------------------------------------------------------------
+def object_pixels(preprocess: Any, obj: dict[str, Any]) -> np.ndarray:
+    """A shapes object's pixels as a backbone sees them: `preprocess` is its eval resize + crop (PIL image ->
+    (3, h, w) uint8 tensor); returns the (h, w) bool mask over the area the token grid covers."""
+    from vgpt_cli.data.shapes import object_mask
+
+    return preprocess(object_mask(obj).convert("RGB"))[0].numpy() > 127
+
+
 def region_cells(region: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(h, w) bool pixel mask over the image the token grid covers -> (H, W) bool: the cells of the grid,
     laid evenly over the image, that hold any pixel of the region."""

@@ -44,6 +44,9 @@ class DemoSettings:
     # Before SRAU, the visual encoder trains alone under a small word decoder (vgpt_cli.train.warm_start):
     # at 156 SRAU steps object F1 0.24 -> 0.63 and CIDEr 1.87 -> 3.57 (docs/results.md, "Grounding", 2 seeds).
     encoder_warm_start: int = 10  # epochs
+    # The query before each shape word is pushed onto that object's cells (train/attention_supervision.py),
+    # from the objects the scenes record (docs/results.md, "Grounding" 1h-1i).
+    attention_supervision: float = 1.0
     steps: int = 160
     batch_size: int = 16
     lr: float = 1e-3  # the new parameters
@@ -93,9 +96,9 @@ def demo_photo() -> Path:
 
 def object_region(backbone, obj: dict[str, Any]):
     """A shapes object's pixels as the backbone sees them (its own resize and crop): (h, w) bool."""
-    from vgpt_cli.data.shapes import object_mask
+    from vgpt_cli.attention import object_pixels
 
-    return backbone.preprocess(object_mask(obj).convert("RGB"))[0].numpy() > 127
+    return object_pixels(backbone.preprocess, obj)
 
 
 def shapes_attention(model, backbone, store, items, captions: dict[str, str]) -> dict[str, Any]:
@@ -174,7 +177,7 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
         val_size=settings.val_size, val_beam=settings.eval_beam, max_length=settings.max_length,
         precision=precision, seed=settings.seed, device=device, name="demo", patience=100,
         freeze_lm_steps=int(round(settings.freeze_lm_frac * settings.steps)),
-        encoder_warm_start=settings.encoder_warm_start,
+        encoder_warm_start=settings.encoder_warm_start, attention_supervision=settings.attention_supervision,
     )
     if ws.run_dir("demo").exists():  # a second demo in this workspace replaces the first one's run
         log(f"[train] replacing the earlier demo run {ws.run_dir('demo')}")

@@ -80,6 +80,10 @@ def command(
     unlikelihood: Annotated[float | None, _opt("--unlikelihood", help="Weight of token-level unlikelihood "
                                                "training against repeating an earlier word of the caption, "
                                                f"0 = off (default {d('unlikelihood')}).")] = None,
+    attention_supervision: Annotated[float | None, _opt(
+        "--attention-supervision", help="Weight of supervised cross-attention: the query before each shape word "
+        "is pushed onto that object's grid cells (needs scenes that record their objects: `vgpt prepare "
+        f"shapes`), 0 = off (default {d('attention_supervision')}).")] = None,
     precision: Annotated[str | None, _opt("--precision", help="fp32, bf16 or fp16 (autocast; fp16 needs CUDA) "
                                           f"(default {d('precision')}).")] = None,
     seed: Annotated[int | None, _opt("--seed", help="Seed of initialisation, data order and dropout "
@@ -139,7 +143,8 @@ def command(
     ws = workspace(ctx)
     flags = dict(preset=preset, lm=lm, lm_init=lm_init, tau=tau, encoder_layers=encoder_layers, gating=gating, coverage=coverage, lr=lr, lm_lr=lm_lr,
                  encoder_warm_start=encoder_warm_start, warmup=warmup, schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
-                 max_steps=max_steps, label_smoothing=label_smoothing, unlikelihood=unlikelihood, precision=precision, seed=seed,
+                 max_steps=max_steps, label_smoothing=label_smoothing, unlikelihood=unlikelihood,
+                 attention_supervision=attention_supervision, precision=precision, seed=seed,
                  patience=patience, val_every=val_every, val_size=val_size, max_length=max_length, scst=scst,
                  scst_lr=scst_lr, scst_epochs=scst_epochs, scst_samples=scst_samples, save_every=save_every,
                  dataset=dataset, device=device, name=name)

@@ -42,6 +42,7 @@ class CaptionerOutput:
     logits: Tensor                  # (B, T, V)
     loss: Tensor | None = None      # mean cross-entropy over tokens whose label is not -100
     gates: Tensor | None = None     # (B, T, 2): [..., 0] linguistic, [..., 1] visual (SRAU only)
+    attention: list[Tensor] | None = None  # per block (B, T, N): where each position's cross-attention looks
 
 
 @dataclass
@@ -259,7 +260,7 @@ class Captioner(nn.Module):
     # ------------------------------------------------------------------ decoder
     def _decode(self, input_ids: Tensor, memory: VisualMemory, key_mask: Tensor | None,
                 cache: Tensor | None, past: int, want_gates: bool, xmask: Tensor | None = None,
-                coverage: Tensor | None = None):
+                coverage: Tensor | None = None, want_attention: bool = False):
         """Run the SRAU decoder over new tokens input_ids (B, T) after `past` cached tokens.
 
         key_mask (B, >= past + T): True where a token is real; None: every token is real, and then no
@@ -270,8 +271,10 @@ class Captioner(nn.Module):
         xmask: `_memory_mask(memory)` when the caller keeps it across steps.
         coverage: with config.coverage, the (layers, B, K, heads, N) attention of the steps before (None at
         the first step or in teacher forcing).
-        Positions are step indices. Returns logits (B, T, V), gates (B, T, 2) or None, and the new
-        coverage (None without config.coverage).
+        want_attention: also return, per block, the cross-attention of every position over the image tokens
+        (B, T, N), mean over levels and heads (CrossAttention.attention_probs), else None.
+        Positions are step indices. Returns logits (B, T, V), gates (B, T, 2) or None, the new coverage
+        (None without config.coverage) and the attention.
         """
         a = self.adapter
         B, T = input_ids.shape
@@ -299,7 +302,7 @@ class Captioner(nn.Module):
         rep = a.num_heads // a.num_kv_heads
         # inference takes the fused cross-attention + SRAU path (same maths, fewer kernels)
         fused = (self.fused_inference and self.gates is not None and not self.training
-                 and not torch.is_grad_enabled())
+                 and not torch.is_grad_enabled() and not want_attention)
         if fused and xmask is None:
             xmask = self._memory_mask(memory)
         covering = self.config.coverage is not None
@@ -308,6 +311,7 @@ class Captioner(nn.Module):
         if covering and key_mask is not None:
             real = coverage_real(key_mask[:, L0:L], Bm, memory.keys[0].shape[1])
         new_coverage = []
+        attention: list[Tensor] | None = [] if want_attention else None
         for i in range(self.num_layers):
             past_i = None if coverage is None else coverage_groups(coverage[i], Bm)
             x = a.ln1(i, h)
@@ -333,8 +337,11 @@ class Captioner(nn.Module):
                     vis_sum = vis if vis_sum is None else vis_sum + vis
                 h = o + a.mlp(i, a.ln2(i, o))
                 continue
-            C, total = self.xattn[i](a.ln1(i, A), memory.keys[i], memory.values[i], memory.mask, past_i,
+            x_in = a.ln1(i, A)
+            C, total = self.xattn[i](x_in, memory.keys[i], memory.values[i], memory.mask, past_i,
                                      real)  # (B, K, T, D)
+            if attention is not None:
+                attention.append(self.xattn[i].attention_probs(x_in, memory.keys[i], memory.mask))
             if covering:
                 new_coverage.append(coverage_rows(total, Bm, memory.keys[i].shape[1]))
             if self.gates is not None:
@@ -349,7 +356,7 @@ class Captioner(nn.Module):
         gates = None
         if want_gates and ling_sum is not None:
             gates = torch.stack([ling_sum, vis_sum], dim=-1) / self.num_layers
-        return logits, gates, (torch.stack(new_coverage) if covering else None)
+        return logits, gates, (torch.stack(new_coverage) if covering else None), attention
 
     def _memory_mask(self, memory: VisualMemory) -> Tensor:
         """The memory's padding as the additive mask (Bm*K, 1, 1, N) of the cross-attention's
@@ -390,21 +397,25 @@ class Captioner(nn.Module):
 
     def forward(self, features: Tensor, lengths: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, return_gates: bool = False,
-                label_smoothing: float = 0.0, image_index: Tensor | None = None) -> CaptionerOutput:
+                label_smoothing: float = 0.0, image_index: Tensor | None = None,
+                return_attention: bool = False) -> CaptionerOutput:
         """Teacher-forced pass. features (B, N, d_in), lengths (B,), input_ids (B, T) -> logits (B, T, V).
 
         image_index (B,): caption row b reads image row image_index[b] of features (I, N, d_in), so an
-        image with several captions in the batch is encoded once."""
+        image with several captions in the batch is encoded once. return_attention: CaptionerOutput.attention
+        holds each block's (B, T, N) cross-attention (mean over levels and heads), for a loss on where the
+        model looks."""
         memory = self.encode(features, lengths)
         if image_index is not None:
             memory = memory.index_select(image_index.to(memory.mask.device))
         key_mask = None if attention_mask is None else attention_mask.to(input_ids.device).bool()
-        logits, gates, _ = self._decode(input_ids, memory, key_mask, None, 0, return_gates)
+        logits, gates, _, attention = self._decode(input_ids, memory, key_mask, None, 0, return_gates,
+                                                   want_attention=return_attention)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                    label_smoothing=label_smoothing)
-        return CaptionerOutput(logits, loss, gates)
+        return CaptionerOutput(logits, loss, gates, attention)
 
     # ------------------------------------------------------------------ incremental decoding
     def start_decoding(self, memory: VisualMemory, beams: int = 1, max_length: int | None = None) -> DecodeState:
@@ -464,7 +475,7 @@ class Captioner(nn.Module):
                     else attention_mask.to(token_ids.device).bool().view(B))
             key_mask[:, L0] = step
         xmask = state.xmask if state.xmask is not None else self._memory_mask(state.memory)
-        logits, gates, coverage = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0,
+        logits, gates, coverage, _ = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0,
                                                return_gates, xmask, state.coverage)
         spare = state.spare if buf is state.buffer else None  # a grown buffer leaves the old spare behind
         new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1] if gates is not None else None,

@@ -76,6 +76,20 @@ class CrossAttention(nn.Module):
         p, total = covered_attention(scores.view(G, h, beams, R // beams, -1), self.coverage, past, real)
         return (p.view(G, h, R, -1) @ v), total
 
+    def attention_probs(self, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """Where queries x (B, T, D) look: the attention over the memory's N tokens, mean over the K levels
+        and the heads, (B, T, N) float32, with gradient. For a loss on where the model looks
+        (train/attention_supervision.py); decoding never computes it. k (Bm, K, h, N, hd); mask (Bm, N)."""
+        if self.coverage is not None:
+            raise ValueError("attention_probs is the plain softmax attention; with coverage the model attends "
+                             "otherwise (covered_attention): use one or the other")
+        B, T, _ = x.shape
+        Bm, K, h, N, hd = k.shape
+        q = self.q(x).float().view(Bm, (B // Bm) * T, h, hd)
+        scores = torch.einsum("brhd,bkhnd->bkhrn", q, k.float()) / math.sqrt(hd)
+        scores = scores.masked_fill(~mask.view(Bm, 1, 1, 1, N), float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=(1, 2)).view(B, T, N)
+
     def project_memory(self, e: Tensor) -> tuple[Tensor, Tensor]:
         # e (B, K, N, D), already normalised by the block's LN1 -> k, v (B, K, h, N, hd)
         B, K, N, _ = e.shape

@@ -100,6 +100,9 @@ class OptimiserOptions:
     label_smoothing: float = 0.0
     # Weight of token-level unlikelihood on repeating an earlier word of the caption (objectives.py); 0: off.
     unlikelihood: float = 0.0
+    # Weight of supervised cross-attention at shape words (train/attention_supervision.py; needs data that
+    # records its objects, the shapes scenes); 0: off.
+    attention_supervision: float = 0.0
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
     seed: int = 42
@@ -130,6 +133,8 @@ class OptimiserOptions:
                 _bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not (0.0 <= self.unlikelihood < math.inf):
             _bad(f"--unlikelihood {self.unlikelihood}: must be a finite weight >= 0 (0: off)")
+        if not (0.0 <= self.attention_supervision < math.inf):
+            _bad(f"--attention-supervision {self.attention_supervision}: must be a finite weight >= 0 (0: off)")
         if not (0.0 <= self.label_smoothing < 1.0):
             _bad(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
         if self.clip_grad < 0:
@@ -272,11 +277,14 @@ class TrainConfig(RunOptions, ScstOptions, ValidationOptions, OptimiserOptions, 
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError for the first invalid option; cheap, no data touched. Each part checks its own
-        options (the model part through CaptionerConfig.validate); only this rule spans two parts."""
+        options (the model part through CaptionerConfig.validate); only these rules span two parts."""
         for cls in PARTS.values():
             cls.check(self)
         if self.max_steps is not None and (self.max_steps < 0 or (self.max_steps == 0 and not self.scst)):
             _bad(f"--max-steps {self.max_steps}: must be at least 1 (0 only with --scst: SCST alone)")
+        if self.attention_supervision and self.coverage is not None:
+            _bad("--attention-supervision supervises the plain softmax attention; with --coverage the model "
+                 "attends otherwise: use one or the other")
         return self
 
 

@@ -98,6 +98,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 where no loss
     image_index: torch.Tensor | None = None  # (B,) the image row of each caption (None: row b is image b)
+    attention_target: torch.Tensor | None = None  # (B, T, N) cells each position should look at (supervision)
 
     @property
     def n_targets(self) -> int:
@@ -109,14 +110,24 @@ class Batch:
         moved = [t.to(device, non_blocking=nb) for t in
                  (self.features, self.lengths, self.input_ids, self.attention_mask, self.labels)]
         index = None if self.image_index is None else self.image_index.to(device, non_blocking=nb)
-        return Batch(*moved, image_index=index)
+        target = None if self.attention_target is None else self.attention_target.to(device, non_blocking=nb)
+        return Batch(*moved, image_index=index, attention_target=target)
 
 
-def collate(store: Any, model: Any, examples: Sequence[Example], max_length: int) -> Batch:
-    """Captions of one micro-batch; an image with several captions there is loaded and encoded once."""
+def collate(store: Any, model: Any, examples: Sequence[Example], max_length: int,
+            attention_targets: dict | None = None) -> Batch:
+    """Captions of one micro-batch; an image with several captions there is loaded and encoded once.
+    attention_targets (train/attention_supervision.py): also the batch's (B, T, N) attention targets."""
     rows: dict[str, int] = {}
     index = [rows.setdefault(e.item_id, len(rows)) for e in examples]
     feats, lengths = pad_features([store.get(item_id) for item_id in rows])
     tok = model.tokenize([e.caption for e in examples], max_length=max_length)
     image_index = None if len(rows) == len(examples) else torch.tensor(index, dtype=torch.long)
-    return Batch(feats, lengths, tok["input_ids"], tok["attention_mask"], tok["labels"], image_index)
+    target = None
+    if attention_targets is not None:
+        from vgpt_cli.train.attention_supervision import target_tensor
+
+        kept = (tok["attention_mask"].sum(1) - 1).tolist()  # the caption tokens after BOS that survived the cut
+        target = target_tensor(attention_targets, [(e.item_id, e.caption) for e in examples], kept,
+                               tok["input_ids"].shape[1], feats.shape[1])
+    return Batch(feats, lengths, tok["input_ids"], tok["attention_mask"], tok["labels"], image_index, target)

@@ -97,6 +97,10 @@ def prepare_inputs(config: TrainConfig, workspace: Workspace, store: Any = None)
 
         store = open_workspace_store(workspace)
     store.require([it.id for it in train_items] + [it.id for it in val_items])
+    if config.attention_supervision:
+        from vgpt_cli.train.attention_supervision import require_objects
+
+        require_objects(train_items, dict(getattr(store, "meta", {}) or {}))
     return store, train_items, val_items, dataset
 
 

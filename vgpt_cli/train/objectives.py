@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vgpt_cli.runtime import DistContext
+from vgpt_cli.train.attention_supervision import attention_loss_sum
 from vgpt_cli.train.data import Batch
 
 Backward = Callable[[torch.Tensor], None]
@@ -52,11 +53,12 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def cross_entropy_step(model: Any, batches: Sequence[Batch], dist: DistContext, backward: Backward, *,
-                       precision: str, label_smoothing: float, unlikelihood: float = 0.0
-                       ) -> tuple[float, int, float | None]:
+                       precision: str, label_smoothing: float, unlikelihood: float = 0.0,
+                       attention_supervision: float = 0.0) -> tuple[float, int, float | None]:
     """Forward and backward of every micro-batch of one step; returns (mean token loss, target tokens),
     both over all processes, and this process's mean visual gate over real tokens (None without gates).
-    unlikelihood: the weight of unlikelihood_sum in the gradient (the loss returned stays cross-entropy)."""
+    unlikelihood: the weight of unlikelihood_sum in the gradient (the loss returned stays cross-entropy);
+    attention_supervision: the same for attention_loss_sum on batches that carry attention targets."""
     device = dist.device
     n_local = sum(b.n_targets for b in batches)
     n_global = int(dist.all_sum(torch.tensor(float(n_local), dtype=torch.float64)).item())
@@ -67,15 +69,18 @@ def cross_entropy_step(model: Any, batches: Sequence[Batch], dist: DistContext, 
         b = b.to(device)
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if (last or not dist.enabled) else model.no_sync()
+        supervise = bool(attention_supervision) and b.attention_target is not None
         with sync:
             with autocast_context(device, precision):
                 out = model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index,
-                            return_gates=True)
+                            return_gates=True, return_attention=supervise)
             part = token_loss_sum(out.logits, b.labels, label_smoothing)
             if out.gates is not None:
                 real = b.attention_mask.bool()
                 gate_sum, gate_n = gate_sum + out.gates[..., 1][real].float().sum(), gate_n + real.sum()
             trained = part + unlikelihood * unlikelihood_sum(out.logits, b.labels) if unlikelihood else part
+            if supervise:
+                trained = trained + attention_supervision * attention_loss_sum(out.attention, b.attention_target)
             # DDP averages gradients over processes: scale by world size so the mean is over tokens.
             backward(trained * (dist.world_size / n_global))
             loss_sum += part.detach().double()

@@ -72,6 +72,18 @@ class Trainer:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._lm_frozen = False
         self.last_gate: float | None = None  # the mean visual gate of the last cross-entropy step
+        self.attention_targets = self._attention_targets() if config.attention_supervision else None
+
+    def _attention_targets(self) -> dict:
+        """Each training caption's supervised shape words and their objects' cells (attention_supervision.py)."""
+        from vgpt_cli.train.attention_supervision import grid_cells_for, shapes_targets
+
+        n_tokens = int(self.store.get(self.train_items[0].id).shape[0])
+        try:
+            cells_of = grid_cells_for(self.backbone, n_tokens)
+        except ValueError as e:  # not a square grid of tokens
+            raise ConfigError(f"--attention-supervision: {e}") from None
+        return shapes_targets(self.train_items, self.core.tokenizer, cells_of)
 
     @property
     def core(self) -> Any:
@@ -104,13 +116,15 @@ class Trainer:
         epoch, pos = divmod(step, self.plan.steps_per_epoch)
         order = self.order(epoch, len(self.examples))
         micro = self.plan.micro_batches(order, pos, self.dist.rank)
-        return [collate(self.store, self.core, [self.examples[i] for i in mb], self.cfg.max_length) for mb in micro]
+        return [collate(self.store, self.core, [self.examples[i] for i in mb], self.cfg.max_length,
+                        self.attention_targets) for mb in micro]
 
     def xe_step(self, batches: list[Batch]) -> tuple[float, int]:
         loss, tokens, self.last_gate = cross_entropy_step(self.model, batches, self.dist, self.optim.backward,
                                                           precision=self.cfg.precision,
                                                           label_smoothing=self.cfg.label_smoothing,
-                                                          unlikelihood=self.cfg.unlikelihood)
+                                                          unlikelihood=self.cfg.unlikelihood,
+                                                          attention_supervision=self.cfg.attention_supervision)
         return loss, tokens
 
     def scst_step(self, step: int) -> tuple[float, int]:
