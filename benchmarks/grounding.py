@@ -168,136 +168,6 @@ def readout_supervision(weight: float, gated: bool):
     return hook
 
 
-def attention_supervision(weight: float, which: tuple[str, ...] = ("colour", "shape")):
-    """Supervised cross-attention (as in Liu et al., 2017, "Attention correctness in neural image
-    captioning"): at the query that predicts an object's colour word and at the one that predicts its
-    shape word, each block's cross-attention (mean over heads and levels) is pushed onto that object's
-    grid cells: `weight` x the mean over blocks of -log(attention mass on the object), summed over those
-    tokens, is added to the training loss. `which` = ("shape",) supervises only the query that predicts
-    the shape word, which the colour just written determines (the object order of a caption is random, so
-    which object comes next is not something the image alone can say). Targets come from the scene's
-    recorded objects, through the backbone's own resize and crop (as the attention diagnostic); nothing
-    changes at inference.
-
-    Why: 1e found that before a later object's colour the attention peaks on an object already named 47%
-    of the time, and the shape after a colour is that colour's object only 74-77% of the time; this
-    tells the read-out directly which object each of those words is about."""
-    def hook(model, n: int, manifest, store, **_) -> None:
-        import re
-
-        import numpy as np
-
-        from vgpt_cli.attention import grid_shape, region_cells
-        from vgpt_cli.data.shapes import SIZES, naming_words
-        from vgpt_cli.demo import BACKBONE, DemoSettings, object_region
-        from vgpt_cli.features import load_backbone
-
-        backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
-        grid = grid_shape(n)
-        tok = model.tokenizer
-
-        def image_key(f) -> bytes:  # a training image's features as the batch carries them (float32)
-            return np.ascontiguousarray(np.asarray(f[:2, :16], dtype=np.float32)).tobytes()
-
-        targets: dict[tuple[bytes, tuple[int, ...]], list[tuple[int, torch.Tensor]]] = {}
-        for it in manifest.items("train"):
-            objs = it.extra["objects"]
-            cells = {}
-            for o in objs:
-                c = torch.from_numpy(region_cells(object_region(backbone, o), grid).reshape(-1))
-                key = (o["colour"], o["shape"])
-                cells[key] = c if key not in cells else cells[key] | c
-            feats = store.get(it.id)
-            for caption in it.captions:
-                enc = tok(caption, add_special_tokens=False, return_offsets_mapping=True)
-                ids, spans = enc["input_ids"], enc["offset_mapping"]
-                words = [(m.start(), m.group()) for m in re.finditer(r"\S+", caption)]
-                supervised = []
-                for k, obj in naming_words(caption, objs):
-                    i = k - 1
-                    while i >= 0 and re.sub(r"[^a-z]", "", words[i][1].lower()) in SIZES:
-                        i -= 1
-                    for w in [w for w, kind in ((i, "colour"), (k, "shape")) if kind in which]:
-                        j = next((j for j, (a, b) in enumerate(spans) if b > words[w][0]), None)
-                        if j is not None:
-                            supervised.append((j, cells[(obj["colour"], obj["shape"])].float()))
-                targets[(image_key(feats), tuple(ids))] = supervised
-        state: dict[str, Any] = {"q": {}, "k": {}, "rows": None, "found": 0, "missing": 0}
-
-        def before_forward(module, args, kwargs):
-            state["q"].clear()
-            state["k"].clear()
-            state["rows"] = None
-            if not (module.training and torch.is_grad_enabled()):
-                return
-            features, lengths, input_ids = args[:3]
-            index = kwargs.get("image_index")
-            B, T = input_ids.shape
-            tgt = torch.zeros(B, T, features.shape[1])
-            sup = torch.zeros(B, T, dtype=torch.bool)
-            for b in range(B):
-                row = int(index[b]) if index is not None else b
-                ids = input_ids[b, 1:][input_ids[b, 1:] != model.pad_token_id].tolist()  # BOS w1..wn -> w1..wn
-                key = image_key(features[row].cpu().numpy())
-                found = targets.get((key, tuple(ids)))
-                if found is None:  # a caption cut at max_length: look it up by its prefix
-                    found = next((v for (fk, full), v in targets.items() if fk == key and full[:len(ids)] == tuple(ids)),
-                                 None)
-                state["found" if found is not None else "missing"] += 1
-                for t, cells in found or ():
-                    if t < T:
-                        tgt[b, t, :cells.numel()] = cells
-                        sup[b, t] = True
-            n_real = torch.arange(features.shape[1])[None, :] < lengths.cpu()[:, None]  # (I, N)
-            state["rows"] = (tgt, sup, index, n_real)
-
-        def keep(kind, i):
-            def f(m, inp, out):
-                if state["rows"] is not None:
-                    state[kind][i] = out
-            return f
-
-        model.register_forward_pre_hook(before_forward, with_kwargs=True)
-        for i, x in enumerate(model.xattn):
-            x.q.register_forward_hook(keep("q", i))
-            x.k.register_forward_hook(keep("k", i))
-        from vgpt_cli.train import objectives
-
-        plain = objectives.token_loss_sum
-        model.attention_supervision_state = state
-
-        def with_attention(logits, labels, label_smoothing=0.0):
-            loss = plain(logits, labels, label_smoothing)
-            if state["rows"] is None or not state["q"]:
-                return loss
-            tgt, sup, index, n_real = state["rows"]
-            if not bool(sup.any()):
-                return loss
-            terms = []
-            for i, q in state["q"].items():
-                k = state["k"][i]  # (I, K, N, D), one row per distinct image
-                x = model.xattn[i]
-                h, hd = x.heads, x.head_dim
-                B, T, _ = q.shape
-                _, K, N, _ = k.shape
-                real = n_real if index is None else n_real[index]
-                if index is not None:
-                    k = k[index]
-                qh = q.float().view(B, T, h, hd)
-                kh = k.float().view(B, K, N, h, hd)
-                scores = torch.einsum("bthd,bknhd->bkhtn", qh, kh) / math.sqrt(hd)
-                scores = scores.masked_fill(~real[:, None, None, None, :], float("-inf"))
-                p = scores.softmax(-1).mean(dim=(1, 2))  # (B, T, N)
-                mass = (p * tgt[..., :N].to(p.device)).sum(-1)[sup.to(p.device)]
-                terms.append(-torch.log(mass.clamp_min(1e-6)).sum())
-            state["q"].clear()
-            state["k"].clear()
-            return loss + weight * torch.stack(terms).mean()
-
-        model.readout_loss_sum = with_attention  # run_one puts it in place of token_loss_sum while training
-    return hook
-
-
 def lora(rank: int, alpha: float, targets: tuple[str, ...] = ("q_proj", "v_proj")):
     """Low-rank adapters on the frozen LM's self-attention projections (y = W x + alpha/rank B A x, B = 0 at
     the start, so the model starts as before). They are new parameters (the LM stays frozen, so a step
@@ -365,13 +235,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # cross-attention in the top 10 of the 30 blocks only (deep blocks are where the visual channels open)
     "warm10-top10": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "model_hooks": [top_blocks_only(10)]},
     # the cross-attention told which object each colour and shape word is about (supervised attention)
-    "warm10-attn-sup": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
-                        "model_hooks": [attention_supervision(1.0)]},
-    "warm10-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10,
-                              "model_hooks": [attention_supervision(1.0, which=("shape",))]},
+    # (`vgpt train --attention-supervision`, vgpt_cli/train/attention_supervision.py; at first a hook here)
+    "warm10-attn-sup": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "attention_supervision": 1.0,
+                        "attention_words": ("colour", "shape")},
+    "warm10-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "attention_supervision": 1.0},
+    "warm10-attn-sup-shape-w3": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "attention_supervision": 3.0},
     # the two that each fixed a part: plain cross-attention (no copied colour) + attention told the shape's object
     "warm10-no-gates-attn-sup-shape": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "gating": "none",
-                                       "model_hooks": [attention_supervision(1.0, which=("shape",))]},
+                                       "attention_supervision": 1.0},
     # then one epoch of SCST (CIDEr-D reward, the LM trained too): training on the model's own captions,
     # where a copied colour costs reward
     "warm10-scst": {"freeze_lm_steps_frac": 1.0, "encoder_warm_start": 10, "scst": True, "scst_epochs": 1,
@@ -674,10 +545,14 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
 
     t0 = time.perf_counter()
     readout = getattr(model, "readout_loss_sum", None)
-    from vgpt_cli.train import objectives
+    from vgpt_cli.train import attention_supervision, objectives
 
+    words = variant.get("attention_words")  # which words of a caption the supervision reads (default: shape)
+    targets = attention_supervision.shapes_targets
     with warm_decoder(variant.get("warm_decoder"), variant.get("freeze_encoder", False)), \
-            (mock.patch.object(objectives, "token_loss_sum", readout) if readout else contextlib.nullcontext()):
+            (mock.patch.object(objectives, "token_loss_sum", readout) if readout else contextlib.nullcontext()), \
+            (mock.patch.object(attention_supervision, "shapes_targets",
+                               lambda *a, **k: targets(*a, **k, words=words)) if words else contextlib.nullcontext()):
         result = train(config, ws, model=model, on_step=on_step, quiet=True)
     seconds = time.perf_counter() - t0 - eval_seconds[0]
     test = test_scores(model, manifest, store, config.val_beam, config.max_length)

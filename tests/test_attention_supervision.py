@@ -127,6 +127,12 @@ def test_targets_are_each_shape_words_first_token_and_its_objects_cells():
                 np.testing.assert_array_equal(np.asarray(cells).reshape(-1), scene_cells(obj))
                 checked += 1
     assert checked > 60
+    scene = make_scene(5, 0)
+    caption = scene_captions(scene, 5, 0)[0]
+    both = caption_targets(caption, scene["objects"], tok, cells_of, words=("colour", "shape"))
+    ids = tok(caption, add_special_tokens=False)["input_ids"]
+    said = [tok.decode(ids[j]).strip() for j, _ in both]
+    assert said[0::2] == [o["colour"] for _, o in naming_words(caption, scene["objects"])]  # colour, then shape
 
 
 def test_collate_puts_the_targets_at_the_query_that_predicts_the_shape_word_and_drops_cut_ones(tmp_path):

@@ -28,26 +28,32 @@ Targets = dict[tuple[str, str], list[tuple[int, np.ndarray]]]
 
 
 def caption_targets(caption: str, objects: Sequence[dict[str, Any]], tokenizer: Any,
-                    cells_of: Callable[[dict[str, Any]], np.ndarray]) -> list[tuple[int, np.ndarray]]:
+                    cells_of: Callable[[dict[str, Any]], np.ndarray],
+                    words: tuple[str, ...] = ("shape",)) -> list[tuple[int, np.ndarray]]:
     """The supervised tokens of one caption: for every shape word that names an object of the scene
     (vgpt_cli.data.shapes.naming_words), the index of the word's first token among the caption's tokens
     (as Captioner.tokenize makes them, without BOS) and the cells of that object, with the cells of any
-    other object of the same colour and shape (the words cannot tell them apart)."""
-    from vgpt_cli.data.shapes import naming_words
+    other object of the same colour and shape (the words cannot tell them apart). words=("colour",
+    "shape") also supervises the colour word before it (sizes skipped; measured worse, see the module)."""
+    from vgpt_cli.data.shapes import SIZES, naming_words
 
     named = naming_words(caption, objects)
     if not named:
         return []
     enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
     spans = enc["offset_mapping"]
-    starts = [m.start() for m in re.finditer(r"\S+", caption)]
+    found = [(m.start(), re.sub(r"[^a-z]", "", m.group().lower())) for m in re.finditer(r"\S+", caption)]
     out = []
     for k, obj in named:
-        j = next((j for j, (_, end) in enumerate(spans) if end > starts[k]), None)
-        if j is None:
-            continue
+        colour = k - 1
+        while colour >= 0 and found[colour][1] in SIZES:
+            colour -= 1
         same = [o for o in objects if (o["colour"], o["shape"]) == (obj["colour"], obj["shape"])]
-        out.append((j, np.logical_or.reduce([cells_of(o) for o in same])))
+        cells = np.logical_or.reduce([cells_of(o) for o in same])
+        for w in [w for w, kind in ((colour, "colour"), (k, "shape")) if kind in words]:
+            j = next((j for j, (_, end) in enumerate(spans) if end > found[w][0]), None)
+            if j is not None:
+                out.append((j, cells))
     return out
 
 
@@ -64,7 +70,8 @@ def require_objects(items: Sequence[Any], store_meta: dict[str, Any] | None = No
                           "(`vgpt extract-features`)")
 
 
-def shapes_targets(items: Sequence[Any], tokenizer: Any, cells_of: Callable[[dict[str, Any]], np.ndarray]) -> Targets:
+def shapes_targets(items: Sequence[Any], tokenizer: Any, cells_of: Callable[[dict[str, Any]], np.ndarray],
+                   words: tuple[str, ...] = ("shape",)) -> Targets:
     """Targets of every caption of `items`, whose `extra["objects"]` lists their scene's objects.
     ConfigError naming the first item without them, or a tokenizer without character offsets."""
     if not getattr(tokenizer, "is_fast", False):
@@ -82,7 +89,7 @@ def shapes_targets(items: Sequence[Any], tokenizer: Any, cells_of: Callable[[dic
     targets: Targets = {}
     for it in items:
         for caption in it.captions:
-            targets[(it.id, caption)] = caption_targets(caption, it.extra["objects"], tokenizer, cells)
+            targets[(it.id, caption)] = caption_targets(caption, it.extra["objects"], tokenizer, cells, words)
     return targets
 
 
