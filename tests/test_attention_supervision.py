@@ -56,6 +56,15 @@ def shapes_workspace(root: Path, scenes: int = 24) -> Workspace:
     return ws
 
 
+def supervised_setup(root: Path, scenes: int = 24):
+    """A tiny captioner on shapes_workspace(root), with the store, the train items and their targets."""
+    ws = shapes_workspace(root, scenes)
+    model = tiny_captioner()
+    store = open_workspace_store(ws)
+    items = Manifest.load(ws.manifest_path("shapes")).items("train")
+    return ws, model, store, items, shapes_targets(items, model.tokenizer, grid_cells_for(store.meta, GRID))
+
+
 def scene_cells(obj) -> np.ndarray:
     """The reference: the 4 x 4 cells that hold the object's pixels, straight from the scene's mask."""
     return region_cells(np.asarray(object_mask(obj)) > 0, grid_shape(GRID)).reshape(-1)
@@ -136,11 +145,7 @@ def test_targets_are_each_shape_words_first_token_and_its_objects_cells():
 
 
 def test_collate_puts_the_targets_at_the_query_that_predicts_the_shape_word_and_drops_cut_ones(tmp_path):
-    ws = shapes_workspace(tmp_path)
-    model = tiny_captioner()
-    store = open_workspace_store(ws)
-    items = Manifest.load(ws.manifest_path("shapes")).items("train")
-    targets = shapes_targets(items, model.tokenizer, grid_cells_for(store.meta, GRID))
+    _, model, store, items, targets = supervised_setup(tmp_path)
     examples = caption_examples(items)[:8]
     full = collate(store, model, examples, max_length=40, attention_targets=targets)
     for b, e in enumerate(examples):
@@ -159,11 +164,7 @@ def test_collate_puts_the_targets_at_the_query_that_predicts_the_shape_word_and_
 
 # --- training with it ---------------------------------------------------------------------------------
 def test_the_weight_reaches_the_backward_and_the_logged_loss_stays_cross_entropy(tmp_path):
-    ws = shapes_workspace(tmp_path)
-    model = tiny_captioner()
-    store = open_workspace_store(ws)
-    items = Manifest.load(ws.manifest_path("shapes")).items("train")
-    targets = shapes_targets(items, model.tokenizer, grid_cells_for(store.meta, GRID))
+    _, model, store, items, targets = supervised_setup(tmp_path)
     b = collate(store, model, caption_examples(items)[:8], 40, attention_targets=targets)
     with torch.no_grad():
         out = model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index,
@@ -185,12 +186,9 @@ def test_the_weight_reaches_the_backward_and_the_logged_loss_stays_cross_entropy
 
 
 def test_training_with_it_moves_the_attention_onto_the_named_objects(tmp_path):
-    ws = shapes_workspace(tmp_path, scenes=30)
-    store = open_workspace_store(ws)
-    items = Manifest.load(ws.manifest_path("shapes")).items("train")
+    ws, _, store, items, targets = supervised_setup(tmp_path, scenes=30)
 
     def mass_on_targets(model) -> float:
-        targets = shapes_targets(items, model.tokenizer, grid_cells_for(store.meta, GRID))
         b = collate(store, model, caption_examples(items), 40, attention_targets=targets)
         model.eval()
         with torch.no_grad():
