@@ -41,9 +41,15 @@ def test_demo_runs_every_step_and_reports_what_it_wrote_and_runs_again(tmp_path)
     assert (ws / "runs" / "demo" / "best" / "backbone.json").exists()
     assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]
 
-    # a second demo in the same workspace runs (it replaced "a run with this name exists"), saying so
-    again = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json"])
+    assert json.loads((ws / "runs" / "demo" / "config.json").read_text())["attention_supervision"] == 0.0
+
+    # a second demo in the same workspace runs (it replaced "a run with this name exists"), saying so;
+    # --attention-supervision reaches the run's recipe and the report
+    again = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json",
+                                     "--attention-supervision", "1"])
     assert again.exit_code == 0, again.output
     assert "replacing the earlier demo run" in again.stderr
+    assert json.loads(again.stdout)["settings"]["attention_supervision"] == 1.0
+    assert json.loads((ws / "runs" / "demo" / "config.json").read_text())["attention_supervision"] == 1.0
     assert ", 0 extracted, 20 already cached" in json.loads(again.stdout)["steps"][1]["summary"]  # features reused
     shutil.rmtree(ws)  # a SmolLM2 run folder is ~3 GB (weights + optimiser state): do not keep it

@@ -18,6 +18,9 @@ def command(
     steps: Annotated[int | None, typer.Option("--steps", help="SRAU training steps (default 160, the LM frozen), "
                                               "after 10 epochs of encoder warm start.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data, initialisation and order (42).")] = None,
+    attention_supervision: Annotated[float | None, typer.Option(
+        "--attention-supervision", help="Weight of supervised attention at shape words (default 0: off; "
+        "docs/results.md, Grounding 1i).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
                                            "BF16, and on CUDA), bf16 or fp32.")] = "auto",
@@ -34,11 +37,14 @@ def command(
         vgpt demo
 
         vgpt -w /tmp/vgpt-demo demo --quick
+
+        vgpt -w /tmp/vgpt-demo-long demo --steps 480 --attention-supervision 1
     """
     from vgpt_cli.demo import run_demo, settings_for
 
     ws = workspace(ctx)
-    settings = settings_for(quick, scenes=scenes, steps=steps, seed=seed)
+    settings = settings_for(quick, scenes=scenes, steps=steps, seed=seed,
+                            attention_supervision=attention_supervision)
     err.print(f"vgpt demo{' --quick' if quick else ''}: workspace {ws.root}", highlight=False)
     if precision not in ("auto", "bf16", "fp32"):
         raise typer.BadParameter(f"--precision {precision}: use auto, bf16 or fp32")
