@@ -29,3 +29,12 @@ def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"vgpt {__version__}"
+
+
+@pytest.mark.parametrize("weight", ["-1", "nan", "inf"])
+def test_demo_refuses_a_bad_attention_supervision_weight_before_any_work(tmp_path, weight):
+    result = runner.invoke(app, ["-w", str(tmp_path / "ws"), "demo", "--attention-supervision", weight])
+    assert result.exit_code == 2, result.output
+    said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # rich wraps the message in a box
+    assert "--attention-supervision" in said and "must be a finite weight >= 0" in said
+    assert not (tmp_path / "ws" / "sources").exists()  # no scenes were rendered
