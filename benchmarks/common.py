@@ -32,14 +32,15 @@ def machine() -> dict[str, Any]:
 def cpu_model() -> dict[str, Any]:
     """The CPU's name and its bf16 units: the same "2-core machine" has been an AMX Xeon on one day and an
     AMD EPYC without AVX-512 on another, 3x slower per training step of the demo (docs/results.md)."""
+    from vgpt_cli.demo import BF16_CPU_FLAGS, cpu_flags
+
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return {}
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-    return {"cpu_model": name, "cpu_bf16": sorted(flags & {"amx_bf16", "avx512_bf16"}),
-            "cpu_avx512": "avx512f" in flags}
+    flags = cpu_flags()
+    return {"cpu_model": next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None),
+            "cpu_bf16": sorted(flags & BF16_CPU_FLAGS), "cpu_avx512": "avx512f" in flags}
 
 
 def goal(value: float, target: float, higher_is_better: bool = True) -> dict[str, Any]:

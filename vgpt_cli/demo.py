@@ -82,13 +82,21 @@ class DemoReport:
         return asdict(self)
 
 
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where that cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 autocast pays on a CPU with AMX or AVX-512 BF16 (4-6x the fp32 matmul rate here)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def demo_photo() -> Path:
@@ -143,6 +151,17 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
         raise ValueError(f"demo precision {precision!r}: use auto, bf16 or fp32")
     if precision == "auto":
         precision = "bf16" if (device.startswith("cuda") or cpu_has_fast_bf16()) else "fp32"
+    # the training recipe, checked before minutes of scenes and features (a bad --steps or
+    # --attention-supervision is one line at once, not after the extraction)
+    config = TrainConfig(
+        lm=LM, encoder_layers=settings.encoder_layers, tau=settings.tau, gate_init_bias=settings.gate_init_bias,
+        lr=settings.lr, lm_lr=settings.lm_lr, warmup=settings.warmup, schedule="cosine",
+        batch_size=settings.batch_size, max_steps=settings.steps, val_every=settings.val_every,
+        val_size=settings.val_size, val_beam=settings.eval_beam, max_length=settings.max_length,
+        precision=precision, seed=settings.seed, device=device, name="demo", patience=100,
+        freeze_lm_steps=int(round(settings.freeze_lm_frac * settings.steps)),
+        encoder_warm_start=settings.encoder_warm_start, attention_supervision=settings.attention_supervision,
+    ).validate()
     report = DemoReport(workspace=str(ws.root), settings=asdict(settings), precision=precision)
     t_start = time.perf_counter()
 
@@ -171,15 +190,6 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
 
     # 3. training
     t0 = time.perf_counter()
-    config = TrainConfig(
-        lm=LM, encoder_layers=settings.encoder_layers, tau=settings.tau, gate_init_bias=settings.gate_init_bias,
-        lr=settings.lr, lm_lr=settings.lm_lr, warmup=settings.warmup, schedule="cosine",
-        batch_size=settings.batch_size, max_steps=settings.steps, val_every=settings.val_every,
-        val_size=settings.val_size, val_beam=settings.eval_beam, max_length=settings.max_length,
-        precision=precision, seed=settings.seed, device=device, name="demo", patience=100,
-        freeze_lm_steps=int(round(settings.freeze_lm_frac * settings.steps)),
-        encoder_warm_start=settings.encoder_warm_start, attention_supervision=settings.attention_supervision,
-    )
     if ws.run_dir("demo").exists():  # a second demo in this workspace replaces the first one's run
         log(f"[train] replacing the earlier demo run {ws.run_dir('demo')}")
         shutil.rmtree(ws.run_dir("demo"))

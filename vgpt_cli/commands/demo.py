@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import typer
@@ -43,9 +42,6 @@ def command(
     """
     from vgpt_cli.demo import run_demo, settings_for
 
-    if attention_supervision is not None and not (0.0 <= attention_supervision < math.inf):
-        raise typer.BadParameter(f"{attention_supervision}: must be a finite weight >= 0 (0: off)",
-                                 param_hint="--attention-supervision")  # before minutes of data and features
     ws = workspace(ctx)
     settings = settings_for(quick, scenes=scenes, steps=steps, seed=seed,
                             attention_supervision=attention_supervision)
