@@ -582,7 +582,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
     p.add_argument("--caption-order", default="random", choices=("random", "reading"),
                    help="the order in which the scenes' captions name their objects (use its own --workspace)")
-    p.add_argument("--results", default="grounding", help="results file stem (parallel runs: one each)")
+    p.add_argument("--results", default=None, help="results file stem (parallel runs: one each; default: grounding, "
+                   "or grounding_stream_share with --stream-share)")
     p.add_argument("--eval-at", default="", help="also score the test scenes at these steps (the frontier), "
                    "e.g. 70,140,280,420")
     p.add_argument("--diagnose", type=Path, default=None, metavar="MODEL_DIR",
@@ -593,6 +594,7 @@ def main() -> None:
                    help="no training: per block, the norm of the image's part of the SRAU output against the LM's "
                         "(teacher-forced on 64 test references); written to --results")
     a = p.parse_args()
+    a.results = a.results or ("grounding_stream_share" if a.stream_share else "grounding")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.list:
@@ -618,7 +620,9 @@ def main() -> None:
     ws = Workspace.from_option(a.workspace)
     ws.set_current(features=store.fingerprint)
     out = RESULTS / f"{a.results}.json"
-    runs = json.loads(out.read_text())["raw"]["runs"] if out.exists() else []
+    runs = json.loads(out.read_text())["raw"].get("runs") if out.exists() else []
+    if runs is None:  # another kind of result (e.g. --stream-share's) under this stem: do not overwrite it
+        sys.exit(f"{out} holds no training runs: give this run its own --results STEM")
     for name in a.variants.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             label = (name + (f"@{a.image_size}px" if a.image_size else "")
