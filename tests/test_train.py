@@ -450,12 +450,40 @@ def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
     saved = json.loads((ws.run_dir("cli") / "config.json").read_text())
     assert (saved["lm"], saved["batch_size"], saved["max_steps"], saved["encoder_layers"]) == (str(lm_dir), 3, 2, 1)
     assert "vgpt evaluate --split test" in result.stderr
+    # stderr is not a terminal here: progress comes as plain lines (the last step's always), not a live bar
+    assert "cross-entropy: step 2/2, loss " in result.stderr
     model = Captioner.from_pretrained(ws.run_dir("cli") / "best")
     assert model.config.encoder_layers == 1 and model.config.d_in == D_IN
     # resume with more steps continues at step 2
     result = runner.invoke(app, ["-w", str(ws.root), "train", "--resume", "--max-steps", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 3
+
+
+def test_progress_without_a_terminal_is_a_plain_line_with_the_rate_and_time_left():
+    import io
+
+    from rich.console import Console
+
+    from vgpt_cli.train.console import ConsoleReport
+
+    def lines(terminal: bool, plain_every: float) -> list[str]:
+        out = io.StringIO()
+        report = ConsoleReport(Console(file=out, force_terminal=terminal, width=200), plain_every=plain_every)
+        report.on_phase_start("xe", total=30, done=10)  # resumed at step 10
+        for step in (20, 30):
+            report.on_log({"step": step, "loss": 1.0 / step, "tokens_per_s": 1234.5})
+        report.on_phase_end("xe")
+        return [ln for ln in out.getvalue().splitlines() if ln.startswith("cross-entropy: step")]
+
+    every = lines(terminal=False, plain_every=0)
+    assert len(every) == 2
+    assert every[0].startswith("cross-entropy: step 20/30, loss 0.0500, 1,234 tok/s, ")
+    assert every[0].endswith(" left") and "s/step" in every[0]
+    assert every[1].startswith("cross-entropy: step 30/30, loss 0.0333") and not every[1].endswith(" left")
+    # at most one line a minute, but always the last step's
+    assert [ln.split(",")[0] for ln in lines(terminal=False, plain_every=3600)] == ["cross-entropy: step 30/30"]
+    assert lines(terminal=True, plain_every=0) == []  # a terminal gets the live bar instead
 
 
 def test_val_every_replaces_the_per_epoch_validation(tmp_path):
