@@ -485,6 +485,18 @@ def test_progress_without_a_terminal_is_a_plain_line_with_the_rate_and_time_left
     assert [ln.split(",")[0] for ln in lines(terminal=False, plain_every=3600)] == ["cross-entropy: step 30/30"]
     assert lines(terminal=True, plain_every=0) == []  # a terminal gets the live bar instead
 
+    # messages and captions are plain text: brackets in them are not rich markup
+    out = io.StringIO()
+    report = ConsoleReport(Console(file=out, force_terminal=False, width=200))
+    report.on_message("[train] wrote runs/[a]/best")
+    report.on_message("[warm] fell back", warning=True)
+    report.on_validation({"phase": "xe", "step": 2, "cider": 0.5, "best_cider": 0.5, "best_phase": "xe",
+                          "best_step": 2}, {"patience_left": 3, "seconds": 1.0,
+                                            "examples": [{"id": "[img]", "caption": "a [red] star"}]})
+    text = out.getvalue()
+    assert "[train] wrote runs/[a]/best" in text and "[warm] fell back" in text
+    assert "[img]: a [red] star" in text
+
 
 def test_val_every_replaces_the_per_epoch_validation(tmp_path):
     ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)  # 4 captions, batch 2: 2 steps an epoch

@@ -80,7 +80,7 @@ def command(
     with decode_progress() as progress:
         result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
                                 max_length=max_length, batch_size=batch_size, device=device, spice=spice,
-                                log=lambda m: err.print(m, highlight=False), progress=progress)
+                                log=lambda m: err.print(m, highlight=False, markup=False), progress=progress)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -126,7 +126,7 @@ def _score_files(ctx: typer.Context, files: list[Path], references: Path | None,
     if partial:
         notes = [*notes, f"--allow-partial: scored over the predicted images only: {', '.join(partial)}"]
         err.print(f"[yellow]note:[/] {notes[-1]}", highlight=False)
-    reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False))
+    reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False, markup=False))
     payload = {name: {"references": ref_name, **r.to_dict(), "notes": notes} for name, r in reports.items()}
     if output is not None:
         atomic_write_json(output, payload)

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,7 +29,8 @@ class ConsoleReport(TrainCallback):
         self._plain: dict[str, Any] | None = None  # phase, total, first step, start and last-line times
 
     def on_message(self, text: str, warning: bool = False) -> None:
-        self.console.print(f"[yellow]{text}[/]" if warning else text, highlight=False)
+        # plain text: a path or caption with "[...]" in it is not rich markup
+        self.console.print(f"[yellow]{escape(text)}[/]" if warning else escape(text), highlight=False)
 
     def on_phase_start(self, phase: str, total: int, done: int) -> None:
         if self.show_progress and not self.console.is_terminal:
@@ -59,7 +61,7 @@ class ConsoleReport(TrainCallback):
                       f"{details['seconds']:.1f}")
         self.console.print(table)
         for ex in details["examples"]:
-            self.console.print(f"  [dim]{ex['id']}:[/] {ex['caption']}", highlight=False)
+            self.console.print(f"  [dim]{escape(str(ex['id']))}:[/] {escape(ex['caption'])}", highlight=False)
 
     def _plain_line(self, record: dict[str, Any]) -> None:
         p, now = self._plain, time.monotonic()
