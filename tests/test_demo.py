@@ -28,7 +28,7 @@ def test_demo_runs_every_step_and_reports_what_it_wrote_over_an_earlier_demo(tmp
     result = CliRunner().invoke(app, ["-w", str(ws), "demo", "--quick", "--scenes", "20", "--steps", "2", "--json",
                                       "--attention-supervision", "1"])
     assert result.exit_code == 0, result.output
-    assert "replacing the earlier demo run" in result.stderr
+    assert "[train] replacing the earlier demo run" in result.stderr  # plain text, not rich markup
     assert not (ws / "runs" / "demo" / "earlier.txt").exists()
     report = json.loads(result.stdout)
     assert [s["step"] for s in report["steps"]] == ["prepare", "extract-features", "train", "evaluate", "attention",
@@ -53,5 +53,8 @@ def test_demo_runs_every_step_and_reports_what_it_wrote_over_an_earlier_demo(tmp
     assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]
     # --attention-supervision reaches the run's recipe and the report (the default, 0, is DemoSettings')
     assert report["settings"]["attention_supervision"] == 1.0
+    # a CPU without fast bf16 trains in fp32, and the user is told before the wait, not after it
+    assert report["precision"] in ("bf16", "fp32")
+    assert ("[precision] fp32 on this CPU" in result.stderr) == (report["precision"] == "fp32")
     assert json.loads((ws / "runs" / "demo" / "config.json").read_text())["attention_supervision"] == 1.0
     shutil.rmtree(ws)  # a SmolLM2 run folder is ~1 GB: do not keep it

@@ -85,6 +85,10 @@ class DemoReport:
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
+FP32_CPU_NOTICE = ("[precision] fp32 on this CPU{why}: training is 1.4-3.2x slower than with bf16 on an AMX CPU, "
+                   "where the demo takes 10 minutes (docs/results.md); `vgpt demo --quick` is a short smoke run")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo); empty where that cannot be read."""
     try:
@@ -149,8 +153,12 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"demo precision {precision!r}: use auto, bf16 or fp32")
+    chosen = precision
     if precision == "auto":
         precision = "bf16" if (device.startswith("cuda") or cpu_has_fast_bf16()) else "fp32"
+    if precision == "fp32" and not device.startswith("cuda"):
+        # the demo's 10 minutes are an AMX CPU's; say so before the wait, not after it
+        log(FP32_CPU_NOTICE.format(why=" (no AMX or AVX-512 BF16)" if chosen == "auto" else ""))
     # the training recipe, checked before minutes of scenes and features (a bad --steps or
     # --attention-supervision is one line at once, not after the extraction)
     config = TrainConfig(

@@ -30,7 +30,8 @@ def command(
 
     prepare shapes -> extract-features (EfficientNet-Lite0, ImageNet weights) -> train (SmolLM2-135M + SRAU) -> evaluate on held-out scenes -> caption a few scenes and a real photograph.
 
-    About 10 minutes on a 2-core CPU (--quick: 2 minutes, a smoke test). Everything goes into the workspace.
+    About 10 minutes on a 2-core CPU with AMX or AVX-512 BF16, longer in fp32 without them (docs/results.md);
+    --quick is a smoke test of a few minutes. Everything goes into the workspace.
 
     Example:
 
@@ -48,7 +49,7 @@ def command(
     err.print(f"vgpt demo{' --quick' if quick else ''}: workspace {ws.root}", highlight=False)
     if precision not in ("auto", "bf16", "fp32"):
         raise typer.BadParameter(f"--precision {precision}: use auto, bf16 or fp32")
-    report = run_demo(ws, settings, device=device, precision=precision, log=lambda s: err.print(s, highlight=False))
+    report = run_demo(ws, settings, device=device, precision=precision, log=lambda s: err.print(s, highlight=False, markup=False))
     if as_json:
         print_json(report.to_dict())
         return
