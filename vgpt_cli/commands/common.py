@@ -34,6 +34,11 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def say(message: str) -> None:
+    """A progress or log line on stderr, as plain text: "[train] ..." or a path with brackets is not markup."""
+    err.print(message, highlight=False, markup=False)
+
+
 def workspace(ctx: typer.Context) -> Workspace:
     obj = ctx.find_root().obj or {}
     ws = obj.get("workspace")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
 
 
 @friendly_errors
@@ -49,7 +49,7 @@ def command(
     err.print(f"vgpt demo{' --quick' if quick else ''}: workspace {ws.root}", highlight=False)
     if precision not in ("auto", "bf16", "fp32"):
         raise typer.BadParameter(f"--precision {precision}: use auto, bf16 or fp32")
-    report = run_demo(ws, settings, device=device, precision=precision, log=lambda s: err.print(s, highlight=False, markup=False))
+    report = run_demo(ws, settings, device=device, precision=precision, log=say)
     if as_json:
         print_json(report.to_dict())
         return

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import decode_progress, err, friendly_errors, print_json, print_table, workspace
+from vgpt_cli.commands.common import (
+    decode_progress,
+    err,
+    friendly_errors,
+    print_json,
+    print_table,
+    say,
+    workspace,
+)
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.evaluate.metrics import METRICS, compute_metrics_many, load_predictions, load_references
 from vgpt_cli.workspace import atomic_write_json
@@ -80,7 +88,7 @@ def command(
     with decode_progress() as progress:
         result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
                                 max_length=max_length, batch_size=batch_size, device=device, spice=spice,
-                                log=lambda m: err.print(m, highlight=False, markup=False), progress=progress)
+                                log=say, progress=progress)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -126,7 +134,7 @@ def _score_files(ctx: typer.Context, files: list[Path], references: Path | None,
     if partial:
         notes = [*notes, f"--allow-partial: scored over the predicted images only: {', '.join(partial)}"]
         err.print(f"[yellow]note:[/] {notes[-1]}", highlight=False)
-    reports = compute_metrics_many(sets, refs, spice=spice, log=lambda m: err.print(m, highlight=False, markup=False))
+    reports = compute_metrics_many(sets, refs, spice=spice, log=say)
     payload = {name: {"references": ref_name, **r.to_dict(), "notes": notes} for name, r in reports.items()}
     if output is not None:
         atomic_write_json(output, payload)

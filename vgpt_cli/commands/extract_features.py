@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
 from vgpt_cli.data.manifest import Manifest
@@ -109,7 +110,7 @@ def command(
     is_main = int(os.environ.get("RANK", "0")) == 0
 
     def warn(msg: str) -> None:
-        err.print(f"[yellow]warning:[/] {msg}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
 
     if gpu_decode and (from_hdf5 is not None or not _device(device).startswith("cuda")):
         raise ConfigError("--gpu-decode decodes JPEGs on the GPU: use it with --device cuda (and without "
