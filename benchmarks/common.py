@@ -32,15 +32,12 @@ def machine() -> dict[str, Any]:
 def cpu_model() -> dict[str, Any]:
     """The CPU's name and its bf16 units: the same "2-core machine" has been an AMX Xeon on one day and an
     AMD EPYC without AVX-512 on another, 3x slower per training step of the demo (docs/results.md)."""
-    from vgpt_cli.demo import BF16_CPU_FLAGS, cpu_flags
+    from vgpt_cli.demo import BF16_CPU_FLAGS, cpu_flags, cpuinfo_field
 
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
+    model, flags = cpuinfo_field("model name"), cpu_flags()
+    if model is None and not flags:  # no /proc/cpuinfo to read
         return {}
-    flags = cpu_flags()
-    return {"cpu_model": next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None),
-            "cpu_bf16": sorted(flags & BF16_CPU_FLAGS), "cpu_avx512": "avx512f" in flags}
+    return {"cpu_model": model, "cpu_bf16": sorted(flags & BF16_CPU_FLAGS), "cpu_avx512": "avx512f" in flags}
 
 
 def goal(value: float, target: float, higher_is_better: bool = True) -> dict[str, Any]:

@@ -90,13 +90,18 @@ FP32_CPU_NOTICE = ("[precision] fp32 on this CPU{why}: training is 1.4-3.2x slow
                    "where the demo takes 10 minutes (docs/results.md); `vgpt demo --quick` is a short smoke run")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo); empty where that cannot be read."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first CPU's `name` line of /proc/cpuinfo (e.g. "model name", "flags"); None where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() == name), None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where that cannot be read."""
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_has_fast_bf16() -> bool:
