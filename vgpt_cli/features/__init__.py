@@ -5,6 +5,7 @@ from __future__ import annotations
 from vgpt_cli.features.backbone import Backbone as Backbone
 from vgpt_cli.features.backbone import load_backbone as load_backbone
 from vgpt_cli.features.backbone import load_backbone_from_meta as load_backbone_from_meta
+from vgpt_cli.features.backbone import load_default_backbone as load_default_backbone
 from vgpt_cli.features.extract import ExtractSummary as ExtractSummary
 from vgpt_cli.features.extract import extract_items as extract_items
 from vgpt_cli.features.extract import import_hdf5 as import_hdf5

