@@ -1,0 +1,409 @@
+"""Real photographs: vgpt's captioner on Flickr8k, beside answers that need no training.
+
+Prepares Flickr8k from a copy of the release (the official train split for training, dev for model selection
+and scoring), extracts features with the backbone `vgpt extract-features` picks with no flags, trains with
+`vgpt train`'s defaults (or a named variant) for each seed, and scores dev with pycocoevalcap. On the same
+features and references it puts beside them:
+  retrieval   the caption of the training photo nearest in mean-pooled feature (cosine); of that photo's
+              captions, the one the others agree with most (CIDEr-D against the other four)
+  constant    one caption for every photo: of a seeded sample of training captions, the one that scores best
+              on the training photos (chosen without dev)
+and, per run: the fraction of distinct captions, the mean visual gate of the last training steps (SRAU), the
+training minutes, the validation curve, and a few dev captions beside a reference.
+
+    python benchmarks/realphoto.py                   # default recipe and plain cross-attention, seeds 1 and 2:
+                                                     # about 3 hours on a 2-core CPU without bf16 units
+    python benchmarks/realphoto.py --smoke           # 40 photos, 4 steps: a few minutes, checks it runs
+    python benchmarks/realphoto.py --variants default --seeds 3
+    python benchmarks/realphoto.py --root /data/flickr8k --device cuda
+
+Finished runs are kept in the workspace (--workspace) and reused when their settings and features are the
+same, so the study can be run in pieces. Writes benchmarks/results/realphoto.json (--smoke:
+realphoto_smoke.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import goal, print_table, write_results  # noqa: E402
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "flickr8k"
+# What each variant changes of `vgpt train`'s defaults (docs/results.md, "Real photographs").
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "no-gates": {"gating": "none"},
+    # the SRAU recipe tuned on the shapes scenes (the demo's): gates from sigmoid(5), tau 0.2
+    "srau-shapes": {"gating": "srau", "gate_init_bias": 5.0, "tau": 0.2},
+    # the gate start and the threshold (docs/results.md, "Real photographs", the recipe ladder)
+    "srau-tau0": {"gating": "srau", "gate_init_bias": 5.0, "tau": 0.0},
+    "srau-bias2-tau0.1": {"gating": "srau", "gate_init_bias": 2.0, "tau": 0.1},
+    "srau-bias1": {"gating": "srau", "gate_init_bias": 1.0, "tau": 0.2},
+    "srau-authors-init": {"gating": "srau", "gate_init_bias": None, "tau": 0.2},
+}
+PRESETS = {
+    "default": dict(variants="default,no-gates", seeds="1,2", steps=None, train_images=None, val_images=None,
+                    results="realphoto"),
+    "smoke": dict(variants="default", seeds="1", steps=4, train_images=40, val_images=6,
+                  results="realphoto_smoke", encoder_warm_start=1),
+}
+SHOWN = 8  # dev photos whose captions the results show beside a reference
+CONSTANT_CANDIDATES = 150
+CONSTANT_PHOTOS = 200
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a Flickr8k release folder (token file, split "
+                   "lists, Flicker8k_Dataset/)")
+    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-realphoto"))
+    p.add_argument("--smoke", action="store_true", help="a few minutes: 40 photos, a few steps")
+    p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, help="cross-entropy steps (default: vgpt train's own)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--results", help="results file stem")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="a `vgpt train` option for every run (TrainConfig name, e.g. encoder_warm_start=0); repeatable")
+    p.add_argument("--tag", default="", help="appended to the run names (runs with other --set options)")
+    p.add_argument("--finished-only", action="store_true", help="summarise the runs already finished, train none")
+    a = p.parse_args(argv)
+    preset = PRESETS["smoke" if a.smoke else "default"]
+    for k, v in preset.items():
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
+    a.encoder_warm_start = preset.get("encoder_warm_start")
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants {','.join(unknown)}: unknown; use {', '.join(VARIANTS)}")
+    return a
+
+
+def prepare(ws, root: Path, train_images: int | None, val_images: int | None) -> str:
+    """The Flickr8k manifest: the official train split (all of it, or a seeded subset) and dev as val."""
+    from vgpt_cli.data.build import SamplingOptions, build_manifest, write_manifest
+    from vgpt_cli.data.flickr import read_flickr
+
+    name = "flickr8k" if train_images is None else f"flickr8k-{train_images}"
+    opts = SamplingOptions(count=train_images, unit="image", val_size=val_images, skip_missing=True)
+    write_manifest(ws, build_manifest(read_flickr("flickr8k", root), name, opts))
+    ws.set_current(dataset=name)
+    return name
+
+
+def pooled(store, ids: list[str]):
+    import numpy as np
+
+    x = np.stack([np.asarray(store.get(i), dtype=np.float32).mean(axis=0) for i in ids])
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _cider(candidates: dict, references: dict) -> tuple[float, list[float]]:
+    """pycocoevalcap's CIDEr-D on lowercased, punctuation-free words (for choosing captions, not reporting)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from vgpt_cli.evaluate.metrics import ptb_tokenize
+
+    keys = list(candidates)
+    batch = {**{f"c\0{k}": [candidates[k]] for k in keys}, **{f"r\0{k}": list(references[k]) for k in keys}}
+    tok = ptb_tokenize(batch, use_java=False)
+    score, per = Cider().compute_score({k: tok[f"r\0{k}"] for k in keys}, {k: tok[f"c\0{k}"] for k in keys})
+    return float(score), [float(s) for s in per]
+
+
+def consensus_captions(items) -> dict[str, str]:
+    """Each photo's caption that its other captions agree with most (CIDEr-D against them)."""
+    cands, refs = {}, {}
+    for it in items:
+        for j, c in enumerate(it.captions):
+            cands[(it.id, j)] = c
+            refs[(it.id, j)] = [o for k, o in enumerate(it.captions) if k != j] or [c]
+    _, per = _cider({f"{k[0]}#{k[1]}": v for k, v in cands.items()}, {f"{k[0]}#{k[1]}": v for k, v in refs.items()})
+    best: dict[str, tuple[float, str]] = {}
+    for (key, caption), s in zip(cands.items(), per):
+        if key[0] not in best or s > best[key[0]][0]:
+            best[key[0]] = (s, caption)
+    return {k: v[1] for k, v in best.items()}
+
+
+def baselines(store, train, dev) -> dict[str, dict[str, str]]:
+    """{name: {dev id: caption}} for the two answers that need no training."""
+    consensus = consensus_captions(train)
+    sim = pooled(store, [it.id for it in dev]) @ pooled(store, [it.id for it in train]).T
+    retrieval = {it.id: consensus[train[int(j)].id] for it, j in zip(dev, sim.argmax(axis=1))}
+    rng = random.Random(0)
+    candidates = rng.sample(sorted({c for it in train for c in it.captions}),
+                            min(CONSTANT_CANDIDATES, sum(len(it.captions) for it in train)))
+    photos = rng.sample(train, min(CONSTANT_PHOTOS, len(train)))
+    refs = {it.id: it.captions for it in photos}
+    scored = [(_cider({k: c for k in refs}, refs)[0], c) for c in candidates]
+    constant = max(scored)[1]
+    return {"retrieval": retrieval, "constant": {it.id: constant for it in dev}}
+
+
+def visual_gate(run_dir: Path) -> float | None:
+    """The mean effective visual gate over the last fifth of the logged cross-entropy steps (None: no gates)."""
+    from vgpt_cli.train.curves import METRICS_FILE, read_records
+
+    gates = [r["visual_gate"] for r in read_records(run_dir / METRICS_FILE)
+             if r.get("phase") == "xe" and r.get("visual_gate") is not None]
+    return round(statistics.fmean(gates[-max(1, len(gates) // 5):]), 4) if gates else None
+
+
+def validation_curve(run_dir: Path) -> list[dict]:
+    from vgpt_cli.train.curves import METRICS_FILE, read_records
+
+    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in read_records(run_dir / METRICS_FILE)
+            if r.get("event") == "validation"]
+
+
+def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
+    """The row of a finished run made with exactly these settings and features, else None."""
+    try:
+        row = json.loads((run_dir / "realphoto_row.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text())
+        features = json.loads((run_dir / "best" / "backbone.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(asdict(cfg)))
+    if wanted["lm"] is None:  # the run records the LM it resolved
+        saved.pop("lm", None), wanted.pop("lm")
+    return row if saved == wanted and features == fingerprint else None
+
+
+def train_and_score(ws, cfg, dev, fingerprint: str) -> dict:
+    """One run: train with `cfg`, decode dev with the model's own settings, score; the row is kept in the run."""
+    import shutil
+
+    from vgpt_cli.evaluate.report import evaluate_split
+    from vgpt_cli.features import open_workspace_store
+    from vgpt_cli.train import train
+    from vgpt_cli.train.data import caption_examples, collate
+    from vgpt_cli.train.loop import build_model
+
+    run_dir = ws.run_dir(cfg.name)
+    row = finished(run_dir, cfg, fingerprint)
+    if row is not None:
+        return dict(row, reused=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
+    t0 = time.perf_counter()
+    store = open_workspace_store(ws)
+    model = build_model(cfg, int(store.dim))
+    probe_batch = collate(store, model, caption_examples(dev)[:PROBE_CAPTIONS * 5:5], cfg.max_length)
+    probes: list[dict] = []
+    result = train(cfg, ws, quiet=True, model=model, store=store, callbacks=[probe_callback(model, probe_batch, probes)])
+    train_s = time.perf_counter() - t0 - sum(p.get("seconds", 0) for p in probes)
+    ev = evaluate_split(ws, "val", model_dir=run_dir / "best", device=cfg.device, spice=False, log=lambda s: None)
+    preds = {json.loads(line)["image_id"]: json.loads(line)["caption"]
+             for line in Path(ev.per_image_path).read_text().splitlines()}
+    s = ev.scores
+    row = {"steps": result.steps, "best_step": result.best_step, "train_minutes": round(train_s / 60, 2),
+           "CIDEr": round(s["CIDEr"], 4), "BLEU-4": round(s["Bleu_4"], 4), "METEOR": round(s.get("METEOR", float("nan")), 4),
+           "ROUGE-L": round(s["ROUGE_L"], 4), "distinct": round(len(set(preds.values())) / len(preds), 4),
+           "visual_gate": visual_gate(run_dir), "validation_curve": validation_curve(run_dir),
+           "gradient_path": probes,
+           "best_dir_mb": round(sum(p.stat().st_size for p in (run_dir / "best").rglob("*") if p.is_file()) / 2**20, 1),
+           "predictions": preds}
+    (run_dir / "realphoto_row.json").write_text(json.dumps(row) + "\n")
+    return row
+
+
+PROBE_STEPS = (1, 25, 100, 200, 300, 400, 600, 800)
+PROBE_CAPTIONS = 32
+
+
+def gradient_path(model, batch) -> dict:
+    """One teacher-forced pass + backward on `batch` (eval mode: no dropout), SRAU or plain cross-attention
+    alike. Per block: the share of visual channels open (1 - g > tau, with the tau in force; 1 without
+    gates), the image's share of the block's output (norm of its visual part over the linguistic part:
+    (1 - g) 1[..] C against g 1[..] A with SRAU, mean_k C_k against A without), and the gradient norms that
+    reach the cross-attention and the visual encoder (parameters that train at this step)."""
+    import math
+
+    import torch
+
+    import vgpt_cli.model.captioner as cap
+
+    real = batch.attention_mask.bool()
+    blocks: list[dict] = []
+
+    def norms(ling, vis) -> dict:
+        sel = real  # (B, T): real caption positions
+        ln, vn = float(ling[sel].norm(dim=-1).mean()), float(vis[sel].norm(dim=-1).mean())
+        return {"visual_over_linguistic": vn / max(ln, 1e-9)}
+
+    def srau(a, c, gates, t, want_gates=True):
+        with torch.no_grad():
+            g = gates(a, c)
+            open_ = ((1 - g) > t)
+            sel = real[:, None, :].expand(g.shape[:3])
+            ling = (torch.where(g > t, g, 0.0) * a.unsqueeze(1)).sum(1)
+            vis = (torch.where(open_, 1 - g, 0.0) * c).sum(1)
+            blocks.append({"open": float(open_[sel].float().mean()), **norms(ling, vis)})
+        return srau_orig(a, c, gates, t, want_gates)
+
+    def residual(a, c):
+        with torch.no_grad():
+            blocks.append({"open": 1.0, **norms(a, c.mean(dim=1))})
+        return residual_orig(a, c)
+
+    srau_orig, residual_orig = cap.srau_combine, cap.residual_combine
+    was, fused = model.training, model.fused_inference
+    cap.srau_combine, cap.residual_combine = srau, residual
+    model.eval()
+    model.fused_inference = False
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, labels=batch.labels,
+                    image_index=batch.image_index)
+        out.loss.backward()
+    finally:
+        cap.srau_combine, cap.residual_combine = srau_orig, residual_orig
+        model.train(was)
+        model.fused_inference = fused
+
+    def norm(params) -> float:
+        sq = [q.grad.detach().float().pow(2).sum() for q in params if q.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+    xattn = [norm(x.parameters()) for x in model.xattn]
+    rec = {"loss": round(float(out.loss.detach()), 4),
+           "open_visual_channels": [round(b["open"], 3) for b in blocks],
+           "image_share": [round(b["visual_over_linguistic"], 4) for b in blocks],
+           "xattn_grad": [float(f"{v:.3g}") for v in xattn],
+           "xattn_grad_total": float(f"{math.sqrt(sum(v * v for v in xattn)):.3g}"),
+           "encoder_grad": float(f"{norm(model.encoder.parameters()):.3g}")}
+    model.zero_grad(set_to_none=True)
+    return rec
+
+
+def probe_callback(model, batch, out: list):
+    """A TrainCallback that measures gradient_path at PROBE_STEPS of cross-entropy (after the step's update)."""
+    from vgpt_cli.train.callbacks import TrainCallback
+
+    class Probe(TrainCallback):
+        def on_step(self, record):
+            if record["phase"] == "xe" and record["step"] in PROBE_STEPS:
+                t = time.perf_counter()
+                rec = gradient_path(model, batch)
+                out.append({"step": record["step"], **rec, "seconds": round(time.perf_counter() - t, 2)})
+
+    return Probe()
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    if not (a.root / "Flickr8k.token.txt").is_file():
+        sys.exit(f"{a.root}: no Flickr8k.token.txt there; pass --root DIR, a copy of the Flickr8k release "
+                 "(Flickr8k.token.txt, Flickr_8k.*Images.txt, Flicker8k_Dataset/)")
+    from vgpt_cli.data.manifest import Manifest
+    from vgpt_cli.evaluate.metrics import compute_metrics_many
+    from vgpt_cli.features import load_default_backbone, open_workspace_store
+    from vgpt_cli.features.extract import extract_items
+    from vgpt_cli.train import TrainConfig
+    from vgpt_cli.workspace import Workspace
+
+    t_all = time.perf_counter()
+    ws = Workspace(a.workspace.resolve())
+    dataset = prepare(ws, a.root.resolve(), a.train_images, a.val_images)
+    manifest = Manifest.load(ws.manifest_path(dataset))
+    train_items, dev = manifest.items("train"), manifest.items("val")
+    backbone, note = load_default_backbone(a.device if a.device != "auto" else "cpu")
+    if note:
+        print(f"note: {note}")
+    summary = extract_items(manifest.all_items(), backbone, ws.features_root / backbone.fingerprint, progress=False)
+    ws.set_current(features=summary.fingerprint)
+    store = open_workspace_store(ws)
+    refs = {it.id: list(it.captions) for it in dev}
+
+    runs = []
+    for variant in a.variants.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            overrides = dict(VARIANTS[variant], seed=seed, dataset=dataset, device=a.device,
+                             name=f"{dataset}-{variant}-s{seed}" + (f"-{a.tag}" if a.tag else ""))
+            if a.steps is not None:
+                overrides["max_steps"] = a.steps
+            if a.encoder_warm_start is not None:
+                overrides["encoder_warm_start"] = a.encoder_warm_start
+            cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **dict(kv.split("=", 1) for kv in a.set),
+                                         **overrides}, source="--set").validate()
+            if a.finished_only and finished(ws.run_dir(cfg.name), cfg, summary.fingerprint) is None:
+                print(f"not yet run: {cfg.name}")
+                continue
+            row = train_and_score(ws, cfg, dev, summary.fingerprint)
+            row = {"variant": variant, "seed": seed, **row}
+            runs.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("predictions", "validation_curve")}),
+                  flush=True)
+
+    t_base = time.perf_counter()
+    base_preds = baselines(store, train_items, dev)
+    reports = compute_metrics_many(base_preds, refs, spice=False, log=lambda s: None)
+    base_rows = {name: {"CIDEr": round(r.scores["CIDEr"], 4), "BLEU-4": round(r.scores["Bleu_4"], 4),
+                        "METEOR": round(r.scores.get("METEOR", float("nan")), 4),
+                        "distinct": round(len(set(base_preds[name].values())) / len(dev), 4)}
+                 for name, r in reports.items()}
+    base_rows["constant"]["caption"] = next(iter(base_preds["constant"].values()))
+    base_seconds = time.perf_counter() - t_base
+
+    table = []
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == variant]
+        table.append({"variant": variant, "seeds": len(rs),
+                      **{m: spread([r[m] for r in rs])["mean"] for m in ("CIDEr", "BLEU-4", "METEOR", "distinct")},
+                      "CIDEr_sd": spread([r["CIDEr"] for r in rs])["sd"],
+                      "train_minutes": spread([r["train_minutes"] for r in rs])["mean"]})
+    for name, b in base_rows.items():
+        table.append({"variant": name, "seeds": 0, "CIDEr": b["CIDEr"], "BLEU-4": b["BLEU-4"], "METEOR": b["METEOR"],
+                      "distinct": b["distinct"], "CIDEr_sd": None, "train_minutes": 0.0})
+    print_table(table, title=f"Flickr8k dev ({len(dev)} photos, {len(train_items)} training photos)")
+
+    paired = [{"seed": r["seed"], "default": r["CIDEr"], "no-gates": o["CIDEr"],
+               "ratio": round(r["CIDEr"] / o["CIDEr"], 4) if o["CIDEr"] > 0 else None}
+              for r in runs if r["variant"] == "default"
+              for o in runs if o["variant"] == "no-gates" and o["seed"] == r["seed"]]
+    if paired:
+        print_table(paired, title="paired per seed: default vs plain cross-attention (CIDEr)")
+    first = next((r for r in runs if r["variant"] == "default"), runs[0] if runs else None)
+    shown = [{"image": it.id, "caption": first["predictions"].get(it.id) if first else None,
+              "retrieval": base_preds["retrieval"][it.id], "reference": it.captions[0]} for it in dev[:SHOWN]]
+    for s in shown:
+        print(f"{s['image']}: {s['caption']!r}  | retrieval {s['retrieval']!r}  | reference {s['reference']!r}")
+
+    goals = {}
+    default_runs = [r for r in runs if r["variant"] == "default"]
+    if default_runs:
+        cider = spread([r["CIDEr"] for r in default_runs])["mean"]
+        goals["default_cider"] = goal(cider, 0.45)
+        goals["default_cider_over_retrieval"] = goal(cider / max(base_rows["retrieval"]["CIDEr"], 1e-9), 2.0)
+        goals["default_bleu4"] = goal(spread([r["BLEU-4"] for r in default_runs])["mean"], 0.20)
+        goals["default_distinct_fraction"] = goal(spread([r["distinct"] for r in default_runs])["mean"], 0.80)
+        goals["default_train_minutes"] = goal(max(r["train_minutes"] for r in default_runs), 45.0,
+                                              higher_is_better=False)
+    if paired and all(p["ratio"] is not None for p in paired):
+        goals["default_over_no_gates_paired"] = goal(min(p["ratio"] for p in paired), 1.0)
+    raw = {"settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                        "backbone": backbone.name, "backbone_note": note, "fingerprint": summary.fingerprint,
+                        "dataset": dataset, "train_photos": len(train_items), "dev_photos": len(dev),
+                        "train_defaults": TrainConfig().to_dict(), "variants": {v: VARIANTS[v] for v in a.variants.split(",")}},
+           "runs": runs, "baselines": base_rows, "baseline_predictions": base_preds, "table": table, "paired": paired,
+           "shown": shown, "baseline_seconds": round(base_seconds, 1), "seconds": round(time.perf_counter() - t_all, 1)}
+    write_results(__file__, raw, goals, name=a.results)
+
+
+if __name__ == "__main__":
+    main()
