@@ -48,3 +48,54 @@ def test_gguf_language_only_logits_match_transformers(smollm2, tmp_path):
         again = loaded(f, torch.tensor([4, 2]), batch["input_ids"], batch["attention_mask"]).logits
     assert torch.equal(again, ours)
     assert loaded.eos_token_id == model.eos_token_id
+
+
+def test_unchanged_lm_is_kept_by_reference_checked_and_a_trained_one_saved_whole(smollm2, tmp_path):
+    """A captioner whose SmolLM2 is still the published one saves only its new parameters plus the LM's source
+    and digest; it loads back with identical outputs. An LM that changed is saved whole; a folder whose
+    recorded digest does not match the LM its source gives is refused in one line."""
+    import json
+
+    from safetensors import safe_open
+
+    from vgpt_cli.errors import ModelLoadError
+    from vgpt_cli.model.lm_reference import tensors_digest
+
+    lm, tok = smollm2
+    torch.manual_seed(0)
+    model = Captioner.from_config(CaptionerConfig(lm="smollm2-135m", d_in=16, encoder_layers=1, encoder_ffn=32,
+                                                  encoder_dropout=0.0, cross_attn_dropout=0.0)).eval()
+    assert model.lm_reference == {"source": "smollm2-135m", "sha256": tensors_digest(lm)}
+    batch = model.tokenize(["a dog lying on a red couch", "two cats"])
+    f, n = torch.randn(2, 4, 16), torch.tensor([4, 2])
+    with torch.no_grad():
+        ours = model(f, n, batch["input_ids"], batch["attention_mask"]).logits
+
+    folder = model.save_pretrained(tmp_path / "ref")
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["lm_weights"] == model.lm_reference
+    with safe_open(str(folder / "model.safetensors"), "pt") as w:
+        names = list(w.keys())
+    assert names and not any(k.startswith("lm.") for k in names)
+    lm_bytes = sum(p.numel() * 4 for p in lm.parameters())
+    new_bytes = sum(v.numel() * 4 for k, v in model.state_dict().items() if not k.startswith("lm."))
+    assert new_bytes < (folder / "model.safetensors").stat().st_size < new_bytes + (1 << 20)  # no LM bytes
+    loaded = Captioner.from_pretrained(folder)
+    with torch.no_grad():
+        again = loaded(f, n, batch["input_ids"], batch["attention_mask"]).logits
+    assert torch.equal(again, ours) and loaded.lm_reference == model.lm_reference
+
+    meta["lm_weights"]["sha256"] = "0" * 64  # the source now gives other weights than the model was trained on
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="not the one this model was trained with"):
+        Captioner.from_pretrained(folder)
+
+    with torch.no_grad():  # training changed the LM: the folder holds it whole, and no reference
+        model.lm.model.norm.weight.mul_(1.01)
+        changed = model(f, n, batch["input_ids"], batch["attention_mask"]).logits
+    whole = model.save_pretrained(tmp_path / "whole")
+    assert "lm_weights" not in json.loads((whole / "config.json").read_text())
+    assert (whole / "model.safetensors").stat().st_size > new_bytes + lm_bytes * 0.9
+    with torch.no_grad():
+        back = Captioner.from_pretrained(whole)(f, n, batch["input_ids"], batch["attention_mask"]).logits
+    assert torch.equal(back, changed)

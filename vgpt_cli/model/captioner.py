@@ -21,6 +21,15 @@ from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.model.config import CaptionerConfig
 from vgpt_cli.model.encoder import VisualEncoder, padding_mask
 from vgpt_cli.model.lm import LMAdapter, adapter_for, as_float32, load_language_model
+from vgpt_cli.model.lm_reference import (
+    LM_PREFIX,
+    checked_reference,
+    load_new_parameters,
+    load_referenced_lm,
+    reference_for,
+    split_state,
+    unchanged,
+)
 from vgpt_cli.model.srau import (
     CrossAttention,
     LevelGates,
@@ -177,6 +186,9 @@ class Captioner(nn.Module):
         # in fewer kernels; False runs the modules training runs (CrossAttention.forward + srau_combine),
         # e.g. as the tests' independent reference, or to look inside the attention.
         self.fused_inference = True
+        # Where the LM's pretrained weights come from and their digest (lm_reference.py): while they are
+        # unchanged, save_pretrained refers to them instead of copying them. None: always saved whole.
+        self.lm_reference: dict[str, str] | None = None
 
     def _init_new(self) -> None:
         # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
@@ -191,12 +203,17 @@ class Captioner(nn.Module):
     def from_config(cls, config: CaptionerConfig, lm: nn.Module | None = None, tokenizer: Any = None) -> Captioner:
         """Build from a config, loading `config.lm` (or wrapping the given in-memory HF causal LM)."""
         config.validate()
+        reference = None
         if lm is None:
             lm, loaded_tok = load_language_model(config.lm, config.lm_init)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
+            if config.lm_init == "pretrained":
+                reference = reference_for(config.lm, as_float32(lm))
         if tokenizer is None:
             raise ConfigError("Captioner.from_config(lm=...) also needs tokenizer=...: the LM's tokenizer")
-        return cls(config, as_float32(lm), tokenizer)
+        model = cls(config, as_float32(lm), tokenizer)
+        model.lm_reference = reference
+        return model
 
     @property
     def num_layers(self) -> int:
@@ -484,8 +501,11 @@ class Captioner(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors + the tokenizer files into `directory` (atomically per file)."""
-        from safetensors.torch import save_model
+        """Write config.json + model.safetensors + the tokenizer files into `directory` (atomically per file).
+
+        An LM whose weights are still those of its source (lm_reference) is not copied: the folder records
+        the source and the weights' digest, and from_pretrained loads and checks them (lm_reference.py)."""
+        from safetensors.torch import save_file, save_model
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -498,11 +518,17 @@ class Captioner(nn.Module):
         }
         if self.generation:
             meta["generation"] = dict(self.generation)
+        by_reference = unchanged(self.lm_reference, self.lm)
+        if by_reference:
+            meta["lm_weights"] = dict(self.lm_reference)
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
         os.close(fd)
         try:
-            # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte) and restores them on load
-            save_model(self, tmp, metadata={"format": "pt"})
+            if by_reference:
+                save_file(split_state(self), tmp, metadata={"format": "pt"})
+            else:
+                # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte), restored on load
+                save_model(self, tmp, metadata={"format": "pt"})
             os.replace(tmp, out / WEIGHTS_FILE)
         finally:
             if os.path.exists(tmp):
@@ -538,6 +564,7 @@ class Captioner(nn.Module):
             lm_cfg = dict(meta["lm_config"])
             model_type = lm_cfg.pop("model_type")
             generation = _generation_block(meta.get("generation"))
+            reference = checked_reference(meta["lm_weights"]) if "lm_weights" in meta else None
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
             raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({exc}); "
                                  "re-save the model or point to the right folder") from exc
@@ -562,13 +589,18 @@ class Captioner(nn.Module):
             first = first if len(first) <= 160 else first[:160] + " ..."  # transformers lists every model type
             raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({first}); re-save the model "
                                  "or point to the right folder") from None
-        check_shapes(skeleton, w_path, cfg_path)
+        check_shapes(skeleton, w_path, cfg_path, skip_prefix=LM_PREFIX if reference else None)
         del skeleton
-        # Build the LM skeleton without initialising weights that the file will overwrite.
-        lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
-        model = cls(config, lm, tokenizer)
+        if reference:
+            model = cls(config, load_referenced_lm(reference, str(d)), tokenizer)
+            model.lm_reference = reference
+        else:  # the LM skeleton without initialising weights that the file will overwrite
+            model = cls(config, AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32), tokenizer)
         try:
-            load_model(model, str(w_path), strict=True)
+            if reference:
+                load_new_parameters(model, w_path)
+            else:
+                load_model(model, str(w_path), strict=True)
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{w_path}: unreadable or corrupt weights file ({exc}); re-save the "
                                  "model or copy the file again") from exc

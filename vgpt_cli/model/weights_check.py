@@ -52,11 +52,14 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_shapes(model: nn.Module, weights: Path, config: Path) -> None:
+def check_shapes(model: nn.Module, weights: Path, config: Path, skip_prefix: str | None = None) -> None:
     """Every tensor of `model` (built on the meta device) in the file with the same shape, every
-    tensor of the file in the model; tied parameters (GPT-2's lm_head = wte) may be stored once."""
+    tensor of the file in the model; tied parameters (GPT-2's lm_head = wte) may be stored once.
+    skip_prefix: tensors under it are not in the file (an LM kept by reference) and must not be."""
     stored = safetensors_shapes(weights)
     state = model.state_dict(keep_vars=True)
+    if skip_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(skip_prefix)}
     first_name: dict[int, str] = {}
     for name, t in state.items():
         first_name.setdefault(id(t), name)
