@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -196,8 +197,12 @@ def command(
     kept = "last/ (resumable state)" if (result.run_dir / "last").is_dir() else "no last/ (--keep-last keeps it)"
     extra = "curves.png, " if (result.run_dir / "curves.png").is_file() else ""
     extra += "tensorboard/, " if mirror is not None else ""
+    best_note = ""
+    if best.is_dir():
+        by_reference = "lm_weights" in json.loads((best / "config.json").read_text(encoding="utf-8"))
+        best_note = f", {human_size(folder_size(best))}" + (", the unchanged LM kept by reference" if by_reference else "")
     err.print(f"wrote {result.run_dir}/ ({human_size(folder_size(result.run_dir))}): config.json, metrics.jsonl, "
-              f"{extra}best/ (the model to use), {kept}", highlight=False)
+              f"{extra}best/ (the model to use{best_note}), {kept}", highlight=False)
     err.print(f"next: vgpt evaluate --split test   (uses {best})", highlight=False)
     if json_out:
         print_json(result.to_dict())
