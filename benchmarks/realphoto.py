@@ -74,6 +74,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", help="results file stem")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="a `vgpt train` option for every run (TrainConfig name, e.g. encoder_warm_start=0); repeatable")
+    p.add_argument("--share-warm-start", type=int, default=0, metavar="EPOCHS",
+                   help="train the encoder warm start once per seed and reuse it in every variant (runs then "
+                        "have encoder_warm_start 0 and record this); for ladders of recipes")
     p.add_argument("--tag", default="", help="appended to the run names (runs with other --set options)")
     p.add_argument("--finished-only", action="store_true", help="summarise the runs already finished, train none")
     a = p.parse_args(argv)
@@ -180,9 +183,32 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
     return row if saved == wanted and features == fingerprint else None
 
 
-def train_and_score(ws, cfg, dev, fingerprint: str) -> dict:
-    """One run: train with `cfg`, decode dev with the model's own settings, score; the row is kept in the run."""
+def shared_warm_start(ws, cfg, model, epochs: int, store) -> None:
+    """The encoder warm start (vgpt_cli.train.warm_start) of this seed, trained once and reused by every
+    variant with the same encoder: the ladder's runs then differ only in what follows it."""
+    from safetensors.torch import load_file, save_file
+
+    from vgpt_cli.data.manifest import Manifest
+    from vgpt_cli.train.warm_start import warm_start_encoder
+
+    path = ws.root / "warm_start" / f"{cfg.dataset}-K{cfg.encoder_layers}-e{epochs}-s{cfg.seed}.safetensors"
+    if path.is_file():
+        model.encoder.load_state_dict(load_file(str(path)))
+        return
+    items = Manifest.load(ws.manifest_path(cfg.dataset)).items("train")
+    warm_start_encoder(model, items, store, epochs, seed=cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -> dict:
+    """One run: train with `cfg`, decode dev with the model's own settings, score; the row is kept in the run.
+    share_warm_start: N > 0 loads the encoder warm start of N epochs shared by the seed's runs (cfg has none)."""
     import shutil
+
+    import torch
 
     from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import open_workspace_store
@@ -197,7 +223,10 @@ def train_and_score(ws, cfg, dev, fingerprint: str) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
     t0 = time.perf_counter()
     store = open_workspace_store(ws)
+    torch.manual_seed(cfg.seed)  # as train() does before it builds the model
     model = build_model(cfg, int(store.dim))
+    if share_warm_start:
+        shared_warm_start(ws, cfg, model, share_warm_start, store)
     probe_batch = collate(store, model, caption_examples(dev)[:PROBE_CAPTIONS * 5:5], cfg.max_length)
     probes: list[dict] = []
     result = train(cfg, ws, quiet=True, model=model, store=store, callbacks=[probe_callback(model, probe_batch, probes)])
@@ -217,7 +246,7 @@ def train_and_score(ws, cfg, dev, fingerprint: str) -> dict:
     return row
 
 
-PROBE_STEPS = (1, 25, 100, 200, 300, 400, 600, 800)
+PROBE_STEPS = (1, 25, 50, 100, 150, 200, 300, 400, 600, 800)
 PROBE_CAPTIONS = 32
 
 
@@ -339,13 +368,15 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["max_steps"] = a.steps
             if a.encoder_warm_start is not None:
                 overrides["encoder_warm_start"] = a.encoder_warm_start
+            if a.share_warm_start:
+                overrides["encoder_warm_start"] = 0
             cfg = TrainConfig.from_dict({**TrainConfig().to_dict(), **dict(kv.split("=", 1) for kv in a.set),
                                          **overrides}, source="--set").validate()
             if a.finished_only and finished(ws.run_dir(cfg.name), cfg, summary.fingerprint) is None:
                 print(f"not yet run: {cfg.name}")
                 continue
-            row = train_and_score(ws, cfg, dev, summary.fingerprint)
-            row = {"variant": variant, "seed": seed, **row}
+            row = train_and_score(ws, cfg, dev, summary.fingerprint, a.share_warm_start)
+            row = {"variant": variant, "seed": seed, "shared_warm_start": a.share_warm_start, **row}
             runs.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("predictions", "validation_curve")}),
                   flush=True)

@@ -152,7 +152,7 @@ def main() -> None:
                 batches.append((b.n_targets, b.to(device)))
 
             def bare_step(n, b) -> None:
-                out = model(b.features, b.lengths, b.input_ids, b.attention_mask)
+                out = model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index)
                 (token_loss_sum(out.logits, b.labels) / n).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -184,7 +184,7 @@ def main() -> None:
         for _, b in batches[first:last]:
             counter = FlopCounterMode(display=False)
             with counter:
-                out = bare_model(b.features, b.lengths, b.input_ids, b.attention_mask)
+                out = bare_model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index)
                 token_loss_sum(out.logits, b.labels).backward()
             flops_per_step += counter.get_total_flops()
             bare_model.zero_grad(set_to_none=True)

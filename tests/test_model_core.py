@@ -255,6 +255,21 @@ def test_no_dead_parameters_and_groups_partition(tok):
         assert dead == []
 
 
+def test_captions_that_do_not_line_up_with_the_images_are_refused_in_one_line(tok):
+    model = build(tok, "gpt2")
+    batch = model.tokenize(["a red circle", "a blue square", "two cats"])
+    f, n = torch.randn(2, 5, D_IN), torch.tensor([5, 3])
+    with pytest.raises(ValueError, match="3 caption rows for 2 image rows: pass image_index"):
+        model(f, n, batch["input_ids"], batch["attention_mask"])
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 2]), torch.tensor([-1, 0, 1])):
+        with pytest.raises(ValueError, match="one image row in \\[0, 2\\) for each of the 3 captions"):
+            model(f, n, batch["input_ids"], batch["attention_mask"], image_index=bad)
+    with torch.no_grad():  # lined up through image_index: caption rows 0 and 2 read image 0
+        shared = model(f, n, batch["input_ids"], batch["attention_mask"], image_index=torch.tensor([0, 1, 0])).logits
+        alone = model(f[[0, 1, 0]], n[[0, 1, 0]], batch["input_ids"], batch["attention_mask"]).logits
+    assert torch.allclose(shared, alone, atol=1e-5)
+
+
 def test_gating_none_is_the_residual_baseline(tok):
     model = build(tok, "gpt2", encoder_layers=2, gating="none")
     assert model.gates is None

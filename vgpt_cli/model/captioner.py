@@ -422,6 +422,7 @@ class Captioner(nn.Module):
         image with several captions in the batch is encoded once. return_attention: CaptionerOutput.attention
         holds each block's (B, T, N) cross-attention (mean over levels and heads), for a loss on where the
         model looks."""
+        check_rows(features.shape[0], input_ids.shape[0], image_index)
         memory = self.encode(features, lengths)
         if image_index is not None:
             memory = memory.index_select(image_index.to(memory.mask.device))
@@ -611,6 +612,18 @@ class Captioner(nn.Module):
         model.generation = generation
         model.eval()
         return model
+
+
+def check_rows(images: int, captions: int, image_index: Tensor | None) -> None:
+    """Captions that do not line up with the images are refused in one line (not a reshape error deep inside)."""
+    if image_index is None:
+        if images != captions:
+            raise ValueError(f"{captions} caption rows for {images} image rows: pass image_index (B,), the image row "
+                             "of each caption (train.data.collate gives it as Batch.image_index), or one image per caption")
+    elif image_index.shape != (captions,) or (captions and image_index.device.type == "cpu"  # no GPU sync per step
+                                               and not 0 <= int(image_index.min()) <= int(image_index.max()) < images):
+        raise ValueError(f"image_index must hold one image row in [0, {images}) for each of the {captions} captions, "
+                         f"got shape {tuple(image_index.shape)}")
 
 
 GENERATION_KEYS = {"beam_size": int, "max_length": int, "min_length": int, "length_penalty": float}
