@@ -16,6 +16,7 @@ from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.backbone import DEFAULT_BACKBONE, OFFLINE_DEFAULT_BACKBONE
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
 
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
