@@ -260,7 +260,7 @@ def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, pre
     from vgpt_cli.train import TrainConfig
 
     d = DemoSettings()
-    base = dict(lm=LM, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
+    base = dict(lm=LM, gating=d.gating, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
                 lm_lr=d.lm_lr, warmup=d.warmup, schedule="cosine", batch_size=d.batch_size, max_steps=steps,
                 val_every=steps, val_size=5, val_beam=d.eval_beam, max_length=d.max_length,
                 precision=precision, seed=seed, device="cpu", name=name, patience=100, encoder_warm_start=0)

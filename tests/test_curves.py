@@ -87,7 +87,7 @@ def test_cli_tensorboard_events_hold_the_logged_scalars(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2, n_val=2)
     r = CliRunner().invoke(app, ["-w", str(ws.root), "train", "--lm", str(lm_dir), "--batch-size", "3",
                                  "--max-steps", "4", "--val-every", "2", "--val-size", "2", "--encoder-layers", "1",
-                                 "--device", "cpu", "--name", "tb", "--tensorboard", "--json"])
+                                 "--gating", "srau", "--device", "cpu", "--name", "tb", "--tensorboard", "--json"])
     assert r.exit_code == 0, r.output
     run = ws.run_dir("tb")
     assert "tensorboard/" in r.stderr and (run / "curves.png").is_file()

@@ -155,7 +155,7 @@ def test_summed_token_loss_matches_the_models_own_mean_loss(tmp_path):
     examples = caption_examples(Manifest.load(ws.manifest_path("toy")).items("train"))
     b = collate(store, model, examples, max_length=20)
     with torch.no_grad():
-        out = model(b.features, b.lengths, b.input_ids, b.attention_mask, labels=b.labels)
+        out = model(b.features, b.lengths, b.input_ids, b.attention_mask, labels=b.labels, image_index=b.image_index)
     assert b.n_targets == int((b.labels != -100).sum()) > len(examples)
     mine = token_loss_sum(out.logits, b.labels) / b.n_targets
     torch.testing.assert_close(mine, out.loss, rtol=1e-6, atol=1e-6)
@@ -201,7 +201,7 @@ def test_the_unlikelihood_weight_reaches_the_backward_and_the_logged_loss_stays_
     examples = caption_examples(Manifest.load(ws.manifest_path("toy")).items("train"))
     b = collate(open_workspace_store(ws), model, examples, max_length=20)
     with torch.no_grad():
-        logits = model(b.features, b.lengths, b.input_ids, b.attention_mask).logits
+        logits = model(b.features, b.lengths, b.input_ids, b.attention_mask, image_index=b.image_index).logits
     ce, ul = float(token_loss_sum(logits, b.labels)), float(unlikelihood_sum(logits, b.labels))
     assert ul > 0
     seen: list[float] = []
@@ -534,7 +534,8 @@ def test_train_help_defaults_are_train_configs():
             assert p.group(1) == show(getattr(paper, param.name)), param.name
     assert checked >= 15
     doc = command.help
-    assert f"tau {show(defaults.tau)} on K = {defaults.encoder_layers}" in doc
+    assert f"plain cross-attention from the pretrained LM to K = {defaults.encoder_layers} encoder level" in doc
+    assert defaults.gating == "none" and f"--gating srau (tau {show(defaults.tau)}" in doc
     assert f"AdamW {show(defaults.lr)} for the new parameters and {show(defaults.lm_lr)} for the LM" in doc
     assert f"(K = {paper.encoder_layers}, their gate init, lr {show(paper.lr)}, batch {paper.batch_size})" in doc
     assert "{" not in doc

@@ -38,6 +38,7 @@ class DemoSettings:
     # The LM stays frozen: a step costs about 0.8 of one that trains it, and the image must carry what
     # the LM cannot guess (docs/results.md, "Grounding": object F1 0.20 -> 0.24, CIDEr 1.40 -> 1.87 at
     # equal training time, 2 seeds).
+    gating: str = "srau"  # the demo names it: vgpt train's default is plain cross-attention (real photos)
     encoder_layers: int = 1
     tau: float = 0.2
     gate_init_bias: float = 5.0
@@ -168,8 +169,8 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     # the training recipe, checked before minutes of scenes and features (a bad --steps or
     # --attention-supervision is one line at once, not after the extraction)
     config = TrainConfig(
-        lm=LM, encoder_layers=settings.encoder_layers, tau=settings.tau, gate_init_bias=settings.gate_init_bias,
-        lr=settings.lr, lm_lr=settings.lm_lr, warmup=settings.warmup, schedule="cosine",
+        lm=LM, gating=settings.gating, encoder_layers=settings.encoder_layers, tau=settings.tau,
+        gate_init_bias=settings.gate_init_bias, lr=settings.lr, lm_lr=settings.lm_lr, warmup=settings.warmup, schedule="cosine",
         batch_size=settings.batch_size, max_steps=settings.steps, val_every=settings.val_every,
         val_size=settings.val_size, val_beam=settings.eval_beam, max_length=settings.max_length,
         precision=precision, seed=settings.seed, device=device, name="demo", patience=100,

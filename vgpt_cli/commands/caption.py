@@ -66,6 +66,9 @@ def command(
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
                                batch_size=batch_size)
+    if (gates or gates_plot is not None) and captioner.model.gates is None:
+        raise ConfigError(f"--gates: {model_dir} has no gates: it was trained with plain cross-attention (`vgpt "
+                          "train`'s default, --gating none); train with --gating srau for per-token gates")
     if attention is not None:
         from vgpt_cli.evaluate.attention_figure import check_grid
 

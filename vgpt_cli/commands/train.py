@@ -56,7 +56,8 @@ def command(
     lm_init: Annotated[str | None, _opt("--lm-init", help=f"pretrained or random (ablation) (default {d('lm_init')}).")] = None,
     tau: Annotated[float | None, _opt("--tau", help=f"SRAU gate threshold, 0 <= tau < 0.5 (default {d('tau')}).")] = None,
     encoder_layers: Annotated[int | None, _opt("--encoder-layers", help=f"K, visual encoder layers (default {d('encoder_layers')}; paper {paper('encoder_layers')}).")] = None,
-    gating: Annotated[str | None, _opt("--gating", help=f"srau or none (plain cross-attention) (default {d('gating')}).")] = None,
+    gating: Annotated[str | None, _opt("--gating", help="none (plain cross-attention) or srau (VisualGPT's "
+                                       f"self-resurrecting gates; --tau and the gate start apply) (default {d('gating')}).")] = None,
     coverage: Annotated[float | None, _opt("--coverage", help="Coverage in the cross-attention (not in the paper): "
                                            "a learned per-head penalty on looking again where the caption already "
                                            f"looked, starting at this weight (default {d('coverage')}).")] = None,
@@ -119,7 +120,7 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the recipe measured best here (docs/results.md, "Grounding"): SRAU with tau {tau} on K = {encoder_layers} encoder level, gates starting at sigmoid({gate_init_bias}) (the pretrained LM itself), {encoder_warm_start} epochs of encoder warm start, the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. --preset paper gives the authors' recipe (K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
+    With no options: the recipe measured best on real photos (docs/results.md, "Real photographs"): plain cross-attention from the pretrained LM to K = {encoder_layers} encoder level, {encoder_warm_start} epochs of encoder warm start, the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. VisualGPT's gated cross-attention (SRAU) is --gating srau (tau {tau}, gates starting at sigmoid({gate_init_bias}): the shapes demo's recipe); --preset paper gives the authors' recipe (SRAU, K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
 
     Writes runs/<name>/: config.json, metrics.jsonl, curves.png (loss, validation CIDEr-D, mean visual gate), best/ (the model to use) and, while the run can be resumed, last/; with --tensorboard also tensorboard/.
 
@@ -129,7 +130,9 @@ def command(
 
         vgpt train
 
-        vgpt train --lm gpt2 --tau 0.2 --batch-size 50 --scst --name r1
+        vgpt train --gating srau --tau 0.2 --name srau1
+
+        vgpt train --lm gpt2 --batch-size 50 --scst --name r1
 
         vgpt train --preset paper --lm gpt2
 
