@@ -537,5 +537,5 @@ def test_train_help_defaults_are_train_configs():
     assert f"plain cross-attention from the pretrained LM to K = {defaults.encoder_layers} encoder level" in doc
     assert defaults.gating == "none" and f"--gating srau (tau {show(defaults.tau)}" in doc
     assert f"AdamW {show(defaults.lr)} for the new parameters and {show(defaults.lm_lr)} for the LM" in doc
-    assert f"(K = {paper.encoder_layers}, their gate init, lr {show(paper.lr)}, batch {paper.batch_size})" in doc
+    assert f"(SRAU, K = {paper.encoder_layers}, their gate init, lr {show(paper.lr)}, batch {paper.batch_size})" in doc
     assert "{" not in doc
