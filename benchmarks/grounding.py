@@ -273,42 +273,21 @@ def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, pre
 
 # --- the gradient path ------------------------------------------------------------------------------
 def gradient_path(model, batch, tau: float) -> dict[str, Any]:
-    """Open visual channels per block and gradient norms on one batch (eval mode: no dropout)."""
-    core = model
-    gates: list[torch.Tensor] = []
-    hooks = [g.register_forward_hook(lambda m, i, o: gates.append(o.detach())) for g in core.gates or []]
-    was_training, was_tau = core.training, core.tau_override
-    core.eval()
-    core.tau_override = tau
+    """Open visual channels per block and gradient norms on one batch (eval mode: no dropout), with `tau` in
+    force: benchmarks.probes.gradient_path under this file's record names."""
+    from benchmarks.probes import gradient_path as probe
+
+    was_tau = model.tau_override
+    model.tau_override = tau
     try:
-        core.zero_grad(set_to_none=True)
-        out = core(batch.features, batch.lengths, batch.input_ids, batch.attention_mask, labels=batch.labels,
-                   image_index=batch.image_index)
-        out.loss.backward()
+        rec = probe(model, batch)
     finally:
-        core.tau_override = was_tau
-        for h in hooks:
-            h.remove()
-    real = batch.attention_mask.bool()  # (B, T)
-    open_share = []
-    for g in gates:  # (B, K, T, D)
-        vis_open = (1 - g) > tau
-        open_share.append(float(vis_open[real.unsqueeze(1).expand(g.shape[:3])].float().mean()))
-
-    def norm(params) -> float:
-        sq = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
-        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
-
-    xattn = [norm(x.parameters()) for x in core.xattn]
-    rec = {"loss": round(float(out.loss.detach()), 4),
-           "open_share_per_block": [round(v, 4) for v in open_share],
-           "open_share_mean": round(sum(open_share) / len(open_share), 4) if open_share else None,
-           "xattn_grad_norm_per_block": [float(f"{v:.3g}") for v in xattn],
-           "xattn_grad_norm": float(f"{math.sqrt(sum(v * v for v in xattn)):.3g}"),
-           "encoder_grad_norm": float(f"{norm(core.encoder.parameters()):.3g}")}
-    core.zero_grad(set_to_none=True)
-    core.train(was_training)
-    return rec
+        model.tau_override = was_tau
+    opened = rec["open_visual_channels"]
+    return {"loss": rec["loss"], "open_share_per_block": opened,
+            "open_share_mean": round(sum(opened) / len(opened), 4) if opened else None,
+            "xattn_grad_norm_per_block": rec["xattn_grad"], "xattn_grad_norm": rec["xattn_grad_total"],
+            "encoder_grad_norm": rec["encoder_grad"]}
 
 
 def word_gates(model, items, store, max_length: int) -> dict[str, float]:
