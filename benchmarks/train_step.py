@@ -13,6 +13,7 @@ run (benchmarks.common.matmul_flops on the CPU; the same n x n matmul on the GPU
 
     python benchmarks/train_step.py                 # CPU: a 4-layer, 256-wide GPT-2, batch 16
     python benchmarks/train_step.py --preset gpt2   # GPT-2-small shape, batch 50, N = 50 x 2048 (GPU)
+    python benchmarks/train_step.py --smoke         # seconds: a tiny model, 3 steps, checks it runs
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PRESETS = {
     # layers, width, heads, d_in, visual tokens, batch
     "small": dict(layers=4, width=256, heads=4, d_in=1280, n_visual=49, batch=16),
     "gpt2": dict(layers=12, width=768, heads=12, d_in=2048, n_visual=50, batch=50),
+    # --smoke: seconds, checks that both paths still run (its numbers go to train_step_smoke.json)
+    "smoke": dict(layers=1, width=64, heads=2, d_in=64, n_visual=16, batch=8),
 }
 WORDS = ("a man woman dog cat red blue small large standing sitting on in of with the table street field "
          "holding riding two white black near next to wooden green person bus train plate food").split()
@@ -98,7 +101,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2, help="alternating loop/bare runs; the best of each counts")
+    ap.add_argument("--smoke", action="store_true", help="seconds: the smoke preset, 3 steps, 40 items, 1 repeat")
     args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.steps, args.warmup, args.items, args.repeats = "smoke", 3, 1, 40, 1
 
     from vgpt_cli.runtime import resolve_device
     from vgpt_cli.train import TrainConfig, train
@@ -202,14 +208,15 @@ def main() -> None:
     print_table([row], title=f"training step, {label}, float32 (tokens = caption tokens with loss)")
 
     # Keep the other device's numbers from an earlier run (CPU here, GPU on a lent machine).
-    path = RESULTS / "train_step.json"
+    stem = "train_step_smoke" if args.smoke else "train_step"
+    path = RESULTS / f"{stem}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     raw = {k: v for k, v in old.get("raw", {}).items() if k != label}
     goals = {k: v for k, v in old.get("goals", {}).items() if not k.endswith(f"_{label}")}
     raw[label] = dict(row, shape=p, loop_runs_s=loop_runs, bare_runs_s=bare_runs, machine=machine(),
                       threads=torch.get_num_threads(), when=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     goals[f"loop_over_bare_{label}"] = goal(overhead, 1.10, higher_is_better=False)
-    write_results(__file__, raw, goals)
+    write_results(__file__, raw, goals, name=stem)
 
 
 if __name__ == "__main__":
