@@ -572,7 +572,11 @@ def main() -> None:
     p.add_argument("--stream-share", type=Path, default=None, metavar="MODEL_DIR",
                    help="no training: per block, the norm of the image's part of the SRAU output against the LM's "
                         "(teacher-forced on 64 test references); written to --results")
+    p.add_argument("--smoke", action="store_true", help="checks that it runs: the demo recipe, seed 1, 3 steps, "
+                   "into grounding_smoke.json")
     a = p.parse_args()
+    if a.smoke:
+        a.variants, a.seeds, a.steps, a.results = "demo", "1", 3, a.results or "grounding_smoke"
     a.results = a.results or ("grounding_stream_share" if a.stream_share else "grounding")
     if a.threads:
         torch.set_num_threads(a.threads)

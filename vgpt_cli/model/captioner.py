@@ -205,10 +205,10 @@ class Captioner(nn.Module):
         config.validate()
         reference = None
         if lm is None:
-            lm, loaded_tok = load_language_model(config.lm, config.lm_init)
+            lm, loaded_tok = load_language_model(config.lm, config.lm_init)  # float32 already
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
             if config.lm_init == "pretrained":
-                reference = reference_for(config.lm, as_float32(lm))
+                reference = reference_for(config.lm, lm)
         if tokenizer is None:
             raise ConfigError("Captioner.from_config(lm=...) also needs tokenizer=...: the LM's tokenizer")
         model = cls(config, as_float32(lm), tokenizer)
