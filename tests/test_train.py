@@ -510,6 +510,24 @@ def test_val_every_replaces_the_per_epoch_validation(tmp_path):
     assert validated(name="every3", val_every=3) == [3, 6, 7]  # not at the epoch ends 2 and 4
 
 
+def test_training_length_is_steps_unless_epochs_are_asked(tmp_path):
+    """No --epochs/--max-steps: DEFAULT_XE_STEPS steps whatever the data's size; --epochs N: N epochs of the
+    data; --max-steps wins over both; the run says which ended it."""
+    from vgpt_cli.train.config import DEFAULT_XE_STEPS
+
+    assert TrainConfig().xe_steps(steps_per_epoch=7) == DEFAULT_XE_STEPS
+    assert TrainConfig().xe_steps(steps_per_epoch=7000) == DEFAULT_XE_STEPS
+    assert TrainConfig(epochs=3).xe_steps(steps_per_epoch=7) == 21
+    assert TrainConfig(epochs=3, max_steps=5).xe_steps(steps_per_epoch=7) == 5
+    assert (TrainConfig().length_limit, TrainConfig(epochs=2).length_limit) == ("max_steps", "epochs")
+    with pytest.raises(ConfigError, match="--epochs 0"):
+        TrainConfig(epochs=0).validate()
+    ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)  # 4 captions, batch 2: 2 steps an epoch
+    result = train(quick(batch_size=2, max_steps=None, epochs=2, val_size=1, name="e2"), ws, model=tiny_captioner(),
+                   quiet=True)
+    assert (result.steps, result.stopped) == (4, "epochs")
+
+
 def test_train_help_defaults_are_train_configs():
     """Every default (and paper value) that `vgpt train --help` writes is TrainConfig's (PRESETS') own,
     and no flag has a default of its own that could override TrainConfig or a --config file."""

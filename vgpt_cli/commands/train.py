@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
-from vgpt_cli.train.config import PRESETS, TrainConfig  # no torch: the options' one source
+from vgpt_cli.train.config import DEFAULT_XE_STEPS, PRESETS, TrainConfig  # no torch: the options' one source
 
 _DEFAULTS, _PAPER = TrainConfig(), PRESETS["paper"]
 
@@ -75,7 +75,9 @@ def command(
                                            f"(default {d('batch_size')}; paper {paper('batch_size')}).")] = None,
     grad_accum: Annotated[int | None, _opt("--grad-accum", help="Micro-batches per optimiser step; effective "
                                            f"batch = batch x accum x processes (default {d('grad_accum')}).")] = None,
-    epochs: Annotated[int | None, _opt("--epochs", help=f"At most this many cross-entropy epochs (default {d('epochs')}).")] = None,
+    epochs: Annotated[int | None, _opt("--epochs", help="Cross-entropy epochs (default: "
+                                     f"{DEFAULT_XE_STEPS} steps, whatever the data's size; paper: {paper('epochs')} "
+                                     "with early stopping).")] = None,
     max_steps: Annotated[int | None, _opt("--max-steps", help="Cross-entropy optimiser steps (overrides "
                                           "--epochs).")] = None,
     label_smoothing: Annotated[float | None, _opt("--label-smoothing", help=f"Default {d('label_smoothing')}.")] = None,
@@ -120,7 +122,7 @@ def command(
 ) -> None:
     """Train a VisualGPT captioner on the workspace's dataset and cached features.
 
-    With no options: the recipe measured best on real photos (docs/results.md, "Real photographs"): plain cross-attention from the pretrained LM to K = {encoder_layers} encoder level, {encoder_warm_start} epochs of encoder warm start, the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions, early stopping on validation CIDEr-D; GPT-2 when it can be loaded, else SmolLM2-135M. VisualGPT's gated cross-attention (SRAU) is --gating srau (tau {tau}, gates starting at sigmoid({gate_init_bias}): the shapes demo's recipe); --preset paper gives the authors' recipe (SRAU, K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
+    With no options: the recipe measured best on real photos (docs/results.md, "Real photographs"): plain cross-attention from the pretrained LM to K = {encoder_layers} encoder level, {encoder_warm_start} epochs of encoder warm start, the LM frozen for the first {freeze_lm_steps} steps, AdamW {lr} for the new parameters and {lm_lr} for the LM, warm-up {warmup} then {schedule}, batches of {batch_size} captions for {xe_steps} steps (--epochs or --max-steps to change), validation CIDEr-D choosing best/; GPT-2 when it can be loaded, else SmolLM2-135M. VisualGPT's gated cross-attention (SRAU) is --gating srau (tau {tau}, gates starting at sigmoid({gate_init_bias}): the shapes demo's recipe); --preset paper gives the authors' recipe (SRAU, K = {paper_encoder_layers}, their gate init, lr {paper_lr}, batch {paper_batch_size}).
 
     Writes runs/<name>/: config.json, metrics.jsonl, curves.png (loss, validation CIDEr-D, mean visual gate), best/ (the model to use) and, while the run can be resumed, last/; with --tensorboard also tensorboard/.
 
@@ -215,7 +217,7 @@ def command(
 command.__doc__ = command.__doc__.format(
     **{k: d(k) for k in ("tau", "encoder_layers", "gate_init_bias", "encoder_warm_start", "freeze_lm_steps", "lr",
                          "lm_lr", "warmup", "schedule", "batch_size")},
-    **{f"paper_{k}": paper(k) for k in ("encoder_layers", "lr", "batch_size")})
+    **{f"paper_{k}": paper(k) for k in ("encoder_layers", "lr", "batch_size")}, xe_steps=DEFAULT_XE_STEPS)
 
 
 def _check_utf8(path: Path) -> None:

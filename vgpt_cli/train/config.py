@@ -18,6 +18,10 @@ from typing import Any
 from vgpt_cli.errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
+# Cross-entropy steps when neither --max-steps nor --epochs is given: a length that does not grow with the data
+# (a few hundred photos need as many steps as a few thousand to adapt the LM), 200 of them with the LM frozen.
+# On 753 Flickr8k photos: docs/results.md, "Real photographs".
+DEFAULT_XE_STEPS = 600
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Named recipes: "vgpt" is the TrainConfig defaults (measured best here, docs/results.md); "paper" is the
@@ -27,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vgpt": {},
     "paper": {"gating": "srau", "encoder_layers": 3, "gate_init_bias": None, "lr": 1e-4, "lm_lr": None, "warmup": 0,
               "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0,
-              "encoder_warm_start": 0},
+              "encoder_warm_start": 0, "epochs": 100},
 }
 
 
@@ -94,8 +98,10 @@ class OptimiserOptions:
     schedule: str = "cosine"  # after warm-up: constant, linear decay to 0, or cosine to 0 (paper: constant)
     batch_size: int = 16  # captions per micro-batch per process (paper: 50)
     grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch x accum x processes)
-    epochs: int = 100  # upper bound on cross-entropy epochs (early stopping usually ends sooner)
-    max_steps: int | None = None  # optimiser steps of cross-entropy; overrides epochs; 0 + scst: SCST only
+    # The length of cross-entropy: max_steps, else epochs, else DEFAULT_XE_STEPS steps (xe_steps); early
+    # stopping may end it sooner. max_steps 0 + scst: SCST only.
+    epochs: int | None = None
+    max_steps: int | None = None
     # Batches of few images, each with its captions one after another: the image memory (the visual
     # encoder and every block's cross-attention keys/values) is computed once per image. False: captions
     # are drawn independently (the paper).
@@ -121,6 +127,17 @@ class OptimiserOptions:
     def resolved_lm_lr(self) -> float:
         return self.lr if self.lm_lr is None else self.lm_lr
 
+    def xe_steps(self, steps_per_epoch: int) -> int:
+        """Cross-entropy optimiser steps: --max-steps, else --epochs epochs, else DEFAULT_XE_STEPS."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * steps_per_epoch if self.epochs is not None else DEFAULT_XE_STEPS
+
+    @property
+    def length_limit(self) -> str:
+        """What ends cross-entropy when early stopping does not: "epochs" or "max_steps"."""
+        return "epochs" if self.max_steps is None and self.epochs is not None else "max_steps"
+
     def check(self) -> None:
         for name in ("lr", "lm_lr"):
             _positive_rate(name, getattr(self, name))
@@ -130,7 +147,8 @@ class OptimiserOptions:
             _bad(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             _bad(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
-        _at_least_1(self, "batch_size", "grad_accum", "epochs")
+        _at_least_1(self, "batch_size", "grad_accum")
+        _at_least_1(self, "epochs", unset_ok=True)
         for name in ("soft_gate_steps", "freeze_lm_steps", "warmup", "encoder_warm_start"):
             if getattr(self, name) < 0:
                 _bad(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")

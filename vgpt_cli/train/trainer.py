@@ -198,7 +198,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         if phase == "xe":
             self.plan = make_plan(len(self.examples), cfg.batch_size, cfg.grad_accum, dist.world_size)
-            total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.plan.steps_per_epoch
+            total = cfg.xe_steps(self.plan.steps_per_epoch)
             if cfg.soft_gate_steps and cfg.soft_gate_steps >= total:
                 raise ConfigError(f"--soft-gate-steps {cfg.soft_gate_steps}: must be fewer than the {total} "
                                   "cross-entropy steps (the model is validated and kept with its own tau)")
@@ -279,7 +279,7 @@ class Trainer:
             self.callback.on_phase_end(phase)
         self.enter_step("done", 0)
         if phase == "xe" and not st["stopped"]:
-            st["stopped"] = "max_steps" if cfg.max_steps else "epochs"
+            st["stopped"] = cfg.length_limit
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
