@@ -1,16 +1,59 @@
-"""Shared by the benchmark scripts: machine description, a table printer, the results file."""
+"""Shared by the benchmark scripts: machine description, a table printer, the results file.
+
+Results go to benchmarks/results/<name>.json, or to the folder named by the environment variable
+VGPT_BENCHMARK_RESULTS when it is set (the tests run every script's --smoke with it, so that a test never
+touches the committed results):
+
+    VGPT_BENCHMARK_RESULTS=/tmp/bench python benchmarks/decode.py --smoke   # writes /tmp/bench/decode_smoke.json
+
+Every script has a --smoke preset (seconds, tiny models and data: it checks that the script runs end to end
+and writes its results, its numbers mean nothing) that writes <script>_smoke.json, never the full run's file.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+RESULTS_ENV = "VGPT_BENCHMARK_RESULTS"
+GPT2_BPE = Path(__file__).resolve().parents[1] / "tests" / "assets" / "gpt2-bpe"
+
+
+def results_dir() -> Path:
+    """The folder results are written to (and earlier results read from): $VGPT_BENCHMARK_RESULTS or
+    benchmarks/results/."""
+    folder = os.environ.get(RESULTS_ENV)
+    return Path(folder) if folder else RESULTS
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the script exits: a --smoke's workspace, never the full run's."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def tiny_lm(folder: Path) -> Path:
+    """A tiny random GPT-2 (2 layers, 32 wide) with the real GPT-2 BPE, saved as a local LM folder that
+    `lm=FOLDER` loads like any other: what the --smoke presets train in place of SmolLM2-135M."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        tok = GPT2TokenizerFast(vocab=str(GPT2_BPE / "vocab.json"), merges=str(GPT2_BPE / "merges.txt"))
+        assert len(tok) > 50000  # the empty-tokenizer trap of transformers 5
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
 
 
 def machine() -> dict[str, Any]:
@@ -60,9 +103,10 @@ def print_table(rows: list[dict[str, Any]], title: str = "") -> None:
 
 
 def write_results(script: str, raw: dict[str, Any], goals: dict[str, dict[str, Any]], name: str | None = None) -> Path:
-    """Write benchmarks/results/<script>.json (or <name>.json) with the raw numbers, the machine and the goals."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name or Path(script).stem}.json"
+    """Write <results_dir()>/<script>.json (or <name>.json) with the raw numbers, the machine and the goals."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name or Path(script).stem}.json"
     payload = {"script": Path(script).name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "machine": machine(), "raw": raw, "goals": goals}
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -10,8 +10,10 @@ SRAU (K = 1) with several recipes, 2+ seeds each, and for every run records
 
     python benchmarks/grounding.py --variants demo,recipe --seeds 1,2    # a few minutes per run
     python benchmarks/grounding.py --list                               # the recipes
+    python benchmarks/grounding.py --smoke      # seconds: the demo recipe on 50 scenes, a tiny random LM, 3 steps
 
-Writes benchmarks/results/grounding.json (runs are added to the file, keyed by variant and seed).
+Writes benchmarks/results/grounding.json (runs are added to the file, keyed by variant and seed; --smoke:
+grounding_smoke.json, its workspace a temporary folder).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, print_table, results_dir, scratch_dir, tiny_lm, write_results  # noqa: E402
 
 
 def grid_positions(model, n: int, **_) -> None:
@@ -255,12 +257,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, precision: str):
+def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, precision: str, lm: str | None = None):
     from vgpt_cli.demo import LM, DemoSettings
     from vgpt_cli.train import TrainConfig
 
     d = DemoSettings()
-    base = dict(lm=LM, gating=d.gating, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
+    base = dict(lm=lm or LM, gating=d.gating, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
                 lm_lr=d.lm_lr, warmup=d.warmup, schedule="cosine", batch_size=d.batch_size, max_steps=steps,
                 val_every=steps, val_size=5, val_beam=d.eval_beam, max_length=d.max_length,
                 precision=precision, seed=seed, device="cpu", name=name, patience=100, encoder_warm_start=0)
@@ -484,7 +486,7 @@ def warm_decoder(options: dict[str, Any] | None, freeze_encoder: bool = False):
 
 # --- one run ----------------------------------------------------------------------------------------
 def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, steps: int,
-            eval_at: tuple[int, ...] = ()) -> dict[str, Any]:
+            eval_at: tuple[int, ...] = (), lm: str | None = None) -> dict[str, Any]:
     from vgpt_cli.train import train
     from vgpt_cli.train.data import caption_examples, collate
     from vgpt_cli.train.loop import build_model
@@ -493,7 +495,7 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
     steps = int(round(steps * variant.get("step_factor", 1.0)))
     run_name = f"{name}-s{seed}"
     shutil.rmtree(ws.run_dir(run_name), ignore_errors=True)
-    config = recipe_config(variant, seed, steps, run_name, precision)
+    config = recipe_config(variant, seed, steps, run_name, precision, lm)
     torch.manual_seed(seed)
     model = build_model(config, int(store.dim))
     t_hooks = time.perf_counter()
@@ -552,10 +554,13 @@ def run_one(ws, manifest, store, name: str, variant: dict[str, Any], seed: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-grounding"))
+    p.add_argument("--workspace", type=Path, default=None,
+                   help="default /tmp/vgpt-grounding (--smoke: a temporary folder)")
     p.add_argument("--variants", default="demo")
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps of the demo recipe (others scale)")
+    p.add_argument("--scenes", type=int, default=1000, help="shapes scenes, split 80/10/10 (the demo's 1,000)")
+    p.add_argument("--lm", default=None, help="the language model (default: the demo's, SmolLM2-135M)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (two runs side by side: 1 each)")
     p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
@@ -572,11 +577,16 @@ def main() -> None:
     p.add_argument("--stream-share", type=Path, default=None, metavar="MODEL_DIR",
                    help="no training: per block, the norm of the image's part of the SRAU output against the LM's "
                         "(teacher-forced on 64 test references); written to --results")
-    p.add_argument("--smoke", action="store_true", help="checks that it runs: the demo recipe, seed 1, 3 steps, "
-                   "into grounding_smoke.json")
+    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: the demo recipe, seed 1, "
+                   "3 steps, 50 scenes, a tiny random GPT-2, into grounding_smoke.json")
     a = p.parse_args()
     if a.smoke:
-        a.variants, a.seeds, a.steps, a.results = "demo", "1", 3, a.results or "grounding_smoke"
+        a.variants, a.seeds, a.steps, a.scenes = "demo", "1", 3, 50
+        a.results = a.results or "grounding_smoke"
+        # a throw-away workspace: the full run's (/tmp/vgpt-grounding) holds its 1,000 scenes' features
+        a.workspace = a.workspace or scratch_dir("vgpt-grounding-smoke-")
+        a.lm = a.lm or str(tiny_lm(a.workspace / "tiny-lm"))
+    a.workspace = a.workspace or Path("/tmp/vgpt-grounding")
     a.results = a.results or ("grounding_stream_share" if a.stream_share else "grounding")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -589,7 +599,7 @@ def main() -> None:
 
     from vgpt_cli.workspace import Workspace
 
-    manifest, store = demo_data(a.workspace, image_size=a.image_size, caption_order=a.caption_order)
+    manifest, store = demo_data(a.workspace, scenes=a.scenes, image_size=a.image_size, caption_order=a.caption_order)
     if a.diagnose:
         diagnose(a.diagnose, manifest, store)
         return
@@ -602,7 +612,7 @@ def main() -> None:
         return
     ws = Workspace.from_option(a.workspace)
     ws.set_current(features=store.fingerprint)
-    out = RESULTS / f"{a.results}.json"
+    out = results_dir() / f"{a.results}.json"
     runs = json.loads(out.read_text())["raw"].get("runs") if out.exists() else []
     if runs is None:  # another kind of result (e.g. --stream-share's) under this stem: do not overwrite it
         sys.exit(f"{out} holds no training runs: give this run its own --results STEM")
@@ -611,7 +621,7 @@ def main() -> None:
             label = (name + (f"@{a.image_size}px" if a.image_size else "")
                      + (f"@{a.caption_order}-order" if a.caption_order != "random" else ""))
             eval_at = tuple(int(x) for x in a.eval_at.split(",") if x)
-            r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps, eval_at)
+            r = run_one(ws, manifest, store, label, VARIANTS[name], seed, a.steps, eval_at, a.lm)
             runs = [x for x in runs if (x["variant"], x["seed"]) != (label, seed)] + [r]
             print(json.dumps({k: v for k, v in r.items() if k not in ("gradient_path", "captions")}), flush=True)
             summarise_and_write(runs, out)

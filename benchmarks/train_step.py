@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, goal, machine, matmul_flops, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, machine, matmul_flops, print_table, results_dir, write_results  # noqa: E402
 
 PRESETS = {
     # layers, width, heads, d_in, visual tokens, batch
@@ -209,7 +209,7 @@ def main() -> None:
 
     # Keep the other device's numbers from an earlier run (CPU here, GPU on a lent machine).
     stem = "train_step_smoke" if args.smoke else "train_step"
-    path = RESULTS / f"{stem}.json"
+    path = results_dir() / f"{stem}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     raw = {k: v for k, v in old.get("raw", {}).items() if k != label}
     goals = {k: v for k, v in old.get("goals", {}).items() if not k.endswith(f"_{label}")}

