@@ -24,6 +24,7 @@ whatever else runs at that moment. Wall times are recorded too.
 
     python benchmarks/caption.py                 # beam 5, 20 tokens, batch 16, CPU
     python benchmarks/caption.py --layers 12 --width 768 --device cuda
+    python benchmarks/caption.py --smoke         # seconds: 4 images, a 1-layer 64-wide GPT-2, beam 2, 4 tokens
 
 Goals: none are set for captioning speed yet; the parts must account for the in-process time
 (their sum within 15%), so that the breakdown is a breakdown.
@@ -150,7 +151,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads, here and in the CLI process (0: torch's own choice); 1 by default: "
                          "on a shared 2-core machine a second thread waits on the busy core at every operation")
+    ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 4 images, a tiny model, "
+                    "into caption_smoke.json")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.scenes, args.layers, args.width, args.k = 4, 1, 1, 64, 1
+        args.beam_size, args.max_length, args.batch_size = 2, 4, 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -223,7 +229,7 @@ def main() -> None:
            "load_average_1min_after": os.getloadavg()[0]}
     goals = {"parts_account_for_in_process_time": goal(abs(total_parts / in_basis - 1), 0.15,
                                                        higher_is_better=False)}
-    write_results(__file__, raw, goals)
+    write_results(__file__, raw, goals, name="caption_smoke" if args.smoke else None)
 
 
 if __name__ == "__main__":

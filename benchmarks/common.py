@@ -42,6 +42,15 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
+def scores_without_java() -> None:
+    """For --smoke: score as on a machine without Java (the pure-Python PTB tokenizer, METEOR skipped), the
+    path CI takes where it has no Java. With Java every scoring starts two JVMs (the PTB tokenizer and
+    METEOR), seconds each: most of a smoke's time. The full runs score with Java where there is one."""
+    from vgpt_cli.evaluate import metrics
+
+    metrics.java_missing_reason = lambda java="java": "turned off for a benchmark's --smoke"
+
+
 def tiny_lm(folder: Path) -> Path:
     """A tiny random GPT-2 (2 layers, 32 wide) with the real GPT-2 BPE, saved as a local LM folder that
     `lm=FOLDER` loads like any other: what the --smoke presets train in place of SmolLM2-135M."""

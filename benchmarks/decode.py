@@ -22,6 +22,7 @@ Each method's warm-up search also counts the floating-point operations of its ma
     python benchmarks/decode.py --preset gpu      # batch 32, on cuda (and cpu) when there is one
     python benchmarks/decode.py --batch 8 --layers 12 --devices cpu
     python benchmarks/decode.py --profile         # torch.profiler's top operations instead of timing
+    python benchmarks/decode.py --smoke           # seconds: a 1-layer 64-wide LM, batch 2, 4 tokens, checks it runs
 
 Goals (per device): ours K=1 >= 1.5x hf-xattn, ours K=3 >= 1.2x hf-xattn, ours K=3 >= 3x the
 no-cache reference.
@@ -52,16 +53,20 @@ PRESETS = {
     # (tens of ms per small op), which measures the machine's other jobs, not the decoders
     "cpu": dict(batch=4, layers=12, repeats=3, threads=1),
     "gpu": dict(batch=32, layers=12, repeats=5, threads=None),
+    # --smoke: every method once on a tiny LM (its numbers go to decode_smoke.json)
+    "smoke": dict(batch=2, layers=1, width=64, repeats=1, threads=1, beams=2, max_length=4, n_visual=4, d_in=16),
 }
+BASE = dict(width=768, beams=5, max_length=20, n_visual=49, d_in=1280)
 
 
-def build(device: str, layers: int, d_in: int, n_visual: int):
-    """Our K=1 and K=3 captioners and the transformers peer, all on one random GPT-2-small-shaped LM."""
+def build(device: str, layers: int, d_in: int, n_visual: int, width: int = 768):
+    """Our K=1 and K=3 captioners and the transformers peer, all on one random GPT-2-small-shaped LM
+    (`width` wide, a head per 64)."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     tok = GPT2TokenizerFast(vocab=str(BPE / "vocab.json"), merges=str(BPE / "merges.txt"))
     assert len(tok) > 50000
-    shape = dict(n_layer=layers, n_embd=768, n_head=12, vocab_size=len(tok), n_positions=64)
+    shape = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 64), vocab_size=len(tok), n_positions=64)
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(**shape)).eval()
     ours = {}
@@ -97,7 +102,7 @@ def count_flops(fn) -> tuple[object, int]:
 
 def setup(dev: str, args):
     """The models, the images and one zero-argument callable per timed method."""
-    ours, peer, tok = build(dev, args.layers, args.d_in, args.n_visual)
+    ours, peer, tok = build(dev, args.layers, args.d_in, args.n_visual, args.width)
     B, n = args.batch, args.max_length
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(B, args.n_visual, args.d_in, generator=gen).to(dev)
@@ -208,19 +213,24 @@ def main() -> None:
     ap.add_argument("--devices", default=None, help="comma-separated; default: cpu (preset cpu), "
                                                      "cuda when there is one (preset gpu)")
     ap.add_argument("--batch", type=int, default=None, help="images per batch (preset)")
-    ap.add_argument("--beams", type=int, default=5)
-    ap.add_argument("--max-length", type=int, default=20)
+    ap.add_argument("--beams", type=int, default=None, help="default 5")
+    ap.add_argument("--max-length", type=int, default=None, help="default 20")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (preset: 12, GPT-2 small)")
-    ap.add_argument("--n-visual", type=int, default=49, help="memory tokens (EfficientNet-Lite0's 7x7 grid)")
-    ap.add_argument("--d-in", type=int, default=1280, help="visual feature width")
+    ap.add_argument("--width", type=int, default=None, help="decoder width (default 768, GPT-2 small)")
+    ap.add_argument("--n-visual", type=int, default=None, help="memory tokens (default 49: EfficientNet-Lite0's 7x7 grid)")
+    ap.add_argument("--d-in", type=int, default=None, help="visual feature width (default 1280)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method, interleaved (median kept)")
     ap.add_argument("--reference-batch", type=int, default=1,
                     help="images for the (slow) no-cache reference and the equality check")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (preset cpu: 1; gpu: torch's own choice)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing: torch.profiler's top operations of ours K=3 and hf-xattn (one search each)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: the smoke preset, checks that it runs "
+                    "(into decode_smoke.json)")
     args = ap.parse_args()
-    preset = PRESETS[args.preset]
+    if args.smoke:
+        args.preset = "smoke"
+    preset = {**BASE, **PRESETS[args.preset]}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -229,8 +239,8 @@ def main() -> None:
     if args.devices is None:
         args.devices = "cuda" if args.preset == "gpu" and torch.cuda.is_available() else "cpu"
     raw = {"preset": args.preset, "batch": args.batch, "beams": args.beams, "max_length": args.max_length,
-           "layers": args.layers, "n_visual": args.n_visual, "d_in": args.d_in, "repeats": args.repeats,
-           "reference_batch": args.reference_batch,
+           "layers": args.layers, "width": args.width, "n_visual": args.n_visual, "d_in": args.d_in,
+           "repeats": args.repeats, "reference_batch": args.reference_batch,
            "cpu_threads": torch.get_num_threads(), "results": {}}
     goals = {}
     t0 = time.perf_counter()
@@ -248,7 +258,7 @@ def main() -> None:
     raw["total_seconds"] = time.perf_counter() - t0
     raw["total_cpu_seconds"] = time.process_time()  # the whole script's work (start-up included)
     raw["load_average_1min_after"] = os.getloadavg()[0]  # the machine is shared: how busy it was
-    write_results(__file__, raw, goals)
+    write_results(__file__, raw, goals, name="decode_smoke" if args.smoke else None)
 
 
 if __name__ == "__main__":

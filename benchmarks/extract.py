@@ -3,6 +3,7 @@
     python benchmarks/extract.py                                  # lite0, offline weights, CPU
     python benchmarks/extract.py --device cuda --backbone vit_base_patch16_clip_224 --no-pretrained
     python benchmarks/extract.py --device cuda --gpu-decode       # JPEGs decoded + resized on the GPU
+    python benchmarks/extract.py --smoke      # seconds: 8 images, timm's tiny random test_efficientnet
 
 Measured in one run, on the same machine:
   forward_only   forward_tokens on preprocessed tensors already in (host) memory: the ceiling
@@ -86,8 +87,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on CUDA")
     ap.add_argument("--num-workers", type=int, default=None, help="default: CPUs - 1")
     ap.add_argument("--read-batch", type=int, default=64)
+    ap.add_argument("--read-seconds", type=float, default=2.0, help="store reads last at least this long")
     ap.add_argument("--gpu-decode", action="store_true", help="end to end decodes JPEGs on the device (CUDA)")
+    ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 8 images, a tiny random "
+                    "backbone, into extract_smoke.json")
     args = ap.parse_args()
+    if args.smoke:
+        args.backbone, args.no_pretrained, args.images, args.batch_size = "test_efficientnet", True, 8, 4
+        args.num_workers, args.read_seconds = 1, 0.1
     cuda = args.device.startswith("cuda")
     n = args.images or (16384 if cuda else 256)
     bs = args.batch_size or (128 if cuda else 32)
@@ -130,7 +137,7 @@ def main() -> None:
         keys = store.keys()
         order = np.random.default_rng(0).permutation(len(keys))
         reads, t = 0, time.perf_counter()
-        while time.perf_counter() - t < 2.0 or reads < 2 * len(keys):
+        while time.perf_counter() - t < args.read_seconds or reads < 2 * len(keys):
             for i in range(0, len(order), args.read_batch):
                 feats, _ = store.batch([keys[j] for j in order[i:i + args.read_batch]])
                 torch.from_numpy(feats)
@@ -151,7 +158,7 @@ def main() -> None:
     write_results(__file__, raw, {
         "end_to_end_vs_forward": goal(e2e_rate / forward_rate, 0.85),
         "store_read_vs_extraction": goal(read_rate / e2e_rate, 20.0),
-    })
+    }, name="extract_smoke" if args.smoke else None)
 
 
 if __name__ == "__main__":

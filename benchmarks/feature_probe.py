@@ -6,6 +6,7 @@ positions, to predict the object's colour (6 classes) and shape (5 classes); acc
 scenes. "tokens" is what `vgpt demo` stores: the last layer with stage 2 appended (--add-stage 2).
 
     python benchmarks/feature_probe.py            # about a minute on 2 CPU cores
+    python benchmarks/feature_probe.py --smoke    # seconds: 80 scenes in a temporary folder, checks it runs
 """
 
 from __future__ import annotations
@@ -20,15 +21,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, print_table, scratch_dir, write_results  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", type=int, default=2000, help="scenes rendered (about 30%% have one object)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vgpt-feature-probe"))
-    return p.parse_args()
+    p.add_argument("--workdir", type=Path, default=None, help="default /tmp/vgpt-feature-probe (--smoke: a "
+                   "temporary folder)")
+    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 80 scenes, into "
+                   "feature_probe_smoke.json")
+    a = p.parse_args()
+    if a.smoke:
+        a.scenes = 80
+        a.workdir = a.workdir or scratch_dir("vgpt-feature-probe-smoke-")
+    a.workdir = a.workdir or Path("/tmp/vgpt-feature-probe")
+    return a
 
 
 def pooled(maps: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,8 @@ def main() -> None:
              "demo_tokens_shape_accuracy": goal(demo["shape_acc"], 0.9)}
     write_results(__file__, {"scenes": len(scenes), "rows": rows, "chance": chance,
                              "last_layer_colour_acc": last["colour_acc"],
-                             "seconds": round(time.perf_counter() - t0, 1)}, goals)
+                             "seconds": round(time.perf_counter() - t0, 1)}, goals,
+                  name="feature_probe_smoke" if a.smoke else None)
 
 
 if __name__ == "__main__":

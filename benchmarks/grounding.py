@@ -33,7 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import goal, print_table, results_dir, scratch_dir, tiny_lm, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    goal,
+    print_table,
+    results_dir,
+    scores_without_java,
+    scratch_dir,
+    tiny_lm,
+    write_results,
+)
 
 
 def grid_positions(model, n: int, **_) -> None:
@@ -586,6 +594,7 @@ def main() -> None:
         # a throw-away workspace: the full run's (/tmp/vgpt-grounding) holds its 1,000 scenes' features
         a.workspace = a.workspace or scratch_dir("vgpt-grounding-smoke-")
         a.lm = a.lm or str(tiny_lm(a.workspace / "tiny-lm"))
+        scores_without_java()
     a.workspace = a.workspace or Path("/tmp/vgpt-grounding")
     a.results = a.results or ("grounding_stream_share" if a.stream_share else "grounding")
     if a.threads:
@@ -685,7 +694,9 @@ def summarise_and_write(runs: list[dict[str, Any]], out: Path) -> None:
     print_table(rows, "grounding recipes (test 100 scenes, beam 3; mean ± sd over seeds)")
     best = max((sum(r["object_f1"] for r in runs if r["variant"] == v) / sum(1 for r in runs if r["variant"] == v)
                 for v in {r["variant"] for r in runs}), default=0.0)
-    write_results(str(out), {"runs": runs, "table": rows}, {"best_recipe_object_f1": goal(best, 0.9)})
+    # the script's own name in the file (the results path gave "script": "<stem>.json" before)
+    write_results(__file__, {"runs": runs, "table": rows}, {"best_recipe_object_f1": goal(best, 0.9)},
+                  name=out.stem)
 
 
 if __name__ == "__main__":

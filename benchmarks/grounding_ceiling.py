@@ -14,7 +14,9 @@ the ceiling of its features on the same data (`vgpt demo`'s 1,000 shapes scenes,
    With and without 2-D position embeddings on the 7 x 7 grid.
 
     python benchmarks/grounding_ceiling.py               # about 5 minutes on a 2-core CPU
-Writes benchmarks/results/grounding_ceiling.json.
+    python benchmarks/grounding_ceiling.py --smoke       # seconds: 50 scenes, one seed, a few steps, checks it runs
+Writes benchmarks/results/grounding_ceiling.json (--smoke: grounding_ceiling_smoke.json, its workspace a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import RESULTS, goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, print_table, results_dir, scratch_dir, write_results  # noqa: E402
 
-OUT = RESULTS / "grounding_ceiling.json"
 DEMO_TAG = "49 tokens x 1320"
 
 PAIRS = None  # filled from vgpt_cli.data.shapes
@@ -223,7 +224,9 @@ def train_small(manifest, xs, positions: bool, seed: int, max_epochs: int, patie
 def main() -> None:
     global PAIRS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-grounding"))
+    p.add_argument("--workspace", type=Path, default=None,
+                   help="default /tmp/vgpt-grounding (--smoke: a temporary folder)")
+    p.add_argument("--scenes", type=int, default=1000, help="shapes scenes, split 80/10/10 (the demo's 1,000)")
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--probe-steps", type=int, default=400)
     p.add_argument("--max-epochs", type=int, default=25)
@@ -232,18 +235,27 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="backbone input size (default: the demo's)")
     p.add_argument("--probes", default="pooled,per-token,attention")
     p.add_argument("--tag", default="", help="label of these features in the results (e.g. 448px)")
+    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 50 scenes, seed 1, 3 probe "
+                   "steps, 1 epoch, into grounding_ceiling_smoke.json")
     a = p.parse_args()
+    stem = "grounding_ceiling"
+    if a.smoke:
+        a.scenes, a.seeds, a.probe_steps, a.max_epochs, stem = 50, "1", 3, 1, "grounding_ceiling_smoke"
+        # a throw-away workspace: the full run's (/tmp/vgpt-grounding) holds its 1,000 scenes' features
+        a.workspace = a.workspace or scratch_dir("vgpt-grounding-ceiling-smoke-")
+    a.workspace = a.workspace or Path("/tmp/vgpt-grounding")
+    out = results_dir() / f"{stem}.json"
     from vgpt_cli.data.shapes import COLOURS, SHAPES
 
     PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
     seeds = [int(s) for s in a.seeds.split(",")]
-    manifest, store = demo_data(a.workspace, image_size=a.image_size)
+    manifest, store = demo_data(a.workspace, scenes=a.scenes, image_size=a.image_size)
     xs = {}
     for split in ("train", "val", "test"):
         xs[split] = split_arrays(manifest, store, split)[1]
     tag = a.tag or f"{xs['train'].shape[1]} tokens x {xs['train'].shape[2]}"
     ytr, yte = pair_targets(manifest.items("train")), pair_targets(manifest.items("test"))
-    old = json.loads(OUT.read_text())["raw"] if OUT.exists() else {"probes": [], "small_captioner": []}
+    old = json.loads(out.read_text())["raw"] if out.exists() else {"probes": [], "small_captioner": []}
     probes = old["probes"]
     if not a.skip_probes:
         flat = xs["train"].reshape(-1, xs["train"].shape[-1])
@@ -267,7 +279,7 @@ def main() -> None:
                 "small captioner from scratch (greedy, test 100 scenes)")
     best = max(np.mean([r["object_f1"] for r in small if r["positions"] == pos] or [0.0]) for pos in (False, True))
     write_results(__file__, {"probes": probes, "small_captioner": small},
-                  {"small_captioner_object_f1": goal(best, 0.9)})
+                  {"small_captioner_object_f1": goal(best, 0.9)}, name=stem)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/kill_campaign.py              # 20 kills (about 3-5 minutes on a 2-core CPU)
     python benchmarks/kill_campaign.py --kills 5    # a quicker look
+    python benchmarks/kill_campaign.py --smoke      # seconds: 1 kill, 4 steps (three `vgpt train` starts)
 
 A tiny random GPT-2 (real GPT-2 BPE tokenizer from tests/assets) trains on random features of a toy
 dataset, checkpointing every step (so many kills land inside a save) and validating every 5 steps (with
@@ -15,7 +16,7 @@ ends. It checks:
   .best.old/, last/ or .last.old/), and no temporary folder survives to the end;
 - metrics.jsonl has each step once;
 - the final weights equal the uninterrupted run's bit for bit (CPU, one thread).
-Writes benchmarks/results/kill_campaign.json.
+Writes benchmarks/results/kill_campaign.json (--smoke: kill_campaign_smoke.json).
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--smoke", action="store_true", help="checks that it runs: 1 kill, 4 steps, into "
+                   "kill_campaign_smoke.json")
     a = p.parse_args()
+    if a.smoke:
+        a.kills, a.steps = 1, 4
     rnd = random.Random(a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="vgpt-kill-"))
     t_all = time.perf_counter()
@@ -226,7 +231,7 @@ def main() -> None:
             "problems": goal(len(problems), 0, higher_is_better=False),
             "final_weights_bit_identical": goal(float(identical), 1.0),
         }
-        write_results(__file__, raw, goals)
+        write_results(__file__, raw, goals, name="kill_campaign_smoke" if a.smoke else None)
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)

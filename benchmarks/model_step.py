@@ -13,6 +13,9 @@ gets no input gradient (the features are data): 4*P*n. Attention score and value
 2*2*Tq*Tk*D forward per sequence, times 3 with backward; causal self-attention is counted as the
 full T x T square that scaled_dot_product_attention computes. Elementwise work, layer norms,
 softmax, the loss and the AdamW update are not counted (they are a few percent at most).
+
+    python benchmarks/model_step.py            # the GPT-2-small shape above
+    python benchmarks/model_step.py --smoke    # seconds: a 1-layer 64-wide model, 1 step, checks it runs
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def build(args):
     from vgpt_cli.model import Captioner, CaptionerConfig
 
     torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257))
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
+                                    vocab_size=50257))
     tok = GPT2TokenizerFast(vocab="tests/assets/gpt2-bpe/vocab.json", merges="tests/assets/gpt2-bpe/merges.txt")
     assert len(tok) > 50000
     cfg = CaptionerConfig(lm="gpt2", lm_init="random", d_in=args.d_in, encoder_layers=args.k)
@@ -74,7 +78,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768, help="LM width (a head per 64)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="the n x n matmul each step is compared with")
+    ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: a tiny model, 1 step, "
+                    "into model_step_smoke.json")
     args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.tokens, args.visual_tokens, args.d_in, args.k = 2, 4, 16, 16, 1  # 16: some padded (N - 10)
+        args.steps, args.layers, args.width, args.matmul_n = 1, 1, 64, 256
     B, T, N, K = args.batch, args.tokens, args.visual_tokens, args.k
 
     model = build(args)
@@ -105,7 +117,7 @@ def main() -> None:
     # so that each ratio compares like with like; the best pair is the least disturbed one.
     pairs = []
     for _ in range(args.steps):
-        peak = matmul_flops()
+        peak = matmul_flops(args.matmul_n)
         sec = step()
         pairs.append({"sec": sec, "matmul_flops_s": peak, "ratio": flops / sec / peak})
     best = max(pairs, key=lambda p: p["ratio"])
@@ -123,15 +135,16 @@ def main() -> None:
     }]
     print_table(summary, title="\nOne training step (forward + backward + AdamW), float32, CPU")
     raw = {
-        "shape": {"layers": 12, "width": 768, "heads": 12, "vocab": 50257, "K": K, "N": N, "d_in": args.d_in,
-                  "batch": B, "tokens": T},
+        "shape": {"layers": args.layers, "width": args.width, "heads": max(1, args.width // 64), "vocab": 50257,
+                  "K": K, "N": N, "d_in": args.d_in, "batch": B, "tokens": T},
         "params_lm": n_lm, "params_new": n_new,
         "pairs": pairs, "optimizer": "torch.optim.AdamW(fused=True), two groups (lm 1e-5, new 1e-4)",
         "flops_per_step": flops, "flops_by_part": parts,
         "achieved_flops_s_best": achieved, "ratio_median": median,
         "threads": torch.get_num_threads(),
     }
-    write_results(__file__, raw, {"flops_ratio_vs_matmul": goal(best["ratio"], 0.5)})
+    write_results(__file__, raw, {"flops_ratio_vs_matmul": goal(best["ratio"], 0.5)},
+                  name="model_step_smoke" if args.smoke else None)
 
 
 if __name__ == "__main__":

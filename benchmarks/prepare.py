@@ -6,10 +6,12 @@ existence); creating them is setup, outside the timed run. The timed run is the 
 process (Python start-up and imports included); peak memory is that process's max RSS.
 
     .venv/bin/python benchmarks/prepare.py
+    .venv/bin/python benchmarks/prepare.py --smoke    # seconds: the same at 1/500 of the size, checks it runs
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -30,14 +32,17 @@ WORDS = ("a man woman dog cat riding sitting on top of the with near large small
          "plate food bus train people standing next to in front field grass water").split()
 
 
-def write_synthetic(root: Path) -> Path:
+def write_synthetic(root: Path, scale: float = 1.0) -> tuple[Path, dict[str, int], int]:
+    """The Karpathy file (and empty image files) of `scale` x COCO's size: (its path, images per split, captions)."""
     rng = random.Random(0)
-    n_images = sum(SPLITS.values())
-    extra = CAPTIONS - 5 * n_images  # this many images get a 6th caption, as some real ones do
+    splits = {split: max(2, round(n * scale)) for split, n in SPLITS.items()}
+    n_images = sum(splits.values())
+    # this many images get a 6th caption, as some real ones do
+    extra = round((CAPTIONS - 5 * sum(SPLITS.values())) * n_images / sum(SPLITS.values()))
     images, imgid, sentid = [], 0, 0
     for folder in ("train2014", "val2014"):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    for split, n in SPLITS.items():
+    for split, n in splits.items():
         folder = "train2014" if split == "train" else "val2014"
         for _ in range(n):
             cocoid = 9 + imgid * 3
@@ -54,17 +59,22 @@ def write_synthetic(root: Path) -> Path:
             imgid += 1
     path = root / "dataset_coco.json"
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
-    assert sentid == CAPTIONS
-    return path
+    assert sentid == 5 * n_images + extra
+    return path, splits, sentid
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 1/500 of COCO's size, "
+                   "into prepare_smoke.json")
+    a = p.parse_args()
+    scale = 1 / 500 if a.smoke else 1.0
     with tempfile.TemporaryDirectory(prefix="vgpt-bench-prepare-") as tmp:
         root, ws = Path(tmp) / "coco", Path(tmp) / "ws"
         t = time.perf_counter()
-        ann = write_synthetic(root)
+        ann, splits, captions = write_synthetic(root, scale)
         setup_s = time.perf_counter() - t
-        print(f"setup: wrote {ann} ({ann.stat().st_size / 1e6:.0f} MB) and 123,287 empty image files "
+        print(f"setup: wrote {ann} ({ann.stat().st_size / 1e6:.0f} MB) and {sum(splits.values()):,} empty image files "
               f"in {setup_s:.1f} s", file=sys.stderr)
         cmd = [sys.executable, "-m", "vgpt_cli", "-w", str(ws), "prepare", "coco", "--root", str(root),
                "--fraction", "0.01", "--json"]
@@ -86,13 +96,14 @@ def main() -> None:
     rows = [{"split": s, "images": c["items"], "captions": c["captions"]} for s, c in counts.items()]
     print_table(rows, "manifest of `vgpt prepare coco --fraction 0.01` (synthetic COCO-size Karpathy file)")
     print_table([{"wall_s": wall, "cli_import_s": import_s, "peak_rss_gb": peak_gb}], "\ncost")
-    raw = {"images": sum(SPLITS.values()), "captions": CAPTIONS, "fraction": 0.01, "wall_s": round(wall, 3),
+    raw = {"images": sum(splits.values()), "captions": captions, "fraction": 0.01, "wall_s": round(wall, 3),
            "cli_import_s": round(import_s, 3), "peak_rss_gb": round(peak_gb, 3), "setup_s": round(setup_s, 1),
            "counts": counts, "pool_captions": info["sampling"]["pool_captions"],
            "images_exist_as": "empty files created before the timed run"}
     assert counts["train"]["captions"] == round(0.01 * info["sampling"]["pool_captions"])
     write_results(__file__, raw, {"wall_seconds": goal(wall, 20.0, higher_is_better=False),
-                                  "peak_memory_gb": goal(peak_gb, 2.0, higher_is_better=False)})
+                                  "peak_memory_gb": goal(peak_gb, 2.0, higher_is_better=False)},
+                  name="prepare_smoke" if a.smoke else None)
 
 
 if __name__ == "__main__":

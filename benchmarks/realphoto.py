@@ -12,16 +12,17 @@ and, per run: the fraction of distinct captions, the mean visual gate of the las
 training minutes, the validation curve, and a few dev captions beside a reference.
 
     python benchmarks/realphoto.py                   # vgpt train's defaults (plain cross-attention) and SRAU with
-                                                     # the demo's gates, seeds 1 and 2, 400 steps each: about
-                                                     # 2.5 hours on a 2-core CPU without bf16 units (from the
-                                                     # measured 3 s per frozen-LM step), minutes on a GPU
-    python benchmarks/realphoto.py --smoke           # 40 photos, 4 steps: a few minutes, checks it runs
+                                                     # the demo's gates, seeds 1 and 2, vgpt train's 600 steps
+                                                     # each: about 3.5 hours on a 2-core CPU without bf16 units
+                                                     # (52 minutes a run measured), minutes on a GPU
+    python benchmarks/realphoto.py --smoke           # seconds: 12 + 4 photos (or fewer, as --root has),
+                                                     # a tiny random LM, 2 steps, checks it runs
     python benchmarks/realphoto.py --variants default --seeds 3
     python benchmarks/realphoto.py --root /data/flickr8k --device cuda
 
 Finished runs are kept in the workspace (--workspace) and reused when their settings and features are the
 same, so the study can be run in pieces. Writes benchmarks/results/realphoto.json (--smoke:
-realphoto_smoke.json).
+realphoto_smoke.json; its workspace a temporary folder unless --workspace is given).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, print_table, scores_without_java, scratch_dir, tiny_lm, write_results  # noqa: E402
 from benchmarks.probes import gradient_path  # noqa: E402
+from vgpt_cli.train.config import DEFAULT_XE_STEPS  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "flickr8k"
 # What each variant changes of `vgpt train`'s defaults (docs/results.md, "Real photographs").
@@ -54,9 +56,11 @@ VARIANTS: dict[str, dict] = {
     "srau-authors-init": {"gating": "srau", "gate_init_bias": None, "tau": 0.2},
 }
 PRESETS = {
-    "default": dict(variants="default,srau-shapes", seeds="1,2", steps=400, train_images=None, val_images=None,
+    "default": dict(variants="default,srau-shapes", seeds="1,2", steps=DEFAULT_XE_STEPS, train_images=None, val_images=None,
                     results="realphoto"),
-    "smoke": dict(variants="default", seeds="1", steps=4, train_images=40, val_images=6,
+    # the same path on a few photos with a tiny random GPT-2 (lm=, unless --set gives one); photo counts are
+    # cut to what --root holds, so a folder of a few generated photos will do (tests/test_benchmark_smokes.py)
+    "smoke": dict(variants="default", seeds="1", steps=2, train_images=12, val_images=4,
                   results="realphoto_smoke", encoder_warm_start=1),
 }
 SHOWN = 8  # dev photos whose captions the results show beside a reference
@@ -68,12 +72,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a Flickr8k release folder (token file, split "
                    "lists, Flicker8k_Dataset/)")
-    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-realphoto"))
-    p.add_argument("--smoke", action="store_true", help="a few minutes: 40 photos, a few steps")
+    p.add_argument("--workspace", type=Path, help="default /tmp/vgpt-realphoto (--smoke: a temporary folder)")
+    p.add_argument("--smoke", action="store_true", help="seconds: 12 + 4 photos, a tiny random LM, 2 steps")
     p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, help="cross-entropy steps (default 400; 0: vgpt train's own epochs and "
-                   "early stopping, hours on a CPU)")
+    p.add_argument("--steps", type=int, help=f"cross-entropy steps (default: vgpt train's, {DEFAULT_XE_STEPS})")
     p.add_argument("--device", default="auto")
     p.add_argument("--results", help="results file stem")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
@@ -89,6 +92,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, k, None) is None:
             setattr(a, k, v)
     a.encoder_warm_start = preset.get("encoder_warm_start")
+    if a.workspace is None:  # the smoke's tiny-LM runs stay out of the study's workspace
+        a.workspace = scratch_dir("vgpt-realphoto-smoke-") if a.smoke else Path("/tmp/vgpt-realphoto")
     unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants {','.join(unknown)}: unknown; use {', '.join(VARIANTS)}")
@@ -100,9 +105,14 @@ def prepare(ws, root: Path, train_images: int | None, val_images: int | None) ->
     from vgpt_cli.data.build import SamplingOptions, build_manifest, write_manifest
     from vgpt_cli.data.flickr import read_flickr
 
+    source = read_flickr("flickr8k", root)
+    # no more than the release holds (a smoke's small folder); the full release has 6,000 + 1,000
+    have = {split: sum(r.split == split for r in source.records) for split in ("train", "val")}
+    train_images = None if train_images is None else min(train_images, have["train"])
+    val_images = None if val_images is None else min(val_images, have["val"])
     name = "flickr8k" if train_images is None else f"flickr8k-{train_images}"
     opts = SamplingOptions(count=train_images, unit="image", val_size=val_images, skip_missing=True)
-    write_manifest(ws, build_manifest(read_flickr("flickr8k", root), name, opts))
+    write_manifest(ws, build_manifest(source, name, opts))
     ws.set_current(dataset=name)
     return name
 
@@ -268,6 +278,56 @@ def probe_callback(model, batch, out: list):
     return Probe()
 
 
+# Decoding of a trained model, scored on dev (docs/results.md, "Real photographs", decoding): the model's own
+# settings (beam 5, 20 tokens) against other search settings, on the same model and features.
+DECODINGS: dict[str, dict] = {
+    "model's own": {},
+    "greedy": {"beam_size": 1},
+    "beam 3": {"beam_size": 3},
+    "no repeated 3-gram": {"no_repeat_ngram_size": 3},
+    "length penalty 1": {"length_penalty": 1.0},
+}
+
+
+def decoding_study(ws, run_dir: Path, dev, refs: dict) -> list[dict]:
+    """Dev decoded with each of DECODINGS by the run's best/ model; kept in the run folder and reused."""
+    from dataclasses import replace
+
+    import torch
+
+    from vgpt_cli.decode import decode_arrays
+    from vgpt_cli.evaluate.metrics import compute_metrics_many
+    from vgpt_cli.features import open_workspace_store
+    from vgpt_cli.runtime import decode_options, load_model
+
+    cache = run_dir / "realphoto_decoding.json"
+    try:
+        rows = json.loads(cache.read_text())
+        if [r["decoding"] for r in rows] == list(DECODINGS):
+            return rows
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    model = load_model(run_dir / "best", "cpu")
+    store = open_workspace_store(ws)
+    arrays = [store.get(it.id) for it in dev]
+    preds, info = {}, {}
+    for name, change in DECODINGS.items():
+        opts = replace(decode_options(model), **change)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hyps = decode_arrays(model, arrays, opts)
+        preds[name] = {it.id: h.text for it, h in zip(dev, hyps)}
+        info[name] = {"seconds": round(time.perf_counter() - t0, 1),
+                      "cut": round(sum(not h.ended for h in hyps) / len(hyps), 4),
+                      "words": round(statistics.fmean(len(h.text.split()) for h in hyps), 2)}
+    reports = compute_metrics_many(preds, refs, spice=False, log=lambda s: None)
+    rows = [{"decoding": name, "CIDEr": round(reports[name].scores["CIDEr"], 4),
+             "BLEU-4": round(reports[name].scores["Bleu_4"], 4),
+             "distinct": round(len(set(preds[name].values())) / len(dev), 4), **info[name]} for name in DECODINGS]
+    cache.write_text(json.dumps(rows) + "\n")
+    return rows
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": round(statistics.fmean(values), 4),
             "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values)}
@@ -287,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
 
     t_all = time.perf_counter()
     ws = Workspace(a.workspace.resolve())
+    if a.smoke:
+        scores_without_java()
+        if not any(kv.startswith("lm=") for kv in a.set):
+            a.set.append(f"lm={tiny_lm(ws.root / 'tiny-lm')}")
     dataset = prepare(ws, a.root.resolve(), a.train_images, a.val_images)
     manifest = Manifest.load(ws.manifest_path(dataset))
     train_items, dev = manifest.items("train"), manifest.items("val")
@@ -315,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"not yet run: {cfg.name}")
                 continue
             row = train_and_score(ws, cfg, dev, summary.fingerprint, a.share_warm_start)
-            row = {"variant": variant, "seed": seed, "shared_warm_start": a.share_warm_start, **row}
+            row = {"variant": variant, "seed": seed, "name": cfg.name, "shared_warm_start": a.share_warm_start, **row}
             runs.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("predictions", "validation_curve")}),
                   flush=True)
@@ -356,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     for s in shown:
         print(f"{s['image']}: {s['caption']!r}  | retrieval {s['retrieval']!r}  | reference {s['reference']!r}")
 
+    # the search settings, on the first default run's model (the model's own first)
+    decodings = decoding_study(ws, ws.run_dir(first["name"]), dev, refs) if first else []
+    if decodings:
+        print_table(decodings, title=f"decoding dev with {first['name']}/best")
+
     goals = {}
     # the default model (plain cross-attention): its own runs, else the no-gates variant's (the same model)
     default_runs = [r for r in runs if plain and r["variant"] == plain[0]]
@@ -375,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                         "dataset": dataset, "train_photos": len(train_items), "dev_photos": len(dev),
                         "train_defaults": TrainConfig().to_dict(), "variants": {v: VARIANTS[v] for v in a.variants.split(",")}},
            "runs": runs, "baselines": base_rows, "baseline_predictions": base_preds, "table": table, "paired": paired,
-           "shown": shown, "baseline_seconds": round(base_seconds, 1), "seconds": round(time.perf_counter() - t_all, 1)}
+           "shown": shown, "decodings": decodings, "baseline_seconds": round(base_seconds, 1), "seconds": round(time.perf_counter() - t_all, 1)}
     write_results(__file__, raw, goals, name=a.results)
 
 
