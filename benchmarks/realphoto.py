@@ -194,6 +194,8 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
     wanted = json.loads(json.dumps(asdict(cfg)))
     if wanted["lm"] is None:  # the run records the LM it resolved
         saved.pop("lm", None), wanted.pop("lm")
+    if wanted["max_steps"] is not None:  # --epochs has no effect then (its default has changed)
+        saved.pop("epochs", None), wanted.pop("epochs")
     return row if saved == wanted and features == fingerprint else None
 
 
