@@ -284,8 +284,8 @@ def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, pre
 # --- the gradient path ------------------------------------------------------------------------------
 def gradient_path(model, batch, tau: float) -> dict[str, Any]:
     """Open visual channels per block and gradient norms on one batch (eval mode: no dropout), with `tau` in
-    force: benchmarks.probes.gradient_path under this file's record names."""
-    from benchmarks.probes import gradient_path as probe
+    force: benchmarks.common.gradient_path under this file's record names."""
+    from benchmarks.common import gradient_path as probe
 
     was_tau = model.tau_override
     model.tau_override = tau

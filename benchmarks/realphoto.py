@@ -38,8 +38,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import goal, print_table, scores_without_java, scratch_dir, tiny_lm, write_results  # noqa: E402
-from benchmarks.probes import gradient_path  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    goal,
+    gradient_path,
+    print_table,
+    scores_without_java,
+    scratch_dir,
+    tiny_lm,
+    write_results,
+)
 from vgpt_cli.train.config import DEFAULT_XE_STEPS  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "flickr8k"

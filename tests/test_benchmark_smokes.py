@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-NOT_SCRIPTS = {"__init__.py", "common.py", "probes.py"}
+NOT_SCRIPTS = {"__init__.py", "common.py"}
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.name not in NOT_SCRIPTS)
 # A smoke that hangs (a server that never answers, a kill that never lands) fails instead of stalling CI.
 TIMEOUT_S = 600
@@ -84,7 +84,8 @@ def smokes(request, tmp_path_factory):
         callspec = getattr(item, "callspec", None)
         return callspec.params.get("script") if callspec is not None and item.module is request.module else None
 
-    selected = sorted({s for s in map(script_of, request.session.items) if s},
+    collected = request.node.listchain()[0].items  # the whole run's tests, of which some are smokes
+    selected = sorted({s for s in map(script_of, collected) if s},
                       key=lambda s: (LONGEST.index(s) if s in LONGEST else len(LONGEST), s))
     pool = ThreadPoolExecutor(SMOKES_AT_ONCE)
     try:
