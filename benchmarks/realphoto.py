@@ -159,11 +159,15 @@ def consensus_captions(items) -> dict[str, str]:
     return {k: v[1] for k, v in best.items()}
 
 
+def retrieved_captions(store, train, dev, consensus: dict[str, str]) -> dict[str, str]:
+    """{dev id: the consensus caption of the training photo nearest in mean-pooled feature (cosine)}."""
+    sim = pooled(store, [it.id for it in dev]) @ pooled(store, [it.id for it in train]).T
+    return {it.id: consensus[train[int(j)].id] for it, j in zip(dev, sim.argmax(axis=1))}
+
+
 def baselines(store, train, dev) -> dict[str, dict[str, str]]:
     """{name: {dev id: caption}} for the two answers that need no training."""
-    consensus = consensus_captions(train)
-    sim = pooled(store, [it.id for it in dev]) @ pooled(store, [it.id for it in train]).T
-    retrieval = {it.id: consensus[train[int(j)].id] for it, j in zip(dev, sim.argmax(axis=1))}
+    retrieval = retrieved_captions(store, train, dev, consensus_captions(train))
     rng = random.Random(0)
     candidates = rng.sample(sorted({c for it in train for c in it.captions}),
                             min(CONSTANT_CANDIDATES, sum(len(it.captions) for it in train)))

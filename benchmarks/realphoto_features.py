@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import goal, print_table, write_results  # noqa: E402
-from benchmarks.realphoto import DEFAULT_ROOT, baselines, pooled, prepare  # noqa: E402
+from benchmarks.realphoto import DEFAULT_ROOT, consensus_captions, pooled, prepare, retrieved_captions  # noqa: E402
 
 # name: (timm model, added stages)
 FEATURES = {
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     words = probe_words(train)
     y_train, y_dev = labels(train, words), labels(dev, words)
     refs = {it.id: list(it.captions) for it in dev}
+    consensus = consensus_captions(train)  # the same for every backbone
     rows, raw = [], {"train_photos": len(train), "dev_photos": len(dev), "words": words, "features": {}}
     for name in a.features.split(","):
         arch, stages = FEATURES[name]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = extract_items(manifest.all_items(), bb, ws.features_root / bb.fingerprint, progress=False)
         store = FeatureStore.open(ws.features_root / summary.fingerprint)
         seconds = time.perf_counter() - t0
-        retrieval = baselines(store, train, dev)["retrieval"]
+        retrieval = retrieved_captions(store, train, dev, consensus)
         scores = compute_metrics_many({"retrieval": retrieval}, refs, spice=False, log=lambda s: None)["retrieval"].scores
         x_train = torch.from_numpy(pooled(store, [it.id for it in train])).double()
         x_dev = torch.from_numpy(pooled(store, [it.id for it in dev])).double()
