@@ -84,7 +84,7 @@ def machine() -> dict[str, Any]:
 def cpu_model() -> dict[str, Any]:
     """The CPU's name and its bf16 units: the same "2-core machine" has been an AMX Xeon on one day and an
     AMD EPYC without AVX-512 on another, 3x slower per training step of the demo (docs/results.md)."""
-    from vgpt_cli.demo import BF16_CPU_FLAGS, cpu_flags, cpuinfo_field
+    from vgpt_cli.model.precision import BF16_CPU_FLAGS, cpu_flags, cpuinfo_field
 
     model, flags = cpuinfo_field("model name"), cpu_flags()
     if model is None and not flags:  # no /proc/cpuinfo to read

@@ -156,10 +156,11 @@ def prepare(ws, pool: int, fraction: float, seed: int, test_size: int, val_size:
 def main() -> None:
     a = parse()
     from vgpt_cli.data.manifest import Manifest
-    from vgpt_cli.demo import BACKBONE, LM, DemoSettings, cpu_has_fast_bf16
+    from vgpt_cli.demo import BACKBONE, LM, DemoSettings
     from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import load_backbone
     from vgpt_cli.features.extract import extract_items
+    from vgpt_cli.model.precision import cpu_has_fast_bf16
     from vgpt_cli.train import TrainConfig, train
     from vgpt_cli.workspace import Workspace
 

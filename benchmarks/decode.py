@@ -4,8 +4,9 @@ Rows (captions/s, all decoding the same images' memory with the same beams and l
 - ours, K = 1 and K = 3: our cached SRAU beam search (`vgpt_cli.decode.search.beam_search`), the
   visual encoder included in the time;
 - hf-xattn: transformers' GPT2LMHeadModel with `add_cross_attention=True` (the decoder that
-  VisionEncoderDecoderModel runs) in `generate(num_beams=...)`, cross-attending to the same number of
+  VisionEncoderDecoderModel runs) in `generate(num_beams=...)`, cross-attending to one level's N
   memory tokens (`encoder_hidden_states`, given ready: its encoder is not timed);
+- hf-xattn KxN: the same peer reading all K = 3 levels' tokens (K x N, the memory ours K = 3 reads);
 - lm-only generate: the same GPT-2 without cross-attention (no image at all), for scale;
 - no-cache reference (K = 3): `reference_beam_search`, the full forward pass every step, timed once
   (it is also the equality check: ours must produce the same tokens before its speed means anything).
@@ -18,19 +19,26 @@ time (one thread: the search's own work; the wall times are recorded too), on CU
 Each method's warm-up search also counts the floating-point operations of its matrix products
 (torch.utils.flop_counter), so that a ratio of times can be read against the ratio of arithmetic.
 
+Precision rows (CPU; batch 1 and 8 by default, --precision-batches): ours K = 1 with its weights
+narrowed as `vgpt caption --precision` narrows them (vgpt_cli.model.precision: fp16 weights, int8
+dynamic quantization, bf16 where the CPU has bf16 units) against ours at fp32, and the peer with the
+same dynamic quantization of its Linear layers; interleaved and timed as above.
+
     python benchmarks/decode.py                   # CPU, 1 thread, GPT-2-small shape, batch 4: ~2 min idle
     python benchmarks/decode.py --preset gpu      # batch 32, on cuda (and cpu) when there is one
     python benchmarks/decode.py --batch 8 --layers 12 --devices cpu
     python benchmarks/decode.py --profile         # torch.profiler's top operations instead of timing
     python benchmarks/decode.py --smoke           # seconds: a 1-layer 64-wide LM, batch 2, 4 tokens, checks it runs
 
-Goals (per device): ours K=1 >= 1.5x hf-xattn, ours K=3 >= 1.2x hf-xattn, ours K=3 >= 3x the
-no-cache reference.
+Goals (per device): ours K=1 >= 1.5x hf-xattn, ours K=3 >= 1.2x hf-xattn, ours K=3 >= 1.0x the peer
+reading the same K x N memory, ours K=3 >= 3x the no-cache reference; on the CPU: int8 >= 2x fp32 at
+batch 1 and 8, ours int8 >= 1.2x the peer int8, bf16 >= 1.5x fp32 (only on a CPU with bf16 units).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -54,9 +62,10 @@ PRESETS = {
     "cpu": dict(batch=4, layers=12, repeats=3, threads=1),
     "gpu": dict(batch=32, layers=12, repeats=5, threads=None),
     # --smoke: every method once on a tiny LM (its numbers go to decode_smoke.json)
-    "smoke": dict(batch=2, layers=1, width=64, repeats=1, threads=1, beams=2, max_length=4, n_visual=4, d_in=16),
+    "smoke": dict(batch=2, layers=1, width=64, repeats=1, threads=1, beams=2, max_length=4, n_visual=4, d_in=16,
+                  precision_batches="1,2"),
 }
-BASE = dict(width=768, beams=5, max_length=20, n_visual=49, d_in=1280)
+BASE = dict(width=768, beams=5, max_length=20, n_visual=49, d_in=1280, precision_batches="1,8")
 
 
 def build(device: str, layers: int, d_in: int, n_visual: int, width: int = 768):
@@ -109,7 +118,9 @@ def setup(dev: str, args):
     lengths = torch.full((B,), args.n_visual, dtype=torch.long, device=dev)
     # the peer's memory: the same number of tokens, already at the decoder's width (its encoder's output)
     with torch.no_grad():
+        levels = ours[3].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))  # (B, 3, N, D)
         memory = ours[1].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))[:, -1]
+    memory_kn = levels.reshape(B, -1, levels.shape[-1])  # the K x N tokens ours K=3 attends to
     opts = DecodeOptions(beam_size=args.beams, max_length=n, min_length=n - 1)
     bos = torch.full((B, 1), peer.config.bos_token_id, dtype=torch.long, device=dev)
     eos = ours[1].eos_token_id
@@ -120,13 +131,17 @@ def setup(dev: str, args):
         with torch.no_grad():
             return peer.generate(bos, encoder_hidden_states=memory, **common)
 
+    def hf_xattn_kn():
+        with torch.no_grad():
+            return peer.generate(bos, encoder_hidden_states=memory_kn, **common)
+
     def lm_only():
         with torch.no_grad():
             return ours[1].lm.generate(bos, **common)
 
     methods = {"ours K=1": lambda: beam_search(ours[1], feats, lengths, opts),
                "ours K=3": lambda: beam_search(ours[3], feats, lengths, opts),
-               "hf-xattn": hf_xattn, "lm-only generate": lm_only}
+               "hf-xattn": hf_xattn, "hf-xattn KxN": hf_xattn_kn, "lm-only generate": lm_only}
     return ours, feats, lengths, opts, methods
 
 
@@ -197,6 +212,7 @@ def run(dev: str, args) -> dict:
             "reference_seconds": {"wall": ref_w, "cpu": ref_c, "images": rb},
             "ours_k3_equals_reference": agree, "ours_k1_vs_hf_xattn": rate["ours K=1"] / rate["hf-xattn"],
             "ours_k3_vs_hf_xattn": rate["ours K=3"] / rate["hf-xattn"],
+            "ours_k3_vs_hf_xattn_kn": rate["ours K=3"] / rate["hf-xattn KxN"],
             "ours_k1_vs_hf_xattn_wall": med_wall["hf-xattn"] / med_wall["ours K=1"],
             "ours_k3_vs_hf_xattn_wall": med_wall["hf-xattn"] / med_wall["ours K=3"],
             "hf_xattn_flops_over_ours_k1": flops["hf-xattn"] / flops["ours K=1"],
@@ -204,6 +220,71 @@ def run(dev: str, args) -> dict:
             "hf_xattn_flops_over_lm_only": flops["hf-xattn"] / flops["lm-only generate"],
             "ours_k3_vs_reference": rate["ours K=3"] / rate["no-cache reference K=3"],
             "ours_k3_vs_lm_only_generate": rate["ours K=3"] / rate["lm-only generate"]}
+
+
+def timed_interleaved(methods: dict, dev: str, repeats: int) -> tuple[dict, dict]:
+    """Each method once to warm up, then all of them in turn `repeats` times: (median wall, median CPU) s."""
+    for fn in methods.values():
+        fn()
+    wall = {name: [] for name in methods}
+    cpu = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            w, c = clock(fn, dev)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def peer_generate(model, bos, memory, kwargs: dict):
+    with torch.no_grad():
+        return model.generate(bos, encoder_hidden_states=memory, **kwargs)
+
+
+def run_precisions(dev: str, args) -> dict:
+    """Ours K=1 at fp32 / fp16 / int8 (and bf16 where the CPU has bf16 units) and the peer at fp32 / int8,
+    at each batch of --precision-batches: captions/s from CPU time, and the ratios of the goals."""
+    import copy
+
+    from vgpt_cli.model.precision import conv1d_as_linear, cpu_has_fast_bf16, dynamic_quantize, narrow_model
+
+    ours, peer, _ = build(dev, args.layers, args.d_in, args.n_visual, args.width)
+    narrow = ["fp16", "int8"] + (["bf16"] if cpu_has_fast_bf16() else [])
+    models = {"fp32": ours[1], **{p: narrow_model(copy.deepcopy(ours[1]), p) for p in narrow}}
+    peer_int8 = copy.deepcopy(peer)
+    conv1d_as_linear(peer_int8)
+    dynamic_quantize(peer_int8)
+    out: dict = {"precisions": list(models), "batches": {}}
+    for B in [int(b) for b in str(args.precision_batches).split(",")]:
+        gen = torch.Generator().manual_seed(1)
+        feats = torch.randn(B, args.n_visual, args.d_in, generator=gen).to(dev)
+        lengths = torch.full((B,), args.n_visual, dtype=torch.long, device=dev)
+        n = args.max_length
+        opts = DecodeOptions(beam_size=args.beams, max_length=n, min_length=n - 1)
+        with torch.no_grad():
+            memory = ours[1].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))[:, -1]
+        bos = torch.full((B, 1), peer.config.bos_token_id, dtype=torch.long, device=dev)
+        eos = ours[1].eos_token_id
+        common = dict(attention_mask=torch.ones_like(bos), num_beams=args.beams, max_new_tokens=n, min_new_tokens=n - 1,
+                      do_sample=False, length_penalty=0.0, early_stopping=False, pad_token_id=eos, eos_token_id=eos)
+
+        methods = {f"ours {p}": functools.partial(beam_search, m, feats, lengths, opts) for p, m in models.items()}
+        methods.update({name: functools.partial(peer_generate, m, bos, memory, common)
+                        for name, m in (("peer fp32", peer), ("peer int8", peer_int8))})
+        med_wall, med_cpu = timed_interleaved(methods, dev, args.repeats)
+        rate = {k: B / v for k, v in med_cpu.items()}
+        rows = [{"batch": B, "method": k, "cpu_s": med_cpu[k], "wall_s": med_wall[k], "captions_per_s": rate[k],
+                 "vs ours fp32": rate[k] / rate["ours fp32"]} for k in methods]
+        print_table(rows, title=f"precisions: beam {args.beams}, batch {B}, {n} tokens, {args.layers}-layer LM, "
+                                f"{torch.get_num_threads()} threads, median of {args.repeats}; rates from CPU time")
+        ratios = {f"{p}_vs_fp32": rate[f"ours {p}"] / rate["ours fp32"] for p in narrow}
+        ratios["ours_int8_vs_peer_int8"] = rate["ours int8"] / rate["peer int8"]
+        ratios["peer_int8_vs_peer_fp32"] = rate["peer int8"] / rate["peer fp32"]
+        out["batches"][str(B)] = {"median_wall_seconds": med_wall, "median_cpu_seconds": med_cpu,
+                                  "captions_per_s": rate, **ratios}
+    if "bf16" not in models:
+        out["bf16"] = "not measured: this CPU has no bf16 units (AMX or AVX-512 BF16), where bf16 runs slower than fp32"
+    return out
 
 
 def main() -> None:
@@ -222,6 +303,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method, interleaved (median kept)")
     ap.add_argument("--reference-batch", type=int, default=1,
                     help="images for the (slow) no-cache reference and the equality check")
+    ap.add_argument("--precision-batches", default=None,
+                    help="comma-separated batch sizes of the precision rows (default 1,8); '' skips them")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (preset cpu: 1; gpu: torch's own choice)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing: torch.profiler's top operations of ours K=3 and hf-xattn (one search each)")
@@ -241,6 +324,7 @@ def main() -> None:
     raw = {"preset": args.preset, "batch": args.batch, "beams": args.beams, "max_length": args.max_length,
            "layers": args.layers, "width": args.width, "n_visual": args.n_visual, "d_in": args.d_in,
            "repeats": args.repeats, "reference_batch": args.reference_batch,
+           "precision_batches": args.precision_batches,
            "cpu_threads": torch.get_num_threads(), "results": {}}
     goals = {}
     t0 = time.perf_counter()
@@ -251,8 +335,16 @@ def main() -> None:
         r = raw["results"][dev] = run(dev, args)
         goals[f"{dev}_speedup_vs_hf_xattn_k1"] = goal(r["ours_k1_vs_hf_xattn"], 1.5)
         goals[f"{dev}_speedup_vs_hf_xattn_k3"] = goal(r["ours_k3_vs_hf_xattn"], 1.2)
+        goals[f"{dev}_k3_vs_hf_xattn_same_kxn_memory"] = goal(r["ours_k3_vs_hf_xattn_kn"], 1.0)
         goals[f"{dev}_speedup_vs_no_cache_reference"] = goal(r["ours_k3_vs_reference"], 3.0)
         goals[f"{dev}_k3_equals_reference"] = goal(r["ours_k3_equals_reference"], 1.0)
+        if dev == "cpu" and args.precision_batches:
+            pr = raw["precisions"] = run_precisions(dev, args)
+            for b, r in pr["batches"].items():
+                goals[f"cpu_int8_vs_fp32_batch{b}"] = goal(r["int8_vs_fp32"], 2.0)
+                goals[f"cpu_int8_vs_peer_int8_batch{b}"] = goal(r["ours_int8_vs_peer_int8"], 1.2)
+                if "bf16_vs_fp32" in r:
+                    goals[f"cpu_bf16_vs_fp32_batch{b}"] = goal(r["bf16_vs_fp32"], 1.5)
     if args.profile:
         return
     raw["total_seconds"] = time.perf_counter() - t0

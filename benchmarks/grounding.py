@@ -465,7 +465,7 @@ def test_scores(model, manifest, store, beam: int, max_length: int, bf16: bool |
 
 
 def _bf16() -> bool:
-    from vgpt_cli.demo import cpu_has_fast_bf16
+    from vgpt_cli.model.precision import cpu_has_fast_bf16
 
     return cpu_has_fast_bf16()
 

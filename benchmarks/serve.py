@@ -10,16 +10,20 @@ GPT-2 of --width with the real 50,257-token BPE, K = 3 encoder levels, over the 
 EfficientNet-Lite0 (7 x 7 tokens, 224 px); beam 5, 20 tokens. Random weights rarely say EOS, so
 every caption runs all 20 steps: the worst case for a beam search.
 
-Two servers run side by side, and the scenarios take turns, --rounds times (the machine is shared:
-a change in its load then falls on both sides of the comparison):
+Three servers run side by side, and the scenarios take turns, --rounds times (the machine is shared:
+a change in its load then falls on every side of the comparison):
   batched        --max-batch 16 --max-wait-ms 50, with 1, 4 and 16 clients
   one_at_a_time  --max-batch 1, with 16 clients: the same load, each image its own search
+  batched_narrow as batched, with --precision int8 (--precision-server), with 16 clients
 
     python benchmarks/serve.py                  # ~3-4 minutes on a 2-core CPU
     python benchmarks/serve.py --width 256 --requests 48
     python benchmarks/serve.py --smoke          # seconds: 4 requests a scenario, 1 round, a 1-layer 64-wide model
 
-Goal: images/s at 16 clients batched >= 3x images/s at 16 clients one at a time.
+Goals: images/s at 16 clients batched >= 3x images/s at 16 clients one at a time; batched int8 >= 1.8x
+batched fp32 at 16 clients. The int8 ratio depends on how much of a request is the decoder: with the
+default 2-layer decoder the (fp32) backbone and the HTTP path weigh as much as the search; --layers 12
+--width 768 gives a GPT-2-small-sized decoder (minutes more).
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m vgpt_cli serve` on a free port; stopped (by its own pid) on exit."""
 
-    def __init__(self, model: Path, max_batch: int, max_wait_ms: float, log: Path) -> None:
+    def __init__(self, model: Path, max_batch: int, max_wait_ms: float, log: Path, precision: str = "fp32") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "vgpt_cli", "serve", "--model", str(model), "--device", "cpu",
-                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+                    "--precision", precision]
         self.log = log
 
     def __enter__(self) -> ServerProcess:
@@ -149,6 +154,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--k", type=int, default=3, help="encoder levels")
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
+    ap.add_argument("--precision-server", default="int8", help="the narrowed server's --precision (default int8)")
     ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 4 requests, 1 round, a "
                     "tiny model, into serve_smoke.json")
     args = ap.parse_args()
@@ -157,7 +163,8 @@ def main() -> None:
 
     started = time.perf_counter()
     scenarios = [("batched", 1, max(args.requests // 4, 1)), ("batched", 4, args.requests // 2),
-                 ("batched", 16, args.requests), ("one_at_a_time", 16, args.requests)]
+                 ("batched", 16, args.requests), ("one_at_a_time", 16, args.requests),
+                 ("batched_narrow", 16, args.requests)]
     runs: dict[tuple[str, int], list[dict]] = {(s, c): [] for s, c, _ in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -167,8 +174,9 @@ def main() -> None:
         # both servers up at once, the scenarios taken in turns, round after round: a change in the
         # machine's load (it is shared) then falls on both sides of the comparison alike
         with ServerProcess(model, 16, args.max_wait_ms, tmp / "batched.log") as batched, \
-                ServerProcess(model, 1, 0, tmp / "single.log") as single:
-            servers = {"batched": batched, "one_at_a_time": single}
+                ServerProcess(model, 1, 0, tmp / "single.log") as single, \
+                ServerProcess(model, 16, args.max_wait_ms, tmp / "narrow.log", args.precision_server) as narrow:
+            servers = {"batched": batched, "one_at_a_time": single, "batched_narrow": narrow}
             for srv in servers.values():
                 load(srv.url, images, 2, 4)  # warm-up: first-call allocations, thread pools
             warm = batched.health()["images"]
@@ -188,16 +196,21 @@ def main() -> None:
     by = {(r["server"], r["clients"]): r for r in rows}
     speedup = by[("batched", 16)]["images_per_s"] / by[("one_at_a_time", 16)]["images_per_s"]
     over_one_client = by[("batched", 16)]["images_per_s"] / by[("batched", 1)]["images_per_s"]
+    narrow_speedup = by[("batched_narrow", 16)]["images_per_s"] / by[("batched", 16)]["images_per_s"]
     print(f"\nbatching speedup at 16 clients: {speedup:.2f}x over one image at a time "
-          f"({over_one_client:.2f}x over a single client)")
+          f"({over_one_client:.2f}x over a single client); --precision {args.precision_server}: "
+          f"{narrow_speedup:.2f}x fp32's images/s")
     raw = {"model": f"random GPT-2 {args.layers}x{args.width} + real BPE, K={args.k}, EfficientNet-Lite0 224 px",
            "beam_size": 5, "max_length": 20, "max_wait_ms": args.max_wait_ms, "scenarios": rows,
            "batched_server_counts": batches, "speedup_16_clients_vs_one_at_a_time": round(speedup, 3),
            "speedup_16_clients_vs_one_at_a_time_per_round": per_round, "rounds": args.rounds,
            "speedup_16_clients_vs_1_client": round(over_one_client, 3),
+           "batched_narrow_precision": args.precision_server,
+           "narrow_vs_fp32_16_clients": round(narrow_speedup, 3),
            "load_average_1min_after": round(os.getloadavg()[0], 2),
            "seconds_total": round(time.perf_counter() - started, 1)}
-    write_results(__file__, raw, {"batching_speedup_16_clients": goal(speedup, 3.0)},
+    write_results(__file__, raw, {"batching_speedup_16_clients": goal(speedup, 3.0),
+                                  f"{args.precision_server}_vs_fp32_16_clients": goal(narrow_speedup, 1.8)},
                   name="serve_smoke" if args.smoke else None)
 
 

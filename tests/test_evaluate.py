@@ -103,3 +103,27 @@ def test_evaluate_errors_are_one_line(ws, tmp_path):
     assert empty.exit_code == 2 and "vgpt prepare" in empty.output
     r = cli("-w", str(ws.root), "evaluate", "--references", "x.json")
     assert r.exit_code == 2 and "--predictions" in r.output
+
+
+def test_evaluate_int8_against_fp32_reports_the_agreement_beside_fp32s_outputs(ws):
+    fp32 = cli("-w", str(ws.root), "evaluate", "--split", "test", "--beam-size", "2", "--max-length", "8",
+               "--device", "cpu", "--no-spice", "--json")
+    assert fp32.exit_code == 0, fp32.output
+    r = cli("-w", str(ws.root), "evaluate", "--split", "test", "--beam-size", "2", "--max-length", "8",
+            "--device", "cpu", "--no-spice", "--precision", "int8", "--compare-fp32", "--json")
+    assert r.exit_code == 0, r.output
+    res, base = json.loads(r.stdout), json.loads(fp32.stdout)
+    assert res["precision"] == "int8" and res["out_dir"].endswith("test-int8")  # fp32's files stay as they were
+    a = res["agreement"]
+    # the fp32 side of the comparison is the plain fp32 evaluation
+    assert a["scores"]["fp32"]["CIDEr"] == base["scores"]["CIDEr"]
+    assert a["scores"]["int8"]["CIDEr"] == res["scores"]["CIDEr"]
+    # identical: recomputed from the two predictions files
+    out = ws.run_dir("r1") / "eval"
+    p8 = {p["image_id"]: p["caption"] for p in json.loads((out / "test-int8" / "predictions.json").read_text())}
+    p32 = {p["image_id"]: p["caption"] for p in json.loads((out / "test" / "predictions.json").read_text())}
+    assert set(p8) == set(p32) and a["images"] == len(p32) == 3
+    assert a["identical"] == sum(p8[k] == p32[k] for k in p32) / 3
+    assert (a["worst"] is None) == (p8 == p32)
+    plain = cli("-w", str(ws.root), "evaluate", "--split", "test", "--compare-fp32")
+    assert plain.exit_code == 2 and "--precision" in plain.output and "Traceback" not in plain.output

@@ -101,6 +101,7 @@ class ImageCaptioner:
         # None: the decoding settings saved with the model (those it was validated and selected with)
         self.options = decode_options(model, beam_size=beam_size, max_length=max_length)
         self.batch_size = batch_size
+        self.notice: str | None = None  # one line for the user, e.g. that bf16 will not pay on this CPU
         if backbone.dim != model.config.d_in:
             raise ModelLoadError(f"{model_dir}: the model takes {model.config.d_in}-wide features, but backbone "
                                  f"{backbone.name!r} gives {backbone.dim}; the backbone record does not belong "
@@ -235,15 +236,17 @@ def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple
 
 def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike | Workspace | None = None,
                    device: str | None = None, beam_size: int | None = None, max_length: int | None = None,
-                   batch_size: int = 16) -> ImageCaptioner:
+                   batch_size: int = 16, precision: str = "fp32") -> ImageCaptioner:
     """Load a trained model folder (runs/<run>/best, or any Captioner.save_pretrained folder with its
     backbone.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
 
     Without backbone.json in the folder, the backbone record of `workspace`'s feature store is used
     (default: $VGPT_WORKSPACE or the current folder). beam_size and max_length default to the
     decoding settings saved with the model (its config.json "generation" block); device to
-    vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU)."""
+    vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
+    bf16 or int8 (vgpt_cli.model.precision: narrowed at load time; `notice` says when it will not pay)."""
     from vgpt_cli.features import load_backbone_from_meta
+    from vgpt_cli.model.precision import check_precision
     from vgpt_cli.runtime import load_model, resolve_device
 
     mdir = Path(model_dir).expanduser().resolve()
@@ -251,8 +254,11 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     ws = workspace if isinstance(workspace, Workspace) else Workspace.from_option(
         Path(workspace) if workspace is not None else None)
     dev = resolve_device(device)
-    model = load_model(mdir, dev)
+    notice = check_precision(precision, dev)
+    model = load_model(mdir, dev, precision)
     meta, _ = resolve_backbone_meta(mdir, ws)
     backbone = load_backbone_from_meta(meta, device=dev)
-    return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
-                          device=dev, model_dir=str(mdir))
+    captioner = ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                               device=dev, model_dir=str(mdir))
+    captioner.notice = notice
+    return captioner

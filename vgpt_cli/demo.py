@@ -84,30 +84,8 @@ class DemoReport:
         return asdict(self)
 
 
-BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-
-
 FP32_CPU_NOTICE = ("[precision] fp32 on this CPU{why}: training is 1.4-3.2x slower than with bf16 on an AMX CPU, "
                    "where the demo takes 10 minutes (docs/results.md); `vgpt demo --quick` is a short smoke run")
-
-
-def cpuinfo_field(name: str) -> str | None:
-    """The first CPU's `name` line of /proc/cpuinfo (e.g. "model name", "flags"); None where there is none."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() == name), None)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo); empty where that cannot be read."""
-    return set((cpuinfo_field("flags") or "").split())
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 autocast pays on a CPU with AMX or AVX-512 BF16 (4-6x the fp32 matmul rate here)."""
-    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def demo_photo() -> Path:
@@ -156,6 +134,7 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import load_backbone, open_workspace_store
     from vgpt_cli.features.extract import extract_items
+    from vgpt_cli.model.precision import cpu_has_fast_bf16
     from vgpt_cli.train import TrainConfig, train
 
     if precision not in ("auto", "bf16", "fp32"):

@@ -132,11 +132,15 @@ def model_backbone_meta(model_dir: Path, rebuild: bool = False) -> dict[str, Any
     return meta
 
 
-def load_model(model_dir: Path, device: str | torch.device | None = None) -> Any:
-    """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode."""
+def load_model(model_dir: Path, device: str | torch.device | None = None, precision: str = "fp32") -> Any:
+    """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode, its weights narrowed
+    to `precision` (vgpt_cli.model.precision; refused in one line where the device cannot run it)."""
     from vgpt_cli.model import Captioner
+    from vgpt_cli.model.precision import check_precision, narrow_model
 
-    return Captioner.from_pretrained(model_dir).to(resolve_device(device)).eval()
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    return narrow_model(Captioner.from_pretrained(model_dir).to(dev).eval(), precision)
 
 
 # --- decoding settings -------------------------------------------------------------------------------

@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import decode_progress, err, friendly_errors, print_json, print_table, workspace
+from vgpt_cli.commands.common import (
+    PrecisionOption,
+    decode_progress,
+    err,
+    friendly_errors,
+    print_json,
+    print_table,
+    workspace,
+)
 from vgpt_cli.errors import ConfigError, DataError, PartialRunError
 
 
@@ -28,6 +36,7 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
                                                "cuda, cuda:1, mps.")] = None,
+    precision: PrecisionOption = "fp32",
     gates: Annotated[bool, typer.Option(
         "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,
     gates_plot: Annotated[Path | None, typer.Option(
@@ -52,6 +61,8 @@ def command(
         vgpt caption cat.jpg --gates --gates-plot gates.png
 
         vgpt caption cat.jpg --attention attention/
+
+        vgpt caption photos/ --precision int8
     """
     from vgpt_cli.api import expand_image_paths, load_captioner
     from vgpt_cli.runtime import resolve_model_dir
@@ -65,7 +76,9 @@ def command(
         raise DataError(f"{missing[0].source}: {missing[0].error}; give image files, folders or globs")
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
-                               batch_size=batch_size)
+                               batch_size=batch_size, precision=precision)
+    if captioner.notice:
+        err.print(f"[yellow]note:[/] {captioner.notice}", highlight=False)
     if (gates or gates_plot is not None) and captioner.model.gates is None:
         raise ConfigError(f"--gates: {model_dir} has no gates: it was trained with plain cross-attention (`vgpt "
                           "train`'s default, --gating none); train with --gating srau for per-token gates")
@@ -115,7 +128,7 @@ def command(
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     o = captioner.options
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
-              f"{o.max_length} tokens)", highlight=False)
+              f"{o.max_length} tokens, {precision})", highlight=False)
     if bad and not good:
         raise DataError(f"no image could be captioned (first: {bad[0].source}: {bad[0].error}); give readable "
                         "JPEG/PNG files")

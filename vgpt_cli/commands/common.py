@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -32,6 +32,13 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# --precision of caption, evaluate and serve, declared once (vgpt_cli.model.precision)
+PrecisionOption = Annotated[str, typer.Option("--precision", help=(
+    "Weights to caption with: fp32 (as trained); fp16 (on a CPU: the decoder's weights read as fp16, "
+    "arithmetic in fp32: faster, captions as fp32's); int8 (the decoder's Linear layers dynamically "
+    "quantized: fastest on a CPU, but captions change); bf16 (pays on CUDA and on CPUs with AMX or "
+    "AVX-512 BF16). The saved model stays fp32."))]
 
 
 def say(message: str) -> None:

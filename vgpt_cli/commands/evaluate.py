@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from vgpt_cli.commands.common import (
+    PrecisionOption,
     decode_progress,
     err,
     friendly_errors,
@@ -59,6 +60,10 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
     device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
                                                "cuda, cuda:1, mps.")] = None,
+    precision: PrecisionOption = "fp32",
+    compare_fp32: Annotated[bool, typer.Option("--compare-fp32", help=(
+        "With --precision fp16, int8 or bf16: also decode at fp32 and report the share of identical captions, "
+        "both scores and the worst disagreement."))] = False,
     spice: Annotated[bool, typer.Option("--spice/--no-spice", help="Try SPICE (needs Stanford CoreNLP jars).")] = True,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="With --predictions: also write the metrics JSON here.")] = None,
@@ -76,6 +81,8 @@ def command(
 
         vgpt evaluate --split val --model runs/r1/best --beam-size 3
 
+        vgpt evaluate --split val --precision int8 --compare-fp32
+
         vgpt evaluate --predictions preds.json --references captions_val2014.json
     """
     if predictions:
@@ -88,19 +95,35 @@ def command(
     with decode_progress() as progress:
         result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
                                 max_length=max_length, batch_size=batch_size, device=device, spice=spice,
-                                log=say, progress=progress)
+                                precision=precision, compare_fp32=compare_fp32, log=say, progress=progress)
     if as_json:
         print_json(result.to_dict())
     else:
         extra = [k for k in ("grounded", "object_f1", "shape_f1") if k in result.scores]
         table = metrics_table({f"{result.dataset}/{result.split}": result.scores},
-                              title=f"{result.model_dir}: {result.n_items} items, beam {result.decode['beam_size']}", extra=extra)
+                              title=f"{result.model_dir}: {result.n_items} items, beam {result.decode['beam_size']}, "
+                                    f"{result.precision}", extra=extra)
         if result.notes:
             table.caption = "; ".join(result.notes)
         print_table(table)
+        if result.agreement is not None:
+            print_table(agreement_table(result.agreement))
     err.print(f"wrote {result.metrics_path}, {result.predictions_path.name} and {result.per_image_path.name} "
               f"({result.seconds:.1f} s)", highlight=False)
     err.print("next: `vgpt caption IMAGE...` captions new images with this model", highlight=False)
+
+
+def agreement_table(a: dict) -> Table:
+    """--compare-fp32: the scores at both precisions, the share of identical captions, the worst case."""
+    p = a["precision"]
+    table = metrics_table({p: a["scores"][p], "fp32": a["scores"]["fp32"]},
+                          title=f"{p} against fp32: {a['identical']:.1%} of {a['images']} captions identical",
+                          extra=["object_f1"])
+    if a["worst"] is not None:
+        w = a["worst"]
+        table.caption = (f"largest CIDEr drop: {w['image_id']}: {p} {w[p]!r} ({w['CIDEr']:.3f}) / "
+                         f"fp32 {w['fp32']!r} ({w['CIDEr_fp32']:.3f})")
+    return table
 
 
 def _score_files(ctx: typer.Context, files: list[Path], references: Path | None, split: str, spice: bool,

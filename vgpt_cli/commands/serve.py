@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vgpt_cli.commands.common import err, friendly_errors, workspace
+from vgpt_cli.commands.common import PrecisionOption, err, friendly_errors, workspace
 from vgpt_cli.errors import ConfigError
 
 API_KEY_ENV = "VGPT_API_KEY"
@@ -35,6 +35,7 @@ def command(
     max_files: Annotated[int, typer.Option("--max-files", min=1, help="Most images in one request.")] = 16,
     device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
                                                "cuda, cuda:1, mps.")] = None,
+    precision: PrecisionOption = "fp32",
 ) -> None:
     """Serve captions over HTTP: a JSON API, its OpenAPI page (/docs) and a browser page (/).
 
@@ -47,6 +48,8 @@ def command(
         vgpt serve
 
         vgpt serve --model runs/r1/best --port 8080 --api-key "$(openssl rand -hex 16)"
+
+        vgpt serve --precision int8
 
         curl -F images=@photo.jpg http://127.0.0.1:8000/v1/captions
     """
@@ -65,13 +68,15 @@ def command(
     ws = workspace(ctx)
     model_dir = resolve_model_dir(ws, model)
     err.print(f"loading {model_dir} ...", highlight=False)
-    captioner = load_captioner(model_dir, workspace=ws, device=device, batch_size=max_batch)
+    captioner = load_captioner(model_dir, workspace=ws, device=device, batch_size=max_batch, precision=precision)
+    if captioner.notice:
+        err.print(f"[yellow]note:[/] {captioner.notice}", highlight=False)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, api_key=api_key,
                              max_upload_bytes=int(max_upload_mb * 1_000_000), max_files=max_files)
     app = create_app(captioner, settings)
     o = captioner.options
     shown = "[::1]" if host == "::1" else host
-    err.print(f"serving {model_dir} (beam {o.beam_size}, at most {o.max_length} tokens) on http://{shown}:{port}/ "
+    err.print(f"serving {model_dir} (beam {o.beam_size}, at most {o.max_length} tokens, {precision}) on http://{shown}:{port}/ "
               f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key and not os.environ.get(API_KEY_ENV):
         err.print(f"[yellow]warning:[/] {host} is reachable from other machines and no --api-key is set",

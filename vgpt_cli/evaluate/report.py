@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
 from vgpt_cli.runtime import (
     decode_options,
@@ -66,6 +66,8 @@ class SplitEvaluation:
     out_dir: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    agreement: dict[str, Any] | None = None  # with compare_fp32: vgpt_cli.evaluate.agreement
 
     @property
     def metrics_path(self) -> Path:
@@ -101,19 +103,24 @@ def score_items(preds: dict[str, str], items: list, dataset_format: str, *, spic
 
 def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int | None = None,
                    max_length: int | None = None, batch_size: int = 32, device: str | None = None, spice: bool = True,
-                   log: Callable[[str], None] = print,
+                   precision: str = "fp32", compare_fp32: bool = False, log: Callable[[str], None] = print,
                    progress: Callable[[int, int], Callable[[int], None]] | None = None) -> SplitEvaluation:
     """Decode `split` of the workspace's dataset from its cached features and score it.
 
     beam_size, max_length: None decodes with the model's saved generation settings (vgpt_cli.runtime).
     The outputs go to the run folder when the model is a checkpoint of this workspace's runs/, else
     to runs/external/<name>-<hash>/: nothing is written outside the workspace.
+    precision: the weights' precision (vgpt_cli.model.precision); compare_fp32: also decode at fp32 and
+    report how far the captions moved (`agreement`).
     progress(total, ...) -> advance(n) is called once with the item count (for a progress bar)."""
     import torch
 
     from vgpt_cli.decode import decode_arrays
     from vgpt_cli.features import open_workspace_store
+    from vgpt_cli.model.precision import check_precision, narrow_model
 
+    if compare_fp32 and precision == "fp32":
+        raise ConfigError("--compare-fp32 compares a narrower --precision with fp32: add --precision fp16, int8 or bf16")
     t0 = time.perf_counter()
     manifest = workspace_manifest(ws)
     items = [it for it in manifest.items(split) if it.captions]
@@ -128,7 +135,10 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     ids = [it.id for it in items]
     store.require(ids)
     dev = resolve_device(device)
-    model = load_model(mdir, dev)
+    notice = check_precision(precision, dev)
+    if notice:
+        log(f"note: {notice}")
+    model = load_model(mdir, dev)  # fp32, narrowed below (after the fp32 captions when comparing)
     if store.dim != model.config.d_in:
         raise ModelLoadError(f"{mdir}: the model takes {model.config.d_in}-wide features but the workspace's "
                              f"feature store {store.path.name} has {store.dim}; evaluate in the workspace it was "
@@ -139,18 +149,34 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
                              f"{store.fingerprint}; run `vgpt extract-features` with the model's backbone "
                              f"({bb.get('backbone')}) first")
     opts = decode_options(model, beam_size=beam_size, max_length=max_length)
-    advance = progress(len(ids)) if progress else None
-    with torch.inference_mode():
-        hyps = decode_arrays(model, [store.get(i) for i in ids], opts, batch_size=batch_size, device=dev,
-                             progress=advance)
+    advance = progress(len(ids) * (2 if compare_fp32 else 1)) if progress else None
+    arrays = [store.get(i) for i in ids]
+
+    def captions() -> list:
+        with torch.inference_mode():
+            return decode_arrays(model, arrays, opts, batch_size=batch_size, device=dev, progress=advance)
+
+    hyps_fp32 = captions() if compare_fp32 else None
+    narrow_model(model, precision)
+    hyps = captions()
     preds = {i: h.text for i, h in zip(ids, hyps)}
     report, scores = score_items(preds, items, manifest.format, spice=spice, log=log)
+    agreement = None
+    if hyps_fp32 is not None:
+        from vgpt_cli.evaluate.agreement import precision_agreement
 
-    out_dir = output_dir(ws, mdir) / "eval" / split
+        preds_fp32 = {i: h.text for i, h in zip(ids, hyps_fp32)}
+        report_fp32, scores_fp32 = score_items(preds_fp32, items, manifest.format, spice=spice, log=log)
+        agreement = precision_agreement(precision, preds, preds_fp32, scores, scores_fp32, report.per_item,
+                                        report_fp32.per_item)
+
+    # narrower weights write beside the fp32 evaluation, never over it
+    out_dir = output_dir(ws, mdir) / "eval" / (split if precision == "fp32" else f"{split}-{precision}")
     result = SplitEvaluation(
         dataset=manifest.dataset, split=split, model_dir=str(mdir), n_items=len(ids), scores=scores,
         skipped=report.skipped, tokenizer=report.tokenizer, decode=asdict(opts), notes=notes, out_dir=str(out_dir),
-        seconds=round(time.perf_counter() - t0, 3), warnings=report.warnings)
+        seconds=round(time.perf_counter() - t0, 3), warnings=report.warnings, precision=precision,
+        agreement=agreement)
     atomic_write_json(result.predictions_path, coco_results(preds))
     lines = []
     for it, h in zip(items, hyps):

@@ -189,6 +189,8 @@ class Captioner(nn.Module):
         # Where the LM's pretrained weights come from and their digest (lm_reference.py): while they are
         # unchanged, save_pretrained refers to them instead of copying them. None: always saved whole.
         self.lm_reference: dict[str, str] | None = None
+        # fp32 as trained, or the narrower weights vgpt_cli.model.precision.narrow_model made at load time
+        self.precision = "fp32"
 
     def _init_new(self) -> None:
         # New parameters: small normal weights as in GPT-2 (std 0.02), zero biases; gates start near 0.5
@@ -266,7 +268,7 @@ class Captioner(nn.Module):
         if lengths.shape != features.shape[:1]:
             raise DataError(f"lengths must have shape ({features.shape[0]},), got {tuple(lengths.shape)}")
         mask = padding_mask(lengths, features.shape[1])
-        e = self.encoder(features.float(), mask)  # (B, K, N, D)
+        e = self.encoder(features.to(self.adapter.embedding_dtype()), mask)  # (B, K, N, D)
         keys, values = [], []
         for i in range(self.num_layers):
             k, v = self.xattn[i].project_memory(self.adapter.ln1(i, e))
@@ -402,10 +404,10 @@ class Captioner(nn.Module):
         y, total = xa.attend(q, k.reshape(Bm * K, h, N, hd), v.reshape(Bm * K, h, N, hd), xmask, beams,
                              past, real)                             # (Bm*K, h, beams*T, hd)
         y = y.view(Bm, K, h, R // Bm, hd).permute(1, 0, 3, 2, 4).reshape(K, R, D)
-        c = F.linear(y, xa.o.weight, xa.o.bias)                              # (K, R, D): C_k
+        c = xa.o(y)                                                          # (K, R, D): C_k
         a = A.reshape(1, R, D)
         x = torch.cat([a.expand(K, R, D), c], dim=-1)                        # (K, R, 2D): [A ; C_k]
-        g = torch.baddbmm(gates.bias.unsqueeze(1), x, gates.weight.transpose(1, 2)).sigmoid_()
+        g = gates.level_logits(x).sigmoid_()
         ling = F.threshold(g, tau, 0.0)
         vis = F.threshold(g.neg_().add_(1), tau, 0.0)                        # g is now 1 - g
         means = (ling.mean(dim=(0, 2)).view(B, T), vis.mean(dim=(0, 2)).view(B, T)) if want_gates else (None, None)
@@ -496,9 +498,9 @@ class Captioner(nn.Module):
         logits, gates, coverage, _ = self._decode(token_ids, state.memory, key_mask if padded else None, buf, L0,
                                                return_gates, xmask, state.coverage)
         spare = state.spare if buf is state.buffer else None  # a grown buffer leaves the old spare behind
-        new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1] if gates is not None else None,
+        new = DecodeState(state.memory, state.beams, buf, key_mask, gates[:, -1].float() if gates is not None else None,
                           L0 + 1, padded, state.capacity_hint, xmask, spare, coverage)
-        return logits[:, -1], new
+        return logits[:, -1].float(), new
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

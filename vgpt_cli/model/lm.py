@@ -55,6 +55,10 @@ class LMAdapter:
         # learned position tables have a length; rotary positions do not
         self.max_positions: int | None = None
 
+    def embedding_dtype(self) -> torch.dtype:
+        """The dtype the decoder computes in (float32, or bfloat16 once narrowed): what features are cast to."""
+        return self.lm.get_input_embeddings().weight.dtype
+
     # embeddings of token ids at absolute positions (T,) -> (B, T, D)
     def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         raise NotImplementedError

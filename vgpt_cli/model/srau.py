@@ -155,6 +155,10 @@ class LevelGates(nn.Module):
     def levels(self) -> int:
         return self.weight.shape[0]
 
+    def level_logits(self, x: Tensor) -> Tensor:
+        # x (K, R, 2D), level-major [A ; C_k] -> (K, R, D) before the sigmoid, the bias in the batched matmul
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
     def forward(self, a: Tensor, c: Tensor) -> Tensor:
         # a (B, T, D), c (B, K, T, D) -> g (B, K, T, D)
         x = torch.cat([a.unsqueeze(1).expand_as(c), c], dim=-1)  # (B, K, T, 2D)

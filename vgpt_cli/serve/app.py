@@ -154,6 +154,7 @@ def model_info(captioner, settings: ServeSettings) -> dict[str, Any]:
                      "input_size": (meta.get("data_config") or {}).get("input_size")},
         "decoding": asdict(captioner.options),
         "device": str(captioner.device),
+        "precision": captioner.model.precision,
         "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
         "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_files": settings.max_files,
                    "max_pixels": settings.max_pixels},
