@@ -102,10 +102,10 @@ class ImageCaptioner:
         self.options = decode_options(model, beam_size=beam_size, max_length=max_length)
         self.batch_size = batch_size
         self.notice: str | None = None  # one line for the user, e.g. that bf16 will not pay on this CPU
-        if backbone.dim != model.config.d_in:
-            raise ModelLoadError(f"{model_dir}: the model takes {model.config.d_in}-wide features, but backbone "
-                                 f"{backbone.name!r} gives {backbone.dim}; the backbone record does not belong "
-                                 "to this model")
+        from vgpt_cli.runtime import require_feature_width
+
+        require_feature_width(model, backbone.dim, f"{model_dir}: backbone {backbone.name!r}",
+                              "the backbone record does not belong to this model")
 
     def __call__(self, images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image
                  ) -> list[str]:
@@ -215,11 +215,11 @@ class ImageCaptioner:
 
 def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:
     """The backbone record of a model: backbone.json saved with it, else the workspace's feature store."""
-    from vgpt_cli.runtime import model_backbone_meta
+    from vgpt_cli.runtime import BACKBONE_JSON, model_backbone_meta
 
     meta = model_backbone_meta(model_dir, rebuild=True)
     if meta:
-        return meta, str(Path(model_dir) / "backbone.json")
+        return meta, str(Path(model_dir) / BACKBONE_JSON)
     if workspace is not None:
         from vgpt_cli.features import open_workspace_store
 

@@ -132,6 +132,12 @@ def model_backbone_meta(model_dir: Path, rebuild: bool = False) -> dict[str, Any
     return meta
 
 
+def require_feature_width(model: Any, width: int, what: str, fix: str, error: type[Exception] = ModelLoadError) -> None:
+    """The one check that features of `width` fit the model: `what` names the features, `fix` says what to do."""
+    if int(model.config.d_in) != int(width):
+        raise error(f"the model takes {model.config.d_in}-wide features, but {what} gives {width}; {fix}")
+
+
 def load_model(model_dir: Path, device: str | torch.device | None = None, precision: str = "fp32") -> Any:
     """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode, its weights narrowed
     to `precision` (vgpt_cli.model.precision; refused in one line where the device cannot run it)."""

@@ -23,6 +23,7 @@ from vgpt_cli.runtime import (
     load_model,
     model_backbone_meta,
     output_dir,
+    require_feature_width,
     resolve_device,
     resolve_model_dir,
 )
@@ -139,10 +140,8 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     if notice:
         log(f"note: {notice}")
     model = load_model(mdir, dev)  # fp32, narrowed below (after the fp32 captions when comparing)
-    if store.dim != model.config.d_in:
-        raise ModelLoadError(f"{mdir}: the model takes {model.config.d_in}-wide features but the workspace's "
-                             f"feature store {store.path.name} has {store.dim}; evaluate in the workspace it was "
-                             "trained in, or extract features with its backbone")
+    require_feature_width(model, store.dim, f"{mdir} against the workspace's feature store {store.path.name}",
+                          "evaluate in the workspace it was trained in, or extract features with its backbone")
     bb = model_backbone_meta(mdir)
     if bb and bb.get("fingerprint") and bb["fingerprint"] != store.fingerprint:
         raise ModelLoadError(f"{mdir}: trained on features {bb['fingerprint']}, but the workspace's store is "

@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.runtime import BACKBONE_JSON as BACKBONE_JSON  # one name for the backbone record
 from vgpt_cli.runtime import checkpoint_dir as checkpoint_dir  # the one recovery rule
 from vgpt_cli.workspace import atomic_write_json
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
-BACKBONE_JSON = "backbone.json"
 
 
 def fsync_tree(folder: Path) -> None:
