@@ -17,6 +17,10 @@ class DataError(VgptError):
     """An input file (annotations, images, features) is missing or malformed."""
 
 
+class DiskFullError(DataError):
+    """The disk filled while a file was written (vgpt_cli.workspace.atomic_write): its previous version is intact."""
+
+
 class ModelLoadError(VgptError):
     """A model folder, checkpoint or language model cannot be loaded."""
 

@@ -12,32 +12,44 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgpt_cli.errors import VgptError
+from vgpt_cli.errors import DiskFullError, VgptError
 
 WORKSPACE_ENV = "VGPT_WORKSPACE"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> Path:
+    """The one way a file is written: `write(tmp)` fills a temporary file beside `path`, which is fsynced
+    and renamed over `path`; a failure (a kill, a full disk) leaves the previous version intact. size: the
+    bytes it needs, for the disk-full message."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the old file is intact: say so, no traceback
-            raise VgptError(f"{path}: disk full while writing it ({len(text.encode('utf-8')):,} bytes needed); "
-                            "the previous version is unchanged, free space and rerun") from None
+            needed = f" ({size:,} bytes needed)" if size is not None else ""
+            raise DiskFullError(f"{path}: disk full while writing it{needed}; the previous version is unchanged, "
+                                "free space and rerun") from None
         raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, fsync, then rename over it."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -105,12 +105,9 @@ def word_maps(tokens: Sequence[str], caption: str, maps: torch.Tensor) -> list[t
 
 def save_figure(fig: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (a temporary name in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    from vgpt_cli.workspace import atomic_write
+
+    return atomic_write(Path(path), lambda tmp: fig.save(tmp, format="PNG"))
 
 
 def figure_names(sources: Sequence[str]) -> list[str]:

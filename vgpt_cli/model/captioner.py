@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -524,22 +523,15 @@ class Captioner(nn.Module):
         by_reference = unchanged(self.lm_reference, self.lm)
         if by_reference:
             meta["lm_weights"] = dict(self.lm_reference)
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".safetensors.tmp")
-        os.close(fd)
-        try:
-            if by_reference:
-                save_file(split_state(self), tmp, metadata={"format": "pt"})
-            else:
-                # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte), restored on load
-                save_model(self, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out / WEIGHTS_FILE)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from vgpt_cli.workspace import atomic_write, atomic_write_json
+
+        if by_reference:
+            atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(split_state(self), str(tmp), metadata={"format": "pt"}))
+        else:
+            # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte), restored on load
+            atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(self, str(tmp), metadata={"format": "pt"}))
         self.tokenizer.save_pretrained(str(out))
-        tmpj = out / (CONFIG_FILE + ".tmp")
-        tmpj.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmpj, out / CONFIG_FILE)
+        atomic_write_json(out / CONFIG_FILE, meta)
         return out
 
     @classmethod

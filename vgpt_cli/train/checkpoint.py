@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vgpt_cli.errors import DataError, ModelLoadError
+from vgpt_cli.errors import DataError, DiskFullError, ModelLoadError
 from vgpt_cli.runtime import BACKBONE_JSON as BACKBONE_JSON  # one name for the backbone record
 from vgpt_cli.runtime import checkpoint_dir as checkpoint_dir  # the one recovery rule
 from vgpt_cli.workspace import atomic_write_json
@@ -120,7 +120,7 @@ def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, A
         _swap_in(tmp, run_dir / which)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # one line, not a traceback
+        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):  # one line
             need = sum(t.numel() * t.element_size() for t in [*model.state_dict().values(), *(tensors or {}).values()])
             raise DataError(f"{run_dir / which}: disk full while saving the {which} checkpoint (about {need:,} bytes "
                             f"needed, in {getattr(e, 'filename', None) or tmp}); the previous {which}/ is intact, "
