@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # --precision of caption, evaluate and serve, declared once (vgpt_cli.model.precision)
 PrecisionOption = Annotated[str, typer.Option("--precision", help=(
     "Weights to caption with: fp32 (as trained); fp16 (on a CPU: the decoder's weights read as fp16, "
-    "arithmetic in fp32: faster, captions as fp32's); int8 (the decoder's Linear layers dynamically "
+    "arithmetic in fp32: faster, nearly always fp32's captions); int8 (the decoder's Linear layers dynamically "
     "quantized: fastest on a CPU, but captions change); bf16 (pays on CUDA and on CPUs with AMX or "
     "AVX-512 BF16). The saved model stays fp32."))]
 
