@@ -242,7 +242,7 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
 
     Without backbone.json in the folder, the backbone record of `workspace`'s feature store is used
     (default: $VGPT_WORKSPACE or the current folder). beam_size and max_length default to the
-    decoding settings saved with the model (its config.json "generation" block); device to
+    decoding settings saved with the model (its generation_config.json); device to
     vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
     bf16 or int8 (vgpt_cli.model.precision: narrowed at load time; `notice` says when it will not pay)."""
     from vgpt_cli.features import load_backbone_from_meta

@@ -6,7 +6,7 @@ Python API and anything that serves models later, so each rule exists once:
 - `--device auto`: CUDA (the process's LOCAL_RANK GPU under torchrun), then Apple's MPS, then the CPU;
 - a checkpoint folder is `<run>/<which>`, or `<run>/.<which>.old` when a kill fell inside a save;
 - under `torchrun`, rank, world size and device come from one `DistContext` (setup_distributed);
-- decoding uses the generation block saved in the model's config.json, then the built-in defaults;
+- decoding uses the settings saved in the model's generation_config.json, then the built-in defaults;
   an explicit option overrides either.
 """
 

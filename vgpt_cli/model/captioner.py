@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ from vgpt_cli.model.srau import (
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# the decoding settings the model was validated and selected with: every DecodeOptions field, as
+# transformers keeps generate()'s settings in generation_config.json beside config.json
+GENERATION_CONFIG_FILE = "generation_config.json"
 FORMAT = "vgpt-captioner"
 FORMAT_VERSION = 1
 
@@ -518,8 +521,6 @@ class Captioner(nn.Module):
             "lm_config": {k: v for k, v in self.lm.config.to_dict().items() if k != "quantization_config"},
             "special_tokens": {"bos": self.bos_token_id, "eos": self.eos_token_id, "pad": self.pad_token_id},
         }
-        if self.generation:
-            meta["generation"] = dict(self.generation)
         by_reference = unchanged(self.lm_reference, self.lm)
         if by_reference:
             meta["lm_weights"] = dict(self.lm_reference)
@@ -531,6 +532,12 @@ class Captioner(nn.Module):
             # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte), restored on load
             atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(self, str(tmp), metadata={"format": "pt"}))
         self.tokenizer.save_pretrained(str(out))
+        if self.generation:
+            from vgpt_cli.decode import DecodeOptions
+
+            atomic_write_json(out / GENERATION_CONFIG_FILE, asdict(DecodeOptions(**self.generation).validate()))
+        else:
+            (out / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
         atomic_write_json(out / CONFIG_FILE, meta)
         return out
 
@@ -558,11 +565,18 @@ class Captioner(nn.Module):
             config = CaptionerConfig.from_dict(meta["captioner"], source=str(cfg_path))
             lm_cfg = dict(meta["lm_config"])
             model_type = lm_cfg.pop("model_type")
-            generation = _generation_block(meta.get("generation"))
+            generation = _generation_block(meta.get("generation"))  # the old layout kept it in config.json
             reference = checked_reference(meta["lm_weights"]) if "lm_weights" in meta else None
         except (ValueError, KeyError, TypeError, ConfigError) as exc:
             raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({exc}); "
                                  "re-save the model or point to the right folder") from exc
+        gen_path = d / GENERATION_CONFIG_FILE
+        if gen_path.is_file():
+            try:
+                generation = _generation_block(json.loads(gen_path.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"{gen_path}: not valid decoding settings ({exc}); fix or delete it (the "
+                                     "model then decodes with the built-in defaults)") from None
         if not w_path.is_file():
             raise ModelLoadError(f"{w_path}: weights file missing; copy {WEIGHTS_FILE} from the training run "
                                  "folder next to its config.json")
@@ -620,20 +634,27 @@ def check_rows(images: int, captions: int, image_index: Tensor | None) -> None:
                          f"got shape {tuple(image_index.shape)}")
 
 
-GENERATION_KEYS = {"beam_size": int, "max_length": int, "min_length": int, "length_penalty": float}
+def generation_keys() -> dict[str, type]:
+    """DecodeOptions' fields and their number types: what a saved generation config may hold."""
+    from dataclasses import fields
+
+    from vgpt_cli.decode import DecodeOptions
+
+    return {f.name: {"int": int, "float": float}[str(f.type)] for f in fields(DecodeOptions)}
 
 
 def _generation_block(block: Any) -> dict[str, Any]:
-    """The saved generation block, checked: known keys with numbers of the right kind."""
+    """Saved decoding settings, checked: DecodeOptions' fields with numbers of the right kind."""
     if block is None:
         return {}
     if not isinstance(block, dict):
         raise ValueError("generation must be an object")
+    known = generation_keys()
     out: dict[str, Any] = {}
     for key, value in block.items():
-        kind = GENERATION_KEYS.get(key)
+        kind = known.get(key)
         if kind is None:
-            raise ValueError(f"unknown generation setting {key!r} (known: {', '.join(GENERATION_KEYS)})")
+            raise ValueError(f"unknown generation setting {key!r} (known: {', '.join(known)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
             raise ValueError(f"generation.{key}={value!r} is not a {kind.__name__}")
         out[key] = kind(value)

@@ -173,8 +173,11 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             config = config.override(lm=model.config.lm)
         # Saved with every checkpoint: what the model is validated and selected with, hence what
         # `vgpt caption`, `vgpt evaluate` and load_captioner decode with (vgpt_cli.runtime.decode_options).
-        model.generation = {"beam_size": config.val_beam, "max_length": config.max_length, "min_length": 0,
-                            "length_penalty": 0.0}
+        from dataclasses import asdict
+
+        from vgpt_cli.decode import DecodeOptions
+
+        model.generation = asdict(DecodeOptions(beam_size=config.val_beam, max_length=config.max_length))
         model.to(dist.device)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
