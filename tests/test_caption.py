@@ -199,3 +199,29 @@ def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_fold
     assert json.loads(r.stdout)[0]["caption"] == greedy
     # the Python API does the same
     assert load_captioner(saved, device="cpu").options == DecodeOptions(beam_size=2, max_length=4, min_length=2)
+
+
+def test_a_model_folder_copied_alone_captions_in_a_fresh_process_as_in_its_workspace(photos, model_dir, tmp_path):
+    """The folder is the whole artifact: weights, config.json, generation_config.json, the tokenizer and
+    the backbone record. Copied alone into an empty folder, run from another empty folder (no workspace),
+    offline, in a new Python process, it gives the captions it gives here."""
+    import os
+    import subprocess
+    import sys
+
+    here = json.loads(run("caption", *map(str, photos), "--model", str(model_dir), "--device", "cpu",
+                          "--json").stdout)
+    alone = tmp_path / "copied" / "model"
+    shutil.copytree(model_dir, alone)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "VGPT_WORKSPACE"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread, as here: the same float sums
+    proc = subprocess.run([sys.executable, "-m", "vgpt_cli", "caption", *map(str, photos), "--model", str(alone),
+                           "--device", "cpu", "--json"], cwd=empty, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    there = json.loads(proc.stdout)
+    assert [(r["caption"], r["score"]) for r in there] == [(r["caption"], r["score"]) for r in here]
+    assert len({r["caption"] for r in here}) >= 1 and not list(empty.iterdir())  # nothing written there
