@@ -185,6 +185,7 @@ def test_the_weight_reaches_the_backward_and_the_logged_loss_stays_cross_entropy
     assert float((grads[2.0] - grads[0.0]).abs().max()) > 1e-6  # the keys learn where to be looked at
 
 
+@pytest.mark.slow
 def test_training_with_it_moves_the_attention_onto_the_named_objects(tmp_path):
     ws, _, store, items, targets = supervised_setup(tmp_path, scenes=30)
 

@@ -70,6 +70,7 @@ def run(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.slow
 def test_caption_real_photographs_same_path_as_extraction(photos, model_dir, backbone, tmp_path):
     r = run("caption", *map(str, photos), "--model", str(model_dir), "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
@@ -167,6 +168,7 @@ def test_python_api_doc_example_runs(tmp_path, monkeypatch, capsys):
     assert printed[-1].startswith("missing.jpg None file not found")
 
 
+@pytest.mark.slow
 def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_folder(photos, model_dir, backbone,
                                                                                    tmp_path):
     """The model folder's config.json "generation" block (what training validated and selected the model
@@ -201,6 +203,7 @@ def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_fold
     assert load_captioner(saved, device="cpu").options == DecodeOptions(beam_size=2, max_length=4, min_length=2)
 
 
+@pytest.mark.slow
 def test_a_model_folder_copied_alone_captions_in_a_fresh_process_as_in_its_workspace(photos, model_dir, tmp_path):
     """The folder is the whole artifact: weights, config.json, generation_config.json, the tokenizer and
     the backbone record. Copied alone into an empty folder, run from another empty folder (no workspace),

@@ -82,6 +82,7 @@ def test_logged_visual_gate_is_the_gates_mean_over_real_tokens(tmp_path, bias, t
     assert all(abs(r["visual_gate"] - want) < 1e-5 for r in records), records
 
 
+@pytest.mark.slow
 def test_cli_tensorboard_events_hold_the_logged_scalars(tmp_path):
     lm_dir = tiny_lm_folder(tmp_path / "tiny-gpt2")
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2, n_val=2)

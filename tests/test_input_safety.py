@@ -138,6 +138,7 @@ def _refs(tmp_path: Path, n: int = 4) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_evaluate_partial_predictions_need_allow_partial_and_print_the_coverage(tmp_path):
     refs = _refs(tmp_path)
     preds = tmp_path / "preds.json"

@@ -66,6 +66,7 @@ def direct_scores(clip: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+@pytest.mark.slow
 @needs_java
 def test_cli_scores_equal_pycocoevalcap_and_published(clip: Path, direct_scores, tmp_path: Path) -> None:
     metrics_file = tmp_path / "m.json"

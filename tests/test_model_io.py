@@ -153,6 +153,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_embd", [4096, 65536])
 def test_crafted_config_width_is_refused_before_any_allocation(saved, tmp_path, n_embd):
     """Issue 15 defect 6: lm_config.n_embd = 65536 made the loader allocate 13 GB before the weights

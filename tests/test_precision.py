@@ -33,6 +33,7 @@ def photos():
         Image.fromarray(getattr(skimage.data, k)()).convert("RGB") for k in list(PHOTO_CAPTIONS)[1:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "fp16", "bf16"])
 def test_narrow_weights_caption_the_trained_photos_as_fp32_does(photo_model, precision):
     from vgpt_cli.api import load_captioner

@@ -60,6 +60,7 @@ def test_resume_after_early_stopping_does_not_train_on(tmp_path):
     assert max(r["step"] for r in metrics(first.run_dir) if "loss" in r) == 3
 
 
+@pytest.mark.slow
 def test_kill_during_scst_before_its_first_checkpoint_resumes_scst_not_cross_entropy(tmp_path):
     ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)
     # 4 captions in a batch of 8: each step is an epoch, validated; SCST: 2 steps an epoch, validated at its end
@@ -73,6 +74,7 @@ def test_kill_during_scst_before_its_first_checkpoint_resumes_scst_not_cross_ent
     assert (resumed.steps, resumed.scst_steps, resumed.stopped) == (3, 2, "early_stopping")
 
 
+@pytest.mark.slow
 def test_scst_resume_repeats_the_uninterrupted_run(tmp_path):
     ws = make_workspace(tmp_path, n_train=4, caps_per_item=1)
     cfg = dict(lr=1e-2, max_steps=2, scst=True, scst_epochs=2, scst_batch_size=2, scst_samples=3, save_every=2,
@@ -185,6 +187,7 @@ def test_checkpoint_saves_fsync_their_files_and_folders(tmp_path, monkeypatch):
     assert any(Path(p).name.startswith(".last.tmp-") for p in synced)  # the new folder, before them
 
 
+@pytest.mark.slow
 def test_resume_from_last_old_after_a_kill_between_the_renames(tmp_path):
     ws = make_workspace(tmp_path, n_train=6, caps_per_item=2)
     cfg = dict(batch_size=4, max_steps=7, save_every=2)
@@ -217,6 +220,7 @@ def test_a_lone_best_old_is_put_back_at_the_next_start(tmp_path):
 
 
 # --- 4. decoding settings saved with the model -------------------------------------------------------------
+@pytest.mark.slow
 def test_training_saves_its_decoding_settings_and_evaluate_uses_them(tmp_path):
     from vgpt_cli.evaluate.report import evaluate_split
 
@@ -281,6 +285,7 @@ def test_resume_without_name_continues_the_interrupted_run_not_the_last_finished
     assert ws.state()["run"] == "cut" and ws.state()["training"] is None
 
 
+@pytest.mark.slow
 def test_the_printed_resume_command_after_ctrl_c_works_as_printed(tmp_path):
     import signal
     import subprocess
@@ -347,6 +352,7 @@ def test_a_second_concurrent_train_of_the_same_run_is_refused(tmp_path):
 
 
 # --- 13. nothing written outside the workspace -----------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_a_model_elsewhere_writes_inside_the_workspace_only(tmp_path):
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=1, n_val=2)
     result = train(quick(max_steps=1, name="r1"), ws, model=tiny_captioner(), quiet=True)
@@ -526,6 +532,7 @@ def test_gradient_clipping_caps_the_global_norm_the_optimiser_sees(tmp_path, cli
     assert seen[0] == pytest.approx(clip if clip else raw_norm, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_training_on_cpu_lowers_the_loss(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)
     result = train(quick(lr=1e-2, max_steps=30, precision="bf16", name="bf16"), ws, model=tiny_captioner(),

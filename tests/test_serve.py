@@ -88,6 +88,7 @@ def assert_good(client) -> dict:
 
 
 # --- the endpoints ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_one_photo_gets_caption_beams_and_gates_equal_to_the_python_api(client, reference):
     r = client.post("/v1/captions", files=[("images", jpeg(CHELSEA))])
     assert r.status_code == 200, r.text
@@ -616,6 +617,7 @@ def find_chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium_captions_a_photo_and_draws_word_heatmaps(captioner, tmp_path):
     browser_path = find_chromium()
     if browser_path is None:

@@ -214,6 +214,7 @@ def test_the_unlikelihood_weight_reaches_the_backward_and_the_logged_loss_stays_
 
 
 # --- training behaviour ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     ws = make_workspace(tmp_path, n_train=8, caps_per_item=1)  # 8 images, one caption each
     result = train(quick(lr=1e-2, max_steps=80, name="fit"), ws, model=tiny_captioner(), quiet=True)
@@ -404,6 +405,7 @@ def test_validation_keeps_best_and_stops_early(tmp_path):
     assert result.best_score == vals[0]["cider"]
 
 
+@pytest.mark.slow
 def test_one_scst_step_raises_the_expected_reward(tmp_path):
     from vgpt_cli.decode import sample
     from vgpt_cli.evaluate.metrics import CiderD
@@ -437,6 +439,7 @@ def test_one_scst_step_raises_the_expected_reward(tmp_path):
     assert after > before + 0.02, (before, after)  # seen: 0.617 -> 0.656
 
 
+@pytest.mark.slow
 def test_cli_trains_from_a_local_lm_folder_with_a_config_file(tmp_path):
     lm_dir = tiny_lm_folder(tmp_path / "tiny-gpt2")
     ws = make_workspace(tmp_path / "ws", n_train=4, caps_per_item=2)

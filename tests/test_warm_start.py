@@ -59,6 +59,7 @@ def test_caption_words_lowercase_and_strip_punctuation():
     assert caption_words("A RED square, on grey.") == ["a", "red", "square", "on", "grey"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_options", [None, {"memory_layer": False}])
 def test_warm_start_learns_to_read_the_image(tok, decoder_options):
     # without the decoder's own token layer, what it reads must be in the encoder's tokens themselves
