@@ -43,3 +43,29 @@ def test_demo_refuses_a_bad_attention_supervision_weight_before_any_work(tmp_pat
     said = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # rich wraps the message in a box
     assert "--attention-supervision" in said and "must be a finite weight >= 0" in said
     assert not (tmp_path / "ws" / "sources").exists()  # no scenes were rendered
+
+
+def test_every_device_option_is_one_declaration_that_takes_any_device_name():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    shared = {}
+    for name in ("extract-features", "caption", "evaluate", "serve", "demo", "train"):
+        opt = next(p for p in commands[name].params if "--device" in p.opts)
+        assert opt.default is None, name  # auto, resolved by vgpt_cli.runtime.resolve_device
+        if name != "train":  # train's options come from TrainConfig (its own declaration rule)
+            shared[name] = opt.help
+    assert len(set(shared.values())) == 1 and "cuda:N or mps" in next(iter(shared.values()))
+
+
+@pytest.mark.parametrize("device, said", [("mps", "MPS is not available here"), ("cuda:1", "no CUDA GPU"),
+                                          ("tpu", "use auto, cpu, cuda, cuda:N or mps")])
+def test_a_device_that_is_not_here_is_one_line_before_any_work(tmp_path, device, said):
+    import torch
+
+    if torch.cuda.is_available() or (device == "mps" and torch.backends.mps.is_available()):
+        pytest.skip("this machine has the device")
+    result = runner.invoke(app, ["-w", str(tmp_path / "ws"), "demo", "--device", device])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert said in " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    assert not (tmp_path / "ws").exists()  # nothing was written

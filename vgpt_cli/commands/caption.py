@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from vgpt_cli.commands.common import (
+    DeviceOption,
     PrecisionOption,
     decode_progress,
     err,
@@ -34,8 +35,7 @@ def command(
     max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
         "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
-                                               "cuda, cuda:1, mps.")] = None,
+    device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
     gates: Annotated[bool, typer.Option(
         "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,

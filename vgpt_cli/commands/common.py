@@ -33,6 +33,11 @@ err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# --device of every command that runs a model, declared once; vgpt_cli.runtime.resolve_device reads it
+DeviceOption = Annotated[str | None, typer.Option("--device", show_default=False, help=(
+    "auto (the default: CUDA, under torchrun the process's GPU; then Apple's MPS; then the CPU), cpu, cuda, "
+    "cuda:N or mps."))]
+
 # --precision of caption, evaluate and serve, declared once (vgpt_cli.model.precision)
 PrecisionOption = Annotated[str, typer.Option("--precision", help=(
     "Weights to caption with: fp32 (as trained); fp16 (on a CPU: the decoder's weights read as fp16, "

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
+from vgpt_cli.commands.common import DeviceOption, err, friendly_errors, print_json, say, workspace
 
 
 @friendly_errors
@@ -21,7 +21,7 @@ def command(
     attention_supervision: Annotated[float | None, typer.Option(
         "--attention-supervision", help="Weight of supervised attention at shape words (default 0: off; "
         "docs/results.md, Grounding 1i).")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
                                            "BF16, and on CUDA), bf16 or fp32.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
@@ -42,7 +42,9 @@ def command(
         vgpt -w /tmp/vgpt-demo-long demo --steps 480 --attention-supervision 1
     """
     from vgpt_cli.demo import run_demo, settings_for
+    from vgpt_cli.runtime import resolve_device
 
+    device = str(resolve_device(device))  # auto: CUDA, then MPS, then the CPU
     ws = workspace(ctx)
     settings = settings_for(quick, scenes=scenes, steps=steps, seed=seed,
                             attention_supervision=attention_supervision)

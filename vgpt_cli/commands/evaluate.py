@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from vgpt_cli.commands.common import (
+    DeviceOption,
     PrecisionOption,
     decode_progress,
     err,
@@ -58,8 +59,7 @@ def command(
     max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
         "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
-    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
-                                               "cuda, cuda:1, mps.")] = None,
+    device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
     compare_fp32: Annotated[bool, typer.Option("--compare-fp32", help=(
         "With --precision fp16, int8 or bf16: also decode at fp32 and report the share of identical captions, "

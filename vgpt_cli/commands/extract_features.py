@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
+from vgpt_cli.commands.common import DeviceOption, err, friendly_errors, print_json, say, workspace
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.backbone import DEFAULT_BACKBONE, OFFLINE_DEFAULT_BACKBONE
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-def _device(choice: Device) -> str:
+def _device(choice: str | None) -> str:
     from vgpt_cli.runtime import resolve_device
 
-    return str(resolve_device(choice.value))  # torchrun: cuda:LOCAL_RANK, one GPU per rank
+    return str(resolve_device(choice))  # torchrun: cuda:LOCAL_RANK, one GPU per rank
 
 
 @friendly_errors
@@ -64,7 +57,7 @@ def command(
     num_workers: Annotated[
         int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: CPUs - 1, at most 8).")
     ] = None,
-    device: Annotated[Device, typer.Option(help="Where the backbone runs (auto: cuda if there is one).")] = Device.auto,
+    device: DeviceOption = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Images with more pixels are skipped (decompression bombs).")
     ] = DEFAULT_MAX_PIXELS,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vgpt_cli.commands.common import PrecisionOption, err, friendly_errors, workspace
+from vgpt_cli.commands.common import DeviceOption, PrecisionOption, err, friendly_errors, workspace
 from vgpt_cli.errors import ConfigError
 
 API_KEY_ENV = "VGPT_API_KEY"
@@ -33,8 +33,7 @@ def command(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body.")
                              ] = 20.0,
     max_files: Annotated[int, typer.Option("--max-files", min=1, help="Most images in one request.")] = 16,
-    device: Annotated[str | None, typer.Option("--device", help="auto (default: cuda, then mps, then cpu), cpu, "
-                                               "cuda, cuda:1, mps.")] = None,
+    device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
 ) -> None:
     """Serve captions over HTTP: a JSON API, its OpenAPI page (/docs) and a browser page (/).
