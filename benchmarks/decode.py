@@ -109,23 +109,49 @@ def count_flops(fn) -> tuple[object, int]:
     return out, int(counter.get_total_flops())
 
 
+def search_inputs(dev: str, args, B: int, seed: int, eos: int, bos: int):
+    """B images of random features (all N tokens real), the search options forcing max_length tokens, and
+    the same search for transformers' generate: (feats, lengths, opts, bos ids, generate kwargs)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, args.n_visual, args.d_in, generator=gen).to(dev)
+    lengths = torch.full((B,), args.n_visual, dtype=torch.long, device=dev)
+    n = args.max_length
+    opts = DecodeOptions(beam_size=args.beams, max_length=n, min_length=n - 1)
+    bos_ids = torch.full((B, 1), bos, dtype=torch.long, device=dev)
+    common = dict(attention_mask=torch.ones_like(bos_ids), num_beams=args.beams, max_new_tokens=n,
+                  min_new_tokens=n - 1, do_sample=False, length_penalty=0.0, early_stopping=False,
+                  pad_token_id=eos, eos_token_id=eos)
+    return feats, lengths, opts, bos_ids, common
+
+
+def timed_interleaved(methods: dict, dev: str, repeats: int) -> tuple[dict[str, list], dict[str, list]]:
+    """All methods in turn, `repeats` times (so that the load of a shared machine falls on every method
+    alike): (wall seconds, CPU seconds) of each run, per method. The caller warms them up first."""
+    wall = {name: [] for name in methods}
+    cpu = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            w, c = clock(fn, dev)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return wall, cpu
+
+
+def medians(runs: dict[str, list]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def setup(dev: str, args):
     """The models, the images and one zero-argument callable per timed method."""
     ours, peer, tok = build(dev, args.layers, args.d_in, args.n_visual, args.width)
-    B, n = args.batch, args.max_length
-    gen = torch.Generator().manual_seed(0)
-    feats = torch.randn(B, args.n_visual, args.d_in, generator=gen).to(dev)
-    lengths = torch.full((B,), args.n_visual, dtype=torch.long, device=dev)
+    B = args.batch
+    feats, lengths, opts, bos, common = search_inputs(dev, args, B, 0, ours[1].eos_token_id,
+                                                      peer.config.bos_token_id)
     # the peer's memory: the same number of tokens, already at the decoder's width (its encoder's output)
     with torch.no_grad():
         levels = ours[3].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))  # (B, 3, N, D)
         memory = ours[1].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))[:, -1]
     memory_kn = levels.reshape(B, -1, levels.shape[-1])  # the K x N tokens ours K=3 attends to
-    opts = DecodeOptions(beam_size=args.beams, max_length=n, min_length=n - 1)
-    bos = torch.full((B, 1), peer.config.bos_token_id, dtype=torch.long, device=dev)
-    eos = ours[1].eos_token_id
-    common = dict(attention_mask=torch.ones_like(bos), num_beams=args.beams, max_new_tokens=n, min_new_tokens=n - 1,
-                  do_sample=False, length_penalty=0.0, early_stopping=False, pad_token_id=eos, eos_token_id=eos)
 
     def hf_xattn():
         with torch.no_grad():
@@ -171,17 +197,9 @@ def run(dev: str, args) -> dict:
         out, flops[name] = count_flops(fn)
         got = {len(h[0].token_ids) for h in out} if name.startswith("ours") else {out.shape[1] - 1}
         assert got == {n}, f"{name} emitted {got} tokens, not {n}"
-    # interleaved (ours K=1, ours K=3, peer, lm-only, then again ...) so that the load of a shared
-    # machine falls on every method alike; the median of the repetitions is kept
-    wall = {name: [] for name in methods}
-    cpu = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            w, c = clock(fn, dev)
-            wall[name].append(w)
-            cpu[name].append(c)
-    med_wall = {k: statistics.median(v) for k, v in wall.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    # interleaved (ours K=1, ours K=3, peer, lm-only, then again ...); the median of the repetitions is kept
+    wall, cpu = timed_interleaved(methods, dev, args.repeats)
+    med_wall, med_cpu = medians(wall), medians(cpu)
     # the speed goals read CPU time: on one thread it is the search's own work, and a shared machine's
     # other jobs stretch the wall time of every method by a different, changing factor
     basis = med_wall if dev.startswith("cuda") else med_cpu
@@ -222,20 +240,6 @@ def run(dev: str, args) -> dict:
             "ours_k3_vs_lm_only_generate": rate["ours K=3"] / rate["lm-only generate"]}
 
 
-def timed_interleaved(methods: dict, dev: str, repeats: int) -> tuple[dict, dict]:
-    """Each method once to warm up, then all of them in turn `repeats` times: (median wall, median CPU) s."""
-    for fn in methods.values():
-        fn()
-    wall = {name: [] for name in methods}
-    cpu = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            w, c = clock(fn, dev)
-            wall[name].append(w)
-            cpu[name].append(c)
-    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
-
-
 def peer_generate(model, bos, memory, kwargs: dict):
     with torch.no_grad():
         return model.generate(bos, encoder_hidden_states=memory, **kwargs)
@@ -256,26 +260,22 @@ def run_precisions(dev: str, args) -> dict:
     dynamic_quantize(peer_int8)
     out: dict = {"precisions": list(models), "batches": {}}
     for B in [int(b) for b in str(args.precision_batches).split(",")]:
-        gen = torch.Generator().manual_seed(1)
-        feats = torch.randn(B, args.n_visual, args.d_in, generator=gen).to(dev)
-        lengths = torch.full((B,), args.n_visual, dtype=torch.long, device=dev)
-        n = args.max_length
-        opts = DecodeOptions(beam_size=args.beams, max_length=n, min_length=n - 1)
+        feats, lengths, opts, bos, common = search_inputs(dev, args, B, 1, ours[1].eos_token_id,
+                                                          peer.config.bos_token_id)
         with torch.no_grad():
             memory = ours[1].encoder(feats, lengths[:, None] > torch.arange(args.n_visual, device=dev))[:, -1]
-        bos = torch.full((B, 1), peer.config.bos_token_id, dtype=torch.long, device=dev)
-        eos = ours[1].eos_token_id
-        common = dict(attention_mask=torch.ones_like(bos), num_beams=args.beams, max_new_tokens=n, min_new_tokens=n - 1,
-                      do_sample=False, length_penalty=0.0, early_stopping=False, pad_token_id=eos, eos_token_id=eos)
 
         methods = {f"ours {p}": functools.partial(beam_search, m, feats, lengths, opts) for p, m in models.items()}
         methods.update({name: functools.partial(peer_generate, m, bos, memory, common)
                         for name, m in (("peer fp32", peer), ("peer int8", peer_int8))})
-        med_wall, med_cpu = timed_interleaved(methods, dev, args.repeats)
+        for fn in methods.values():  # warm-up
+            fn()
+        wall, cpu = timed_interleaved(methods, dev, args.repeats)
+        med_wall, med_cpu = medians(wall), medians(cpu)
         rate = {k: B / v for k, v in med_cpu.items()}
         rows = [{"batch": B, "method": k, "cpu_s": med_cpu[k], "wall_s": med_wall[k], "captions_per_s": rate[k],
                  "vs ours fp32": rate[k] / rate["ours fp32"]} for k in methods]
-        print_table(rows, title=f"precisions: beam {args.beams}, batch {B}, {n} tokens, {args.layers}-layer LM, "
+        print_table(rows, title=f"precisions: beam {args.beams}, batch {B}, {args.max_length} tokens, {args.layers}-layer LM, "
                                 f"{torch.get_num_threads()} threads, median of {args.repeats}; rates from CPU time")
         ratios = {f"{p}_vs_fp32": rate[f"ours {p}"] / rate["ours fp32"] for p in narrow}
         ratios["ours_int8_vs_peer_int8"] = rate["ours int8"] / rate["peer int8"]
