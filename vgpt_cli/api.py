@@ -101,11 +101,18 @@ class ImageCaptioner:
         # None: the decoding settings saved with the model (those it was validated and selected with)
         self.options = decode_options(model, beam_size=beam_size, max_length=max_length)
         self.batch_size = batch_size
-        self.notice: str | None = None  # one line for the user, e.g. that bf16 will not pay on this CPU
         from vgpt_cli.runtime import require_feature_width
 
         require_feature_width(model, backbone.dim, f"{model_dir}: backbone {backbone.name!r}",
                               "the backbone record does not belong to this model")
+
+    @property
+    def notice(self) -> str | None:
+        """One line for the user when the model's precision will not pay on this device (bf16 on a CPU
+        without bf16 units), else None."""
+        from vgpt_cli.model.precision import check_precision
+
+        return check_precision(self.model.precision, self.device)
 
     def __call__(self, images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image
                  ) -> list[str]:
@@ -246,7 +253,7 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
     bf16 or int8 (vgpt_cli.model.precision: narrowed at load time; `notice` says when it will not pay)."""
     from vgpt_cli.features import load_backbone_from_meta
-    from vgpt_cli.model.precision import check_precision
+    from vgpt_cli.model.precision import check_precision, narrow_model
     from vgpt_cli.runtime import load_model, resolve_device
 
     mdir = Path(model_dir).expanduser().resolve()
@@ -254,11 +261,9 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     ws = workspace if isinstance(workspace, Workspace) else Workspace.from_option(
         Path(workspace) if workspace is not None else None)
     dev = resolve_device(device)
-    notice = check_precision(precision, dev)
-    model = load_model(mdir, dev, precision)
+    check_precision(precision, dev)  # refused before the (slow) load
+    model = narrow_model(load_model(mdir, dev), precision)
     meta, _ = resolve_backbone_meta(mdir, ws)
     backbone = load_backbone_from_meta(meta, device=dev)
-    captioner = ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
-                               device=dev, model_dir=str(mdir))
-    captioner.notice = notice
-    return captioner
+    return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
+                          device=dev, model_dir=str(mdir))

@@ -138,15 +138,11 @@ def require_feature_width(model: Any, width: int, what: str, fix: str, error: ty
         raise error(f"the model takes {model.config.d_in}-wide features, but {what} gives {width}; {fix}")
 
 
-def load_model(model_dir: Path, device: str | torch.device | None = None, precision: str = "fp32") -> Any:
-    """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode, its weights narrowed
-    to `precision` (vgpt_cli.model.precision; refused in one line where the device cannot run it)."""
+def load_model(model_dir: Path, device: str | torch.device | None = None) -> Any:
+    """Captioner.from_pretrained on the device (resolve_device's choice), in eval mode."""
     from vgpt_cli.model import Captioner
-    from vgpt_cli.model.precision import check_precision, narrow_model
 
-    dev = resolve_device(device)
-    check_precision(precision, dev)
-    return narrow_model(Captioner.from_pretrained(model_dir).to(dev).eval(), precision)
+    return Captioner.from_pretrained(model_dir).to(resolve_device(device)).eval()
 
 
 # --- decoding settings -------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 - fp32: as trained.
 - bf16: every weight cast to bfloat16 (logits and beam scores stay float32). Pays where the device
   multiplies bf16 natively (CUDA, CPUs with AMX or AVX-512 BF16); elsewhere the CPU converts every
-  product and it runs slower than fp32, which `precision_notice` says in one line.
+  product and it runs slower than fp32, which `check_precision` says in one line.
 - int8: torch's dynamic quantization (int8 weights, activations quantized per call) of every Linear
   of the decoder: the LM, the cross-attention, the SRAU gates and the vocabulary head. The visual
   encoder runs once per image and stays fp32. CPU only (fbgemm / onednn kernels). The fastest on a
