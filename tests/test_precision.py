@@ -3,6 +3,7 @@ come from, the pieces int8 swaps in against what they replace, and the refusals.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -123,8 +124,6 @@ def test_llama_family_narrows_too():
     with torch.inference_mode():
         ref = fp32(feats, lengths, torch.tensor([[1, 2, 3]] * 2)).logits
         for precision in ("int8", "bf16"):
-            import copy
-
             model = narrow_model(copy.deepcopy(fp32), precision)
             logits = model(feats, lengths, torch.tensor([[1, 2, 3]] * 2)).logits.float()
             assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
