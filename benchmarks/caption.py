@@ -82,7 +82,7 @@ def make_images(folder: Path, n: int, n_scenes: int) -> list[Path]:
 
 
 def make_model(folder: Path, args) -> None:
-    """A random-weight captioner folder with its backbone.json (what training writes)."""
+    """A random-weight captioner folder with its preprocessor.json (what training writes)."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     from vgpt_cli.features import load_backbone
@@ -96,7 +96,7 @@ def make_model(folder: Path, args) -> None:
                                     vocab_size=len(tok), n_positions=64))
     cfg = CaptionerConfig(lm="gpt2-random", lm_init="random", d_in=bb.dim, encoder_layers=args.k)
     Captioner.from_config(cfg, lm=lm, tokenizer=tok).save_pretrained(folder)
-    (folder / "backbone.json").write_text(json.dumps(bb.meta, indent=2) + "\n")
+    (folder / "preprocessor.json").write_text(json.dumps(bb.meta, indent=2) + "\n")
 
 
 def clock(device: str, fn, *args):

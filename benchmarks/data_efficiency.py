@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import print_table, scores_without_java, scratch_dir, tiny_lm, write_results  # noqa: E402
+from vgpt_cli.model.artifact import trained_features  # noqa: E402
 
 MODELS = {
     "visualgpt": {"gating": "srau", "tau": 0.2, "lm_init": "pretrained"},
@@ -270,10 +271,9 @@ def _finished(run_dir: Path, cfg, fingerprint: str) -> bool:
     """A finished run made with exactly these settings and features (else it is trained again)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        features = json.loads((run_dir / "best" / "backbone.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
         return False
-    return (run_dir / "result.json").exists() and features == fingerprint and \
+    return (run_dir / "result.json").exists() and trained_features(run_dir / "best") == fingerprint and \
         saved == json.loads(json.dumps(asdict(cfg)))
 
 

@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     tiny_lm,
     write_results,
 )
+from vgpt_cli.model.artifact import trained_features  # noqa: E402
 from vgpt_cli.train.config import DEFAULT_XE_STEPS  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "flickr8k"
@@ -199,7 +200,6 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
     try:
         row = json.loads((run_dir / "realphoto_row.json").read_text())
         saved = json.loads((run_dir / "config.json").read_text())
-        features = json.loads((run_dir / "best" / "backbone.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
         return None
     wanted = json.loads(json.dumps(asdict(cfg)))
@@ -207,7 +207,7 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
         saved.pop("lm", None), wanted.pop("lm")
     if wanted["max_steps"] is not None:  # --epochs has no effect then (its default has changed)
         saved.pop("epochs", None), wanted.pop("epochs")
-    return row if saved == wanted and features == fingerprint else None
+    return row if saved == wanted and trained_features(run_dir / "best") == fingerprint else None
 
 
 def shared_warm_start(ws, cfg, model, epochs: int, store) -> None:

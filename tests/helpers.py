@@ -3,6 +3,7 @@ sys.path; so does running a test file as a script, as the torchrun workers of te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 GPT2_BPE = Path(__file__).parent / "assets" / "gpt2-bpe"
@@ -41,7 +42,7 @@ PHOTO_CAPTIONS = {  # scikit-image's sample photographs (plus the packaged chels
 
 def tiny_photo_model(folder, image_size: int = 224, steps: int = 80, seed: int = 0) -> Path:
     """A tiny captioner TRAINED (teacher forcing, Adam) to caption four real photographs, saved with
-    save_pretrained and its backbone.json as `vgpt train` leaves a model: a random-weight timm
+    save_pretrained with its preprocessor.json as `vgpt train` leaves a model: a random-weight timm
     backbone (test_efficientnet, 7 x 7 tokens at 224 px), a 2-layer 32-wide GPT-2 with the real BPE.
     About 10 s on one CPU thread; afterwards chelsea.jpg is captioned "a cat sitting on a wooden floor"."""
     import numpy as np
@@ -53,7 +54,6 @@ def tiny_photo_model(folder, image_size: int = 224, steps: int = 80, seed: int =
     from vgpt_cli.decode import pad_features
     from vgpt_cli.features import load_backbone
     from vgpt_cli.model import Captioner, CaptionerConfig
-    from vgpt_cli.workspace import atomic_write_json
 
     folder = Path(folder)
     backbone = load_backbone("test_efficientnet", pretrained=False, image_size=image_size)
@@ -74,8 +74,8 @@ def tiny_photo_model(folder, image_size: int = 224, steps: int = 80, seed: int =
         loss.backward()
         opt.step()
     model.eval()
+    model.preprocessor = backbone.meta  # what training records: the feature store's record
     model.save_pretrained(folder)
-    atomic_write_json(folder / "backbone.json", backbone.meta)
     return folder
 
 
@@ -104,3 +104,25 @@ def tiny_lm(vocab: int, family: str = "gpt2", positions: int = 64, tie: bool | N
     return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=96, vocab_size=vocab,
                                         max_position_embeddings=positions, **tied))
+
+
+# --- killing a training run, reading what it logged ------------------------------------------------------
+class Killed(Exception):
+    """Raised from on_step: the run stops as if killed right after that step's checkpoint (if any)."""
+
+
+def kill_at(phase: str, step: int):
+    """An on_step hook that raises Killed at that step of that phase ("xe" or "scst")."""
+    def hook(record):
+        if record["phase"] == phase and record["step"] == step:
+            raise Killed
+    return hook
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -190,7 +190,7 @@ def model_dir(tmp_path_factory, tok, backbone) -> Path:
         torch.nn.init.normal_(xa.k.weight, std=0.5)
     d = tmp_path_factory.mktemp("run") / "best"
     model.save_pretrained(d)
-    atomic_write_json(d / "backbone.json", backbone.meta)
+    atomic_write_json(d / "preprocessor.json", backbone.meta)
     return d
 
 
@@ -257,7 +257,7 @@ def test_attention_needs_a_square_grid(tok, tmp_path):
     model = Captioner.from_config(replace(model.config, d_in=vit.dim), lm=model.lm, tokenizer=tok).eval()
     d = tmp_path / "best"
     model.save_pretrained(d)
-    atomic_write_json(d / "backbone.json", vit.meta)
+    atomic_write_json(d / "preprocessor.json", vit.meta)
     r = CliRunner().invoke(app, ["caption", str(PHOTOS[0]), "--model", str(d), "--device", "cpu",
                                  "--attention", str(tmp_path / "att"), "--beam-size", "1", "--max-length", "3"])
     assert r.exit_code == 2, r.output

@@ -61,8 +61,8 @@ def model_dir(tmp_path_factory, tok, backbone) -> Path:
     for g in model.gates:
         torch.nn.init.normal_(g.weight, std=0.3)
     d = tmp_path_factory.mktemp("run") / "best"
+    model.preprocessor = backbone.meta  # what training records: the feature store's record
     model.save_pretrained(d)
-    atomic_write_json(d / "backbone.json", backbone.meta)  # what training saves beside the weights
     return d
 
 
@@ -135,12 +135,12 @@ def test_api_two_lines_and_backbone_fallback(photos, model_dir, backbone, tmp_pa
         texts = cap([str(photos[0]), im.copy()])
     assert len(texts) == 2 and texts[0] == texts[1]  # a path and the same PIL image give one caption
 
-    # no backbone.json: the workspace's feature store record is used; with neither, a clear error
+    # no preprocessor.json: the workspace's feature store record is used; with neither, a clear error
     bare = tmp_path / "bare"
     shutil.copytree(model_dir, bare)
-    (bare / "backbone.json").unlink()
+    (bare / "preprocessor.json").unlink()
     ws = Workspace(tmp_path / "ws")
-    with pytest.raises(ModelLoadError, match="backbone.json"):
+    with pytest.raises(ModelLoadError, match="preprocessor.json"):
         load_captioner(bare, workspace=ws, device="cpu")
     store_dir = ws.features_root / backbone.fingerprint
     from vgpt_cli.features import extract_items
@@ -171,17 +171,23 @@ def test_python_api_doc_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_folder(photos, model_dir, backbone,
                                                                                    tmp_path):
-    """The model folder's config.json "generation" block (what training validated and selected the model
-    with) is what `vgpt caption` decodes with when no flag says otherwise."""
-    saved = tmp_path / "best"
+    """The model folder's generation_config.json (what training validated and selected the model with; an
+    older folder's config.json "generation" block) is what `vgpt caption` decodes with when no flag says otherwise."""
+    chosen = {"beam_size": 2, "max_length": 4, "min_length": 2, "length_penalty": 0.0}
+    saved, older = tmp_path / "best", tmp_path / "older"
     shutil.copytree(model_dir, saved)
-    meta = json.loads((saved / "config.json").read_text())
-    meta["generation"] = {"beam_size": 2, "max_length": 4, "min_length": 2, "length_penalty": 0.0}
-    atomic_write_json(saved / "config.json", meta)
+    atomic_write_json(saved / "generation_config.json", chosen)
+    shutil.copytree(model_dir, older)
+    (older / "generation_config.json").unlink()
+    meta = json.loads((older / "config.json").read_text())
+    meta["generation"] = chosen
+    atomic_write_json(older / "config.json", meta)
 
     r = run("caption", *map(str, photos), "--model", str(saved), "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
+    r = run("caption", *map(str, photos), "--model", str(older), "--device", "cpu", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == got, r.output
     model = Captioner.from_pretrained(saved)
     f, lengths = pad_features(backbone.features_for_images([str(p) for p in photos]))
 
@@ -205,8 +211,8 @@ def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_fold
 
 @pytest.mark.slow
 def test_a_model_folder_copied_alone_captions_in_a_fresh_process_as_in_its_workspace(photos, model_dir, tmp_path):
-    """The folder is the whole artifact: weights, config.json, generation_config.json, the tokenizer and
-    the backbone record. Copied alone into an empty folder, run from another empty folder (no workspace),
+    """The folder is the whole artifact: weights, config.json, generation_config.json, preprocessor.json and
+    the tokenizer. Copied alone into an empty folder, run from another empty folder (no workspace),
     offline, in a new Python process, it gives the captions it gives here."""
     import os
     import subprocess
@@ -228,3 +234,23 @@ def test_a_model_folder_copied_alone_captions_in_a_fresh_process_as_in_its_works
     there = json.loads(proc.stdout)
     assert [(r["caption"], r["score"]) for r in there] == [(r["caption"], r["score"]) for r in here]
     assert len({r["caption"] for r in here}) >= 1 and not list(empty.iterdir())  # nothing written there
+    assert {p.name for p in alone.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
+                                                 "preprocessor.json", "tokenizer.json"}
+
+
+def test_an_older_model_folder_loads_as_before_and_says_so_once(photos, model_dir, backbone, tmp_path):
+    """The older layout (the backbone record as backbone.json) captions exactly as the current one, with one
+    note naming the folder; saved again, it has the current layout and no note."""
+    now = load_captioner(model_dir, device="cpu", beam_size=2)
+    assert now.notes == [] and now.model.preprocessor == json.loads(json.dumps(backbone.meta))
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    (old / "preprocessor.json").rename(old / "backbone.json")
+    then = load_captioner(old, device="cpu", beam_size=2)
+    assert then(list(map(str, photos))) == now(list(map(str, photos)))
+    assert len(then.notes) == 1 and str(old) in then.notes[0] and "older model folder" in then.notes[0]
+    r = run("caption", str(photos[0]), "--model", str(old), "--device", "cpu")
+    assert r.exit_code == 0 and r.stderr.count("older model folder") == 1
+    then.model.save_pretrained(old)
+    assert (old / "preprocessor.json").is_file() and not (old / "backbone.json").exists()
+    assert load_captioner(old, device="cpu").notes == []

@@ -50,7 +50,7 @@ def test_demo_runs_every_step_and_reports_what_it_wrote_over_an_earlier_demo(tmp
     assert all(isinstance(c["caption"], str) for c in report["captions"])
     for key in ("manifest", "features", "run", "metrics", "predictions", "report"):
         assert (ws / report["paths"][key]).exists(), key
-    assert (ws / "runs" / "demo" / "best" / "backbone.json").exists()
+    assert (ws / "runs" / "demo" / "best" / "preprocessor.json").exists()
     assert json.loads((ws / "demo_report.json").read_text())["metrics"] == report["metrics"]
     # --attention-supervision reaches the run's recipe and the report (the default, 0, is DemoSettings')
     assert report["settings"]["attention_supervision"] == 1.0

@@ -45,7 +45,7 @@ def ws(tmp_path_factory, tok) -> Workspace:
                                   lm=lm, tokenizer=tok).eval()
     best = ws.run_dir("r1") / "best"
     model.save_pretrained(best)
-    atomic_write_json(best / "backbone.json", store.meta)
+    atomic_write_json(best / "preprocessor.json", store.meta)
     ws.set_current(run="r1")
     return ws
 

@@ -31,7 +31,7 @@ def _image(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A real (tiny) model folder written by save_pretrained, with its backbone.json."""
+    """A real (tiny) model folder written by save_pretrained, with its preprocessor.json."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory) -> Path:
                                   tokenizer=tok)
     d = tmp_path_factory.mktemp("model") / "best"
     model.save_pretrained(d)
-    (d / "backbone.json").write_text(json.dumps({"backbone": "test_efficientnet", "fingerprint": "x",
+    (d / "preprocessor.json").write_text(json.dumps({"backbone": "test_efficientnet", "fingerprint": "x",
                                                  "weights": {"kind": "random"}, "data_config": None}))
     return d
 
@@ -219,11 +219,11 @@ def _model_case(model_dir: Path, dst: Path, change: str) -> Path:
     elif change == "width-65536":
         meta["lm_config"]["n_embd"] = 65536
     elif change == "backbone-no-weights":
-        (dst / "backbone.json").write_text(json.dumps({"backbone": "test_efficientnet", "fingerprint": "x"}))
-        return dst / "backbone.json"
+        (dst / "preprocessor.json").write_text(json.dumps({"backbone": "test_efficientnet", "fingerprint": "x"}))
+        return dst / "preprocessor.json"
     elif change == "backbone-list":
-        (dst / "backbone.json").write_text("[]")
-        return dst / "backbone.json"
+        (dst / "preprocessor.json").write_text("[]")
+        return dst / "preprocessor.json"
     cfg.write_text(json.dumps(meta))
     return cfg
 

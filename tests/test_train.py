@@ -226,7 +226,7 @@ def test_loss_falls_and_eight_captions_are_fitted(tmp_path):
     run = result.run_dir
     assert (run / "config.json").is_file() and (run / "best" / "model.safetensors").is_file()
     assert not (run / "last").exists()  # a run that ended normally cannot be resumed: no optimiser state kept
-    assert json.loads((run / "best" / "backbone.json").read_text())["backbone"] == "toy"
+    assert json.loads((run / "best" / "preprocessor.json").read_text())["backbone"] == "toy"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 81))
     assert ws.state()["run"] == "fit" and ws.state()["training"] is None

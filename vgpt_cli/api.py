@@ -5,7 +5,7 @@
     cap(["a.jpg", "b.png"])            # -> ["a dog on a couch", ...]
 
 The images go through the backbone the model was trained on (its record is saved with the model as
-backbone.json; failing that, the workspace's feature store record), with exactly the decoding and
+preprocessor.json; failing that, the workspace's feature store record), with exactly the decoding and
 preprocessing that `vgpt extract-features` used, then through beam search. `vgpt caption` is this
 same code with a command line around it.
 """
@@ -101,10 +101,10 @@ class ImageCaptioner:
         # None: the decoding settings saved with the model (those it was validated and selected with)
         self.options = decode_options(model, beam_size=beam_size, max_length=max_length)
         self.batch_size = batch_size
-        from vgpt_cli.runtime import require_feature_width
+        from vgpt_cli.model.artifact import require_compatible
 
-        require_feature_width(model, backbone.dim, f"{model_dir}: backbone {backbone.name!r}",
-                              "the backbone record does not belong to this model")
+        require_compatible(model, backbone.dim, backbone.fingerprint, f"{model_dir}: backbone {backbone.name!r}",
+                           "the backbone record does not belong to this model")
 
     @property
     def notice(self) -> str | None:
@@ -113,6 +113,11 @@ class ImageCaptioner:
         from vgpt_cli.model.precision import check_precision
 
         return check_precision(self.model.precision, self.device)
+
+    @property
+    def notes(self) -> list[str]:
+        """Every line the user should read once: an older folder's layout, a precision that will not pay."""
+        return [*self.model.load_notes, *([self.notice] if self.notice else [])]
 
     def __call__(self, images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image
                  ) -> list[str]:
@@ -220,24 +225,28 @@ class ImageCaptioner:
                 r.attention = word_attention(self.model, f[j, :int(lengths[j])], h.token_ids)
 
 
-def resolve_backbone_meta(model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:
-    """The backbone record of a model: backbone.json saved with it, else the workspace's feature store."""
-    from vgpt_cli.runtime import BACKBONE_JSON, model_backbone_meta
+def resolve_backbone_meta(model: Any, model_dir: Path, workspace: Workspace | None) -> tuple[dict[str, Any], str]:
+    """The backbone record of a model: the preprocessor.json saved with it, else (a folder saved without
+    one) the workspace's feature store's, said in one of the model's load notes."""
+    from vgpt_cli.model.artifact import OLD_BACKBONE_FILE, PREPROCESSOR_FILE, require_rebuildable
 
-    meta = model_backbone_meta(model_dir, rebuild=True)
-    if meta:
-        return meta, str(Path(model_dir) / BACKBONE_JSON)
+    if model.preprocessor:
+        saved = model_dir / PREPROCESSOR_FILE
+        saved = saved if saved.is_file() else model_dir / OLD_BACKBONE_FILE
+        return require_rebuildable(model.preprocessor, str(saved)), str(saved)
     if workspace is not None:
         from vgpt_cli.features import open_workspace_store
 
         try:
             store = open_workspace_store(workspace)
         except VgptError as e:
-            raise ModelLoadError(f"{model_dir}: no backbone.json beside the weights, and no feature store in "
-                                 f"the workspace {workspace.root} ({e}); copy backbone.json from the training run "
+            raise ModelLoadError(f"{model_dir}: no {PREPROCESSOR_FILE} beside the weights, and no feature store in "
+                                 f"the workspace {workspace.root} ({e}); copy {PREPROCESSOR_FILE} from the training run "
                                  "or run in the workspace the model was trained in") from None
+        model.load_notes.append(f"{model_dir}: no {PREPROCESSOR_FILE}; images are prepared as the feature store of "
+                                f"{workspace.root} says ({store.meta.get('backbone')})")
         return store.meta, f"{store.path} (workspace feature store)"
-    raise ModelLoadError(f"{model_dir}: no backbone.json beside the weights; copy it from the training run "
+    raise ModelLoadError(f"{model_dir}: no {PREPROCESSOR_FILE} beside the weights; copy it from the training run "
                          "folder, or pass the workspace the model was trained in")
 
 
@@ -245,9 +254,9 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
                    device: str | None = None, beam_size: int | None = None, max_length: int | None = None,
                    batch_size: int = 16, precision: str = "fp32") -> ImageCaptioner:
     """Load a trained model folder (runs/<run>/best, or any Captioner.save_pretrained folder with its
-    backbone.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
+    preprocessor.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
 
-    Without backbone.json in the folder, the backbone record of `workspace`'s feature store is used
+    Without preprocessor.json in the folder, the backbone record of `workspace`'s feature store is used
     (default: $VGPT_WORKSPACE or the current folder). beam_size and max_length default to the
     decoding settings saved with the model (its generation_config.json); device to
     vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
@@ -263,7 +272,7 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     dev = resolve_device(device)
     check_precision(precision, dev)  # refused before the (slow) load
     model = narrow_model(load_model(mdir, dev), precision)
-    meta, _ = resolve_backbone_meta(mdir, ws)
+    meta, _ = resolve_backbone_meta(model, mdir, ws)
     backbone = load_backbone_from_meta(meta, device=dev)
     return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, batch_size=batch_size,
                           device=dev, model_dir=str(mdir))

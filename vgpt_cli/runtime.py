@@ -12,7 +12,6 @@ Python API and anything that serves models later, so each rule exists once:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
     from vgpt_cli.workspace import Workspace
 
-BACKBONE_JSON = "backbone.json"  # written beside the weights by training (vgpt_cli/train/checkpoint.py)
 
 
 # --- device ------------------------------------------------------------------------------------------
@@ -112,30 +110,6 @@ def output_dir(ws: Workspace, model_dir: Path) -> Path:
 
     tag = hashlib.sha256(str(model_dir).encode("utf-8")).hexdigest()[:8]  # two r1/best elsewhere stay apart
     return runs / "external" / f"{label or 'model'}-{tag}"
-
-
-def model_backbone_meta(model_dir: Path, rebuild: bool = False) -> dict[str, Any] | None:
-    """The backbone record saved with the model (training writes backbone.json), or None. rebuild: the
-    caller will rebuild the backbone from it, so it must name the weights too."""
-    path = Path(model_dir) / BACKBONE_JSON
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
-    needed = ("backbone", "weights", "fingerprint") if rebuild else ("fingerprint",)
-    if (not isinstance(meta, dict) or not all(k in meta for k in needed)
-            or (rebuild and (not isinstance(meta["weights"], dict) or "kind" not in meta["weights"]))):
-        raise ModelLoadError(f"{path}: not a backbone record (an object with backbone, weights and fingerprint, "
-                             "as training writes it); copy it again from the run folder")
-    return meta
-
-
-def require_feature_width(model: Any, width: int, what: str, fix: str, error: type[Exception] = ModelLoadError) -> None:
-    """The one check that features of `width` fit the model: `what` names the features, `fix` says what to do."""
-    if int(model.config.d_in) != int(width):
-        raise error(f"the model takes {model.config.d_in}-wide features, but {what} gives {width}; {fix}")
 
 
 def load_model(model_dir: Path, device: str | torch.device | None = None) -> Any:

@@ -77,8 +77,8 @@ def command(
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
                                batch_size=batch_size, precision=precision)
-    if captioner.notice:
-        err.print(f"[yellow]note:[/] {captioner.notice}", highlight=False)
+    for line in captioner.notes:
+        err.print(f"[yellow]note:[/] {line}", highlight=False)
     if (gates or gates_plot is not None) and captioner.model.gates is None:
         raise ConfigError(f"--gates: {model_dir} has no gates: it was trained with plain cross-attention (`vgpt "
                           "train`'s default, --gating none); train with --gating srau for per-token gates")

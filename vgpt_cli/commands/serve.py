@@ -68,8 +68,8 @@ def command(
     model_dir = resolve_model_dir(ws, model)
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, batch_size=max_batch, precision=precision)
-    if captioner.notice:
-        err.print(f"[yellow]note:[/] {captioner.notice}", highlight=False)
+    for line in captioner.notes:
+        err.print(f"[yellow]note:[/] {line}", highlight=False)
     settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, api_key=api_key,
                              max_upload_bytes=int(max_upload_mb * 1_000_000), max_files=max_files)
     app = create_app(captioner, settings)

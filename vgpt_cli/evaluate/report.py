@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
-from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
+from vgpt_cli.model.artifact import require_compatible
 from vgpt_cli.runtime import (
     decode_options,
     load_model,
-    model_backbone_meta,
     output_dir,
-    require_feature_width,
     resolve_device,
     resolve_model_dir,
 )
@@ -140,13 +139,11 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     if notice:
         log(f"note: {notice}")
     model = load_model(mdir, dev)  # fp32, narrowed below (after the fp32 captions when comparing)
-    require_feature_width(model, store.dim, f"{mdir} against the workspace's feature store {store.path.name}",
-                          "evaluate in the workspace it was trained in, or extract features with its backbone")
-    bb = model_backbone_meta(mdir)
-    if bb and bb.get("fingerprint") and bb["fingerprint"] != store.fingerprint:
-        raise ModelLoadError(f"{mdir}: trained on features {bb['fingerprint']}, but the workspace's store is "
-                             f"{store.fingerprint}; run `vgpt extract-features` with the model's backbone "
-                             f"({bb.get('backbone')}) first")
+    for n in model.load_notes:
+        log(f"note: {n}")
+    require_compatible(model, store.dim, store.fingerprint, f"the workspace's feature store {store.path.name}",
+                       f"run `vgpt extract-features` with the model's backbone first, or evaluate in the workspace "
+                       f"it was trained in ({mdir})")
     opts = decode_options(model, beam_size=beam_size, max_length=max_length)
     advance = progress(len(ids) * (2 if compare_fp32 else 1)) if progress else None
     arrays = [store.get(i) for i in ids]

@@ -5,10 +5,9 @@ Shapes: B batch, N visual tokens, K encoder levels, T caption tokens, D the LM w
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.errors import ConfigError, DataError
+from vgpt_cli.model.artifact import CONFIG_FILE as CONFIG_FILE
+from vgpt_cli.model.artifact import WEIGHTS_FILE as WEIGHTS_FILE
+from vgpt_cli.model.artifact import load_folder, save_folder
 from vgpt_cli.model.config import CaptionerConfig
+from vgpt_cli.model.decode_state import DecodeState as DecodeState
+from vgpt_cli.model.decode_state import VisualMemory as VisualMemory
 from vgpt_cli.model.encoder import VisualEncoder, padding_mask
 from vgpt_cli.model.lm import LMAdapter, adapter_for, as_float32, load_language_model
-from vgpt_cli.model.lm_reference import (
-    LM_PREFIX,
-    checked_reference,
-    load_new_parameters,
-    load_referenced_lm,
-    reference_for,
-    split_state,
-    unchanged,
-)
+from vgpt_cli.model.lm_reference import reference_for
 from vgpt_cli.model.srau import (
     CrossAttention,
     LevelGates,
@@ -39,14 +35,6 @@ from vgpt_cli.model.srau import (
     srau_combine,
 )
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-# the decoding settings the model was validated and selected with: every DecodeOptions field, as
-# transformers keeps generate()'s settings in generation_config.json beside config.json
-GENERATION_CONFIG_FILE = "generation_config.json"
-FORMAT = "vgpt-captioner"
-FORMAT_VERSION = 1
-
 
 @dataclass
 class CaptionerOutput:
@@ -54,103 +42,6 @@ class CaptionerOutput:
     loss: Tensor | None = None      # mean cross-entropy over tokens whose label is not -100
     gates: Tensor | None = None     # (B, T, 2): [..., 0] linguistic, [..., 1] visual (SRAU only)
     attention: list[Tensor] | None = None  # per block (B, T, N): where each position's cross-attention looks
-
-
-@dataclass
-class VisualMemory:
-    """What decoding needs from one batch of images, computed once by `Captioner.encode`."""
-
-    keys: list[Tensor]     # per decoder layer: (B, K, heads, N, head_dim), LN1 and projection applied
-    values: list[Tensor]
-    mask: Tensor           # (B, N) True on real visual tokens
-
-    @property
-    def batch_size(self) -> int:
-        return self.mask.shape[0]
-
-    def index_select(self, idx: Tensor) -> VisualMemory:
-        return VisualMemory([k.index_select(0, idx) for k in self.keys],
-                            [v.index_select(0, idx) for v in self.values], self.mask.index_select(0, idx))
-
-
-@dataclass
-class DecodeState:
-    """Incremental-decoding state: the self-attention cache plus the (shared) visual memory.
-
-    Rows are `beams` consecutive copies per memory row: row b reads memory row b // beams.
-    The cache is one preallocated tensor for all layers, (layers, 2, B, H_kv, capacity, hd) with
-    k at [:, 0] and v at [:, 1]; a step writes its token's k/v in place at position `length`
-    (no torch.cat of the whole cache per layer), and a beam reorder is one index_select of all
-    layers at once, into a second buffer kept for that (`spare`: the previous step's, so no step
-    allocates and page-faults a fresh tens-of-MB buffer). A state is therefore consumed by
-    decode_step, reorder, select_images and repeat_rows: keep using the returned state only.
-    """
-
-    memory: VisualMemory
-    beams: int
-    buffer: Tensor | None = None       # (layers, 2, B, H_kv, capacity, hd), filled up to `length`
-    key_mask: Tensor | None = None     # (B, capacity) True where the cached token is real
-    gates: Tensor | None = None        # (B, 2) of the last step, when asked for
-    length: int = 0                    # cached tokens
-    padded: bool = False               # some step was given an attention mask: attention reads key_mask
-    capacity_hint: int = 0             # tokens to allocate room for at the first step
-    xmask: Tensor | None = None        # the memory's additive cross-attention mask, made once per memory
-    spare: Tensor | None = None        # a free buffer of the same shape, the target of the next reorder
-    coverage: Tensor | None = None     # (layers, B, K, heads, N): attention summed over the steps so far
-
-    @property
-    def cache(self) -> list[tuple[Tensor, Tensor]]:
-        """Per layer (k, v), each (B, H_kv, length, hd): views of the filled part of the buffer."""
-        if self.buffer is None:
-            return []
-        return [(layer[0, :, :, :self.length], layer[1, :, :, :self.length]) for layer in self.buffer]
-
-    def _rows(self, idx: Tensor, memory: VisualMemory, beams: int) -> DecodeState:
-        """A new state whose row b is old row idx[b] (the cache copied, the memory as given)."""
-        buf = mask = spare = None
-        if self.buffer is not None:
-            # only the filled part is copied, into the spare buffer when it has the shape (else a new
-            # one); this state's buffer becomes the next one's spare
-            shape = self.buffer.shape[:2] + (idx.shape[0],) + self.buffer.shape[3:]
-            buf = self.spare if self.spare is not None and self.spare.shape == shape else self.buffer.new_empty(shape)
-            torch.index_select(self.buffer[..., :self.length, :], 2, idx, out=buf[..., :self.length, :])
-            spare = self.buffer if self.buffer.shape == shape else None
-            mask = None if self.key_mask is None else self.key_mask.index_select(0, idx)
-        gates = None if self.gates is None else self.gates.index_select(0, idx)
-        coverage = None if self.coverage is None else self.coverage.index_select(1, idx)
-        xmask = self.xmask if memory is self.memory else None
-        return DecodeState(memory, beams, buf, mask, gates, self.length, self.padded, self.capacity_hint, xmask,
-                           spare, coverage)
-
-    def reorder(self, beam_idx: Tensor, within_groups: bool | None = None) -> DecodeState:
-        """New row b continues old row beam_idx[b] (beam search). Returns a new state.
-
-        Reordering within each image's group of `beams` rows (what beam search does) touches only
-        the self-attention cache; a row taken from another image's group makes the memory
-        follow (one index_select of the memory, then one memory row per decoder row).
-        within_groups=True promises the former (beam search knows it), which skips the check (a
-        host-device synchronisation on a GPU).
-        """
-        beam_idx = beam_idx.to(device=self.memory.mask.device, dtype=torch.long)
-        B = self.memory.batch_size * self.beams
-        if beam_idx.shape != (B,):
-            raise ValueError(f"beam_idx must have shape ({B},), got {tuple(beam_idx.shape)}")
-        memory, beams = self.memory, self.beams
-        if not within_groups:
-            group = torch.arange(B, device=beam_idx.device) // beams
-            if not torch.equal(beam_idx // beams, group):
-                memory, beams = memory.index_select(beam_idx // self.beams), 1
-        return self._rows(beam_idx, memory, beams)
-
-    def select_images(self, images: Tensor, rows: Tensor) -> DecodeState:
-        """Keep only some images (done images leave the batch): `images` their indices, `rows` their
-        decoder rows in order. The memory follows per image while it is shared, else per row."""
-        return self._rows(rows, self.memory.index_select(images if self.beams > 1 else rows), self.beams)
-
-    def repeat_rows(self, n: int) -> DecodeState:
-        """Each row becomes n consecutive identical rows (that share its memory row)."""
-        idx = torch.arange(self.memory.batch_size * self.beams, device=self.memory.mask.device)
-        return self._rows(idx.repeat_interleave(n), self.memory, self.beams * n)
 
 
 class Captioner(nn.Module):
@@ -177,19 +68,18 @@ class Captioner(nn.Module):
             self.gates = None
         self._init_new()
         self.bos_token_id, self.eos_token_id, self.pad_token_id = a.special_tokens(tokenizer)
-        # Training may run a first phase with soft gates (tau 0) before the configured threshold; the
-        # config keeps the architecture's tau, so anything saved or decoded later uses that.
+        # A first training phase may run soft gates (tau 0); the config keeps the architecture's tau.
         self.tau_override: float | None = None
-        # The decoding settings the model was validated and selected with (beam_size, max_length,
-        # min_length, length_penalty), saved in config.json as "generation", like transformers'
-        # generation_config; vgpt_cli.runtime.decode_options applies them. Empty: the decoder's defaults.
+        # What the model folder carries beside the weights (artifact.py): the decoding settings it was
+        # selected with (DecodeOptions fields; empty: the decoder's defaults), how images become its
+        # features (the feature store's record; None: not known), and notes from loading an older folder.
         self.generation: dict[str, Any] = {}
-        # Inference (eval mode, no gradient) runs cross-attention + SRAU as `_cross_srau`, the same maths
-        # in fewer kernels; False runs the modules training runs (CrossAttention.forward + srau_combine),
-        # e.g. as the tests' independent reference, or to look inside the attention.
+        self.preprocessor: dict[str, Any] | None = None
+        self.load_notes: list[str] = []
+        # Inference runs cross-attention + SRAU fused (`_cross_srau`, the same maths in fewer kernels);
+        # False runs the training modules, e.g. as the tests' independent reference.
         self.fused_inference = True
-        # Where the LM's pretrained weights come from and their digest (lm_reference.py): while they are
-        # unchanged, save_pretrained refers to them instead of copying them. None: always saved whole.
+        # Where the LM's pretrained weights come from (lm_reference.py): while unchanged, not copied on save.
         self.lm_reference: dict[str, str] | None = None
         # fp32 as trained, or the narrower weights vgpt_cli.model.precision.narrow_model made at load time
         self.precision = "fp32"
@@ -235,31 +125,12 @@ class Captioner(nn.Module):
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, captions: list[str], max_length: int | None = None) -> dict[str, Tensor]:
-        """Captions -> input_ids (BOS w1..wn), labels (w1..wn EOS; -100 on padding), attention_mask.
+        """Captions -> input_ids (BOS w1..wn), labels (w1..wn EOS, already shifted; -100 on padding) and
+        attention_mask, at most `max_length` tokens a row (default the config's): vgpt_cli.text.caption_tensors."""
+        from vgpt_cli.text import caption_tensors
 
-        labels are already shifted: labels[:, t] is the target of position t. At most `max_length`
-        tokens per row; words are cut so that EOS always stays. Rows are right-padded with pad id.
-        """
-        max_length = max_length or self.config.max_caption_tokens
-        if max_length < 2:
-            raise ConfigError(f"max_length={max_length}: needs room for a word and EOS (>= 2)")
-        if not captions:
-            raise DataError("tokenize() got no captions: pass a non-empty list of strings")
-        rows = []
-        for text in captions:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-            rows.append([self.bos_token_id, *ids, self.eos_token_id])
-        T = max(len(r) - 1 for r in rows)
-        B = len(rows)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = len(r) - 1
-            input_ids[b, :n] = torch.tensor(r[:-1])
-            labels[b, :n] = torch.tensor(r[1:])
-            attention_mask[b, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        return caption_tensors(self.tokenizer, captions, max_length or self.config.max_caption_tokens,
+                               self.bos_token_id, self.eos_token_id, self.pad_token_id)
 
     # ------------------------------------------------------------------ encoder
     def encode(self, features: Tensor, lengths: Tensor) -> VisualMemory:
@@ -504,122 +375,16 @@ class Captioner(nn.Module):
                           L0 + 1, padded, state.capacity_hint, xmask, spare, coverage)
         return logits[:, -1].float(), new
 
-    # ------------------------------------------------------------------ save / load
+    # ------------------------------------------------------------------ save / load (artifact.py)
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors + the tokenizer files into `directory` (atomically per file).
-
-        An LM whose weights are still those of its source (lm_reference) is not copied: the folder records
-        the source and the weights' digest, and from_pretrained loads and checks them (lm_reference.py)."""
-        from safetensors.torch import save_file, save_model
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION,
-            "captioner": self.config.to_dict(),
-            "lm_family": self.adapter.family,
-            "lm_config": {k: v for k, v in self.lm.config.to_dict().items() if k != "quantization_config"},
-            "special_tokens": {"bos": self.bos_token_id, "eos": self.eos_token_id, "pad": self.pad_token_id},
-        }
-        by_reference = unchanged(self.lm_reference, self.lm)
-        if by_reference:
-            meta["lm_weights"] = dict(self.lm_reference)
-        from vgpt_cli.workspace import atomic_write, atomic_write_json
-
-        if by_reference:
-            atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(split_state(self), str(tmp), metadata={"format": "pt"}))
-        else:
-            # save_model drops the duplicate of tied tensors (GPT-2 lm_head = wte), restored on load
-            atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(self, str(tmp), metadata={"format": "pt"}))
-        self.tokenizer.save_pretrained(str(out))
-        if self.generation:
-            from vgpt_cli.decode import DecodeOptions
-
-            atomic_write_json(out / GENERATION_CONFIG_FILE, asdict(DecodeOptions(**self.generation).validate()))
-        else:
-            (out / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
-        atomic_write_json(out / CONFIG_FILE, meta)
-        return out
+        """Write the model folder (vgpt_cli.model.artifact): weights, config, decoding settings,
+        preprocessing record and tokenizer, each file atomically."""
+        return save_folder(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Captioner:
-        """Load a folder written by save_pretrained. Needs neither the hub nor the training data."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        d = Path(directory)
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not d.is_dir():
-            raise ModelLoadError(f"{d}: model folder not found; give a folder written by training "
-                                 f"(it holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-        if not cfg_path.is_file():
-            raise ModelLoadError(f"{cfg_path}: missing; the model folder must hold the {CONFIG_FILE} "
-                                 "written with the weights")
-        try:
-            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError(f"the top level is {type(meta).__name__}, not an object")
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-            config = CaptionerConfig.from_dict(meta["captioner"], source=str(cfg_path))
-            lm_cfg = dict(meta["lm_config"])
-            model_type = lm_cfg.pop("model_type")
-            generation = _generation_block(meta.get("generation"))  # the old layout kept it in config.json
-            reference = checked_reference(meta["lm_weights"]) if "lm_weights" in meta else None
-        except (ValueError, KeyError, TypeError, ConfigError) as exc:
-            raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({exc}); "
-                                 "re-save the model or point to the right folder") from exc
-        gen_path = d / GENERATION_CONFIG_FILE
-        if gen_path.is_file():
-            try:
-                generation = _generation_block(json.loads(gen_path.read_text(encoding="utf-8")))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ModelLoadError(f"{gen_path}: not valid decoding settings ({exc}); fix or delete it (the "
-                                     "model then decodes with the built-in defaults)") from None
-        if not w_path.is_file():
-            raise ModelLoadError(f"{w_path}: weights file missing; copy {WEIGHTS_FILE} from the training run "
-                                 "folder next to its config.json")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(d))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{d}: cannot load the tokenizer files ({exc}); they are written by "
-                                 "save_pretrained next to config.json") from exc
-        if len(tokenizer) < 2:
-            raise ModelLoadError(f"{d}: the tokenizer files are missing or empty (tokenizer.json)")
-        from vgpt_cli.model.weights_check import check_shapes
-
-        try:  # the model the config describes, shapes only (meta device): checked against the file first
-            lm_config = AutoConfig.for_model(model_type, **lm_cfg)
-            with torch.device("meta"):
-                skeleton = cls(config, AutoModelForCausalLM.from_config(lm_config), tokenizer)
-        except (ValueError, KeyError, TypeError, AttributeError, ConfigError, ModelLoadError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            first = first if len(first) <= 160 else first[:160] + " ..."  # transformers lists every model type
-            raise ModelLoadError(f"{cfg_path}: not a valid vgpt captioner config ({first}); re-save the model "
-                                 "or point to the right folder") from None
-        check_shapes(skeleton, w_path, cfg_path, skip_prefix=LM_PREFIX if reference else None)
-        del skeleton
-        if reference:
-            model = cls(config, load_referenced_lm(reference, str(d)), tokenizer)
-            model.lm_reference = reference
-        else:  # the LM skeleton without initialising weights that the file will overwrite
-            model = cls(config, AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32), tokenizer)
-        try:
-            if reference:
-                load_new_parameters(model, w_path)
-            else:
-                load_model(model, str(w_path), strict=True)
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{w_path}: unreadable or corrupt weights file ({exc}); re-save the "
-                                 "model or copy the file again") from exc
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ModelLoadError(f"{w_path}: the weights do not match {cfg_path} ({first} ...); the two files "
-                                 "come from different models") from exc
-        model.generation = generation
-        model.eval()
-        return model
+        """Load a model folder (or an older layout). Needs neither the hub nor the training data."""
+        return load_folder(cls, directory)
 
 
 def check_rows(images: int, captions: int, image_index: Tensor | None) -> None:
@@ -632,30 +397,3 @@ def check_rows(images: int, captions: int, image_index: Tensor | None) -> None:
                                                and not 0 <= int(image_index.min()) <= int(image_index.max()) < images):
         raise ValueError(f"image_index must hold one image row in [0, {images}) for each of the {captions} captions, "
                          f"got shape {tuple(image_index.shape)}")
-
-
-def generation_keys() -> dict[str, type]:
-    """DecodeOptions' fields and their number types: what a saved generation config may hold."""
-    from dataclasses import fields
-
-    from vgpt_cli.decode import DecodeOptions
-
-    return {f.name: {"int": int, "float": float}[str(f.type)] for f in fields(DecodeOptions)}
-
-
-def _generation_block(block: Any) -> dict[str, Any]:
-    """Saved decoding settings, checked: DecodeOptions' fields with numbers of the right kind."""
-    if block is None:
-        return {}
-    if not isinstance(block, dict):
-        raise ValueError("generation must be an object")
-    known = generation_keys()
-    out: dict[str, Any] = {}
-    for key, value in block.items():
-        kind = known.get(key)
-        if kind is None:
-            raise ValueError(f"unknown generation setting {key!r} (known: {', '.join(known)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise ValueError(f"generation.{key}={value!r} is not a {kind.__name__}")
-        out[key] = kind(value)
-    return out

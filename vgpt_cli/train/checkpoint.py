@@ -1,7 +1,7 @@
 """Run checkpoints: `best/` and `last/`, written atomically, no pickle.
 
-Each is a `Captioner.save_pretrained` folder plus `backbone.json` (the feature store's record of the
-backbone, so `vgpt caption` can rebuild it without the workspace). `last/` also holds the trainer
+Each is a `Captioner.save_pretrained` folder (vgpt_cli.model.artifact), whose preprocessor.json is the
+feature store's record, so `vgpt caption` can rebuild the backbone without the workspace. `last/` also holds the trainer
 state: trainer_state.safetensors (optimiser tensors, RNG states) and trainer_state.json (step, epoch,
 best score, patience counter, optimiser hyper-parameters, scheduler and grad-scaler state).
 
@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgpt_cli.errors import DataError, DiskFullError, ModelLoadError
-from vgpt_cli.runtime import BACKBONE_JSON as BACKBONE_JSON  # one name for the backbone record
 from vgpt_cli.runtime import checkpoint_dir as checkpoint_dir  # the one recovery rule
 from vgpt_cli.workspace import atomic_write_json
 
@@ -109,9 +108,9 @@ def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, A
     remove_stale_temporaries(run_dir, which)
     tmp = Path(tempfile.mkdtemp(prefix=f".{which}.tmp-", dir=run_dir))
     try:
+        if backbone is not None:  # the feature store's record, saved in the folder as preprocessor.json
+            model.preprocessor = backbone
         model.save_pretrained(tmp)
-        if backbone is not None:
-            atomic_write_json(tmp / BACKBONE_JSON, backbone)
         if trainer_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
                       str(tmp / STATE_TENSORS))

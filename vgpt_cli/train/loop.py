@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
-from vgpt_cli.runtime import DistContext, checkpoint_dir, require_feature_width, setup_distributed
+from vgpt_cli.model.artifact import require_compatible
+from vgpt_cli.runtime import DistContext, checkpoint_dir, setup_distributed
 from vgpt_cli.train.callbacks import Callbacks, StepHook, TrainCallback
 from vgpt_cli.train.checkpoint import (
     finish_interrupted_swap,
@@ -167,8 +168,8 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             model = Captioner.from_pretrained(ckpt)
         elif model is None:
             model = build_model(config, int(store.dim), say=lambda s: callback.on_message(s, warning=True))
-        require_feature_width(model, store.dim, f"the feature store {store.path.name}",
-                              "extract features with the matching backbone or start a new run", ConfigError)
+        require_compatible(model, store.dim, store.fingerprint, f"the feature store {store.path.name}",
+                           "extract features with the matching backbone or start a new run", ConfigError)
         if config.lm is None:
             config = config.override(lm=model.config.lm)
         # Saved with every checkpoint: what the model is validated and selected with, hence what
