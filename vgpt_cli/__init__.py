@@ -1,3 +1,3 @@
 """vgpt: data-efficient image captioning with VisualGPT (SRAU-gated pretrained language models)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
