@@ -7,7 +7,7 @@ Fractions of one fixed pool of scenes x four models x seeds, all scored on one f
   no-gates    plain residual cross-attention without gates (the usual "LM + cross-attention")
 Every run trains the same number of optimiser steps (the same compute) and is scored as it is at
 its last step, with the demo's settings: lite0 features with stage 2 appended, K = 1, gates starting
-at sigmoid(5) (see docs/results.md for why), bf16 autocast where the CPU has AMX. Scores: CIDEr-D,
+at sigmoid(5) (see docs/research/grounding.md for why), bf16 autocast where the CPU has AMX. Scores: CIDEr-D,
 and on the scenes' recorded objects object F1 (partial credit) and grounded (all or nothing).
 
 Presets (--preset; any setting may still be given on its own):

@@ -1,4 +1,4 @@
-"""What the grounding recipe claims (docs/results.md, "Grounding"), on tiny GPT-2 captioners.
+"""What the grounding recipe claims (docs/research/grounding.md), on tiny GPT-2 captioners.
 
 - At step 0 the captioner is close to the pretrained LM alone (gates start linguistic, K = 1).
 - With tau 0.2 and gates starting at sigmoid(5), no gradient reaches the cross-attention or the visual

@@ -34,19 +34,19 @@ class DemoSettings:
     # 83%, shape 97%; stage 2: colour 99%): its 40-channel stage 2 is appended to every token.
     add_stages: tuple[int, ...] = (2,)
     # The model: the paper's SRAU with tau 0.2, on one encoder level (K = 1) and gates that start at
-    # sigmoid(5) ~ 0.993, so that training starts from the pretrained LM itself (see docs/results.md).
+    # sigmoid(5) ~ 0.993, so that training starts from the pretrained LM itself (see docs/research/grounding.md).
     # The LM stays frozen: a step costs about 0.8 of one that trains it, and the image must carry what
-    # the LM cannot guess (docs/results.md, "Grounding": object F1 0.20 -> 0.24, CIDEr 1.40 -> 1.87 at
+    # the LM cannot guess (docs/research/grounding.md: object F1 0.20 -> 0.24, CIDEr 1.40 -> 1.87 at
     # equal training time, 2 seeds).
     gating: str = "srau"  # the demo names it: vgpt train's default is plain cross-attention (real photos)
     encoder_layers: int = 1
     tau: float = 0.2
     gate_init_bias: float = 5.0
     # Before SRAU, the visual encoder trains alone under a small word decoder (vgpt_cli.train.warm_start):
-    # at 156 SRAU steps object F1 0.24 -> 0.63 and CIDEr 1.87 -> 3.57 (docs/results.md, "Grounding", 2 seeds).
+    # at 156 SRAU steps object F1 0.24 -> 0.63 and CIDEr 1.87 -> 3.57 (docs/research/grounding.md, 2 seeds).
     encoder_warm_start: int = 10  # epochs
     # Supervised attention at shape words (train/attention_supervision.py) stays off by default: over these
-    # 160 steps it binds on one seed in five (docs/results.md 1i); over 480 steps (--steps 480
+    # 160 steps it binds on one seed in five (docs/research/grounding.md 1i); over 480 steps (--steps 480
     # --attention-supervision 1) on every seed tried, object F1 0.93 +- 0.05, seed 42 0.98 (1k), but that
     # is three times the 10-minute budget.
     attention_supervision: float = 0.0

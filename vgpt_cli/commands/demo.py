@@ -20,7 +20,7 @@ def command(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of data, initialisation and order (42).")] = None,
     attention_supervision: Annotated[float | None, typer.Option(
         "--attention-supervision", help="Weight of supervised attention at shape words (default 0: off; "
-        "docs/results.md, Grounding 1i).")] = None,
+        "docs/research/grounding.md, 1i).")] = None,
     device: DeviceOption = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
                                            "BF16, and on CUDA), bf16 or fp32.")] = "auto",

@@ -8,7 +8,7 @@ Nothing changes at inference.
 
 Only the shape word is supervised: the colour written just before it says which object it is. The
 colour word is not, since a caption names its objects in any order and the image alone cannot say which
-comes next (docs/results.md, "Grounding" 1h: supervising it as well halved object F1).
+comes next (docs/research/grounding.md 1h: supervising it as well halved object F1).
 """
 
 from __future__ import annotations

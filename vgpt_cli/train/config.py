@@ -45,7 +45,7 @@ class ModelOptions:
     lm: str | None = None
     lm_init: str = "pretrained"  # "pretrained" (the paper) or "random"
     tau: float = 0.2  # SRAU threshold, 0 <= tau < 0.5 (authors' README: 0.2)
-    # Defaults: the recipe measured best here (docs/results.md, "Grounding"); see PRESETS for the paper's.
+    # Defaults: the recipe measured best here (docs/research/grounding.md); see PRESETS for the paper's.
     encoder_layers: int = 1  # K (paper: 3)
     # "none": plain residual cross-attention O = A + C; "srau": the paper's gates (the options below). On real
     # photos (Flickr8k, docs/results.md "Real photographs") SRAU read the image less than plain cross-attention
@@ -115,7 +115,7 @@ class OptimiserOptions:
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
     seed: int = 42
-    # How the new parts start (docs/results.md, "Grounding"): the first N cross-entropy steps with soft
+    # How the new parts start (docs/research/grounding.md): the first N cross-entropy steps with soft
     # gates (tau 0; gates that start near 1 with tau 0.2 give the cross-attention no gradient at all) ...
     soft_gate_steps: int = 0
     # ... and with the LM frozen (cheaper steps; the image has to carry what the LM cannot guess).

@@ -1,6 +1,6 @@
 """Encoder warm start: train the visual encoder alone under a small captioning decoder, before SRAU.
 
-Why (docs/results.md, "Grounding"): a 135M-parameter LM makes every SRAU step expensive, so in the
+Why (docs/research/grounding.md): a 135M-parameter LM makes every SRAU step expensive, so in the
 demo's ten CPU minutes the captioner sees each training caption about once, and the cross-attention
 and encoder, learning together from scratch, never separate the objects of a scene: the captions
 name the shapes and guess the colours. A 2-layer decoder 256 wide, trained from scratch on the same
@@ -52,7 +52,7 @@ class WordDecoder(nn.Module):
     """Encoder tokens (B, N, D) -> next-word logits: 1 memory layer + 2 decoder layers, 256 wide.
 
     memory_layer=False reads the encoder's tokens with no token layer of its own (measured: the same
-    SRAU result, docs/results.md "Grounding")."""
+    SRAU result, docs/research/grounding.md)."""
 
     def __init__(self, d_model: int, vocab: int, width: int = 256, heads: int = 4, max_words: int = MAX_WORDS + 1,
                  memory_layer: bool = True):
