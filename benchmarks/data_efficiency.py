@@ -157,24 +157,25 @@ def prepare(ws, pool: int, fraction: float, seed: int, test_size: int, val_size:
 def main() -> None:
     a = parse()
     from vgpt_cli.data.manifest import Manifest
-    from vgpt_cli.demo import BACKBONE, LM, DemoSettings
+    from vgpt_cli.demo import BACKBONE, DemoSettings
     from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import load_backbone
     from vgpt_cli.features.extract import extract_items
     from vgpt_cli.model.precision import cpu_has_fast_bf16
     from vgpt_cli.train import TrainConfig, train
+    from vgpt_cli.train.config import PRESETS
     from vgpt_cli.workspace import Workspace
 
     ws = Workspace(a.workspace.resolve())
-    lm = str(tiny_lm(ws.root / "tiny-lm")) if a.lm == "tiny" else a.lm or LM
-    demo = DemoSettings()
+    demo = PRESETS["demo"]  # the demo's recipe, with this study's own schedule and validation
+    lm = str(tiny_lm(ws.root / "tiny-lm")) if a.lm == "tiny" else a.lm or demo["lm"]
     precision = "bf16" if (a.device.startswith("cuda") or cpu_has_fast_bf16()) else "fp32"
     fractions = [float(f) for f in a.fractions.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     steps = steps_by_fraction(a.steps, fractions)
     runs_at = models_by_fraction(a.models, fractions)
     models = list(runs_at)
-    backbone = load_backbone(BACKBONE, device=a.device, add_stages=demo.add_stages)
+    backbone = load_backbone(BACKBONE, device=a.device, add_stages=DemoSettings().add_stages)
     rows, t_all = [], time.perf_counter()
     stopped = ""
     skipped: list[str] = []  # --finished-only: runs not trained yet
@@ -194,11 +195,11 @@ def main() -> None:
                     break
                 t0 = time.perf_counter()
                 cfg = TrainConfig(
-                    lm=lm, dataset=dataset, encoder_layers=demo.encoder_layers, gate_init_bias=demo.gate_init_bias,
-                    lr=demo.lr, lm_lr=demo.lm_lr, warmup=min(demo.warmup, steps[fraction] // 5), schedule="cosine",
+                    lm=lm, dataset=dataset, encoder_layers=demo["encoder_layers"], gate_init_bias=demo["gate_init_bias"],
+                    lr=demo["lr"], lm_lr=demo["lm_lr"], warmup=min(demo["warmup"], steps[fraction] // 5), schedule="cosine",
                     batch_size=a.batch_size, max_steps=steps[fraction], val_size=a.val_size, val_beam=1,
                     val_every=a.val_every or steps[fraction],
-                    max_length=demo.max_length, precision=precision, seed=seed, device=a.device,
+                    max_length=demo["max_length"], precision=precision, seed=seed, device=a.device,
                     name=f"{dataset}-{model}", patience=10**6, encoder_warm_start=a.encoder_warm_start,
                     **MODELS[model])
                 run_dir = ws.run_dir(cfg.name)
@@ -213,10 +214,10 @@ def main() -> None:
                     last_loss = train(cfg, ws, quiet=True).last_loss
                     shutil.rmtree(run_dir / "last", ignore_errors=True)  # train() drops it already; older runs kept it
                 ws.set_current(dataset=dataset)
-                scores = _rescore(run_dir, manifest, demo.max_length) if reused else None
+                scores = _rescore(run_dir, manifest, demo["max_length"]) if reused else None
                 if scores is None:
                     scores = evaluate_split(ws, "test", model_dir=run_dir / "best", beam_size=BEAM,
-                                            max_length=demo.max_length, device=a.device, spice=False,
+                                            max_length=demo["max_length"], device=a.device, spice=False,
                                             log=lambda s: None).scores
                 row = {"fraction": fraction, "seed": seed, "model": model, "steps": steps[fraction],
                        "train_images": n_train,

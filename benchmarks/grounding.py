@@ -199,7 +199,7 @@ def lora(rank: int, alpha: float, targets: tuple[str, ...] = ("q_proj", "v_proj"
     return hook
 
 
-# Everything not named here is the demo's (vgpt_cli.demo.DemoSettings). step_factor: more steps for
+# Everything not named here is the demo's (`vgpt train --preset demo`, vgpt_cli.train.config.PRESETS). step_factor: more steps for
 # recipes whose step is cheaper, so that every recipe trains for about the same wall-clock time.
 VARIANTS: dict[str, dict[str, Any]] = {
     "demo": {},
@@ -266,14 +266,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def recipe_config(variant: dict[str, Any], seed: int, steps: int, name: str, precision: str, lm: str | None = None):
-    from vgpt_cli.demo import LM, DemoSettings
     from vgpt_cli.train import TrainConfig
+    from vgpt_cli.train.config import PRESETS
 
-    d = DemoSettings()
-    base = dict(lm=lm or LM, gating=d.gating, encoder_layers=d.encoder_layers, tau=d.tau, gate_init_bias=d.gate_init_bias, lr=d.lr,
-                lm_lr=d.lm_lr, warmup=d.warmup, schedule="cosine", batch_size=d.batch_size, max_steps=steps,
-                val_every=steps, val_size=5, val_beam=d.eval_beam, max_length=d.max_length,
-                precision=precision, seed=seed, device="cpu", name=name, patience=100, encoder_warm_start=0)
+    d = PRESETS["demo"]
+    base = dict(lm=lm or d["lm"], **{k: d[k] for k in ("gating", "encoder_layers", "tau", "gate_init_bias", "lr", "lm_lr",
+                                                       "warmup", "schedule", "batch_size", "val_beam", "max_length")},
+                max_steps=steps, val_every=steps, val_size=5, precision=precision, seed=seed, device="cpu", name=name,
+                patience=100, encoder_warm_start=0)
     base.update({k: v for k, v in variant.items() if k in TrainConfig.__dataclass_fields__})
     for key in ("soft_gate_steps", "freeze_lm_steps"):  # given as a fraction of the run's steps
         if f"{key}_frac" in variant:

@@ -332,6 +332,24 @@ def test_config_file_and_flags(tmp_path):
         TrainConfig.from_preset("nope")
 
 
+def test_the_demo_trains_vgpt_train_preset_demo():
+    """`vgpt demo`'s recipe is written once, as the demo preset: the demo's config is `--preset demo` plus
+    its run options, and its --steps keeps the LM frozen for every step."""
+    from vgpt_cli.demo import demo_config, settings_for
+
+    demo = demo_config(settings_for(False), precision="fp32", device="cpu", name="demo")
+    preset = TrainConfig.from_preset("demo").override(precision="fp32", device="cpu", name="demo")
+    assert demo == preset
+    assert (demo.gating, demo.encoder_layers, demo.gate_init_bias, demo.lm, demo.max_steps, demo.freeze_lm_steps,
+            demo.encoder_warm_start, demo.seed) == ("srau", 1, 5.0, "smollm2-135m", 160, 160, 10, 42)
+    longer = demo_config(settings_for(False, steps=480, seed=7, attention_supervision=1.0))
+    assert (longer.max_steps, longer.freeze_lm_steps, longer.seed, longer.attention_supervision) == (480, 480, 7, 1.0)
+    quick = demo_config(settings_for(True))
+    assert (quick.max_steps, quick.freeze_lm_steps, quick.val_beam, quick.encoder_warm_start) == (20, 20, 1, 2)
+    result = runner.invoke(app, ["train", "--preset", "nope"])
+    assert result.exit_code != 0 and "demo" in result.output  # the error lists the presets
+
+
 runner = CliRunner()
 
 

@@ -22,49 +22,33 @@ from typing import Any
 from vgpt_cli.workspace import Workspace, atomic_write_json
 
 BACKBONE = "tf_efficientnet_lite0"
-LM = "smollm2-135m"
 PHOTO = "chelsea.jpg"  # Chelsea the cat, CC0 by Stefan van der Walt (scikit-image's sample data)
 
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """What the demo builds around training; the training recipe is `vgpt train --preset demo`
+    (vgpt_cli.train.config.PRESETS), with `train`'s options over it."""
+
     scenes: int = 1000  # shapes scenes, split 80/10/10
-    seed: int = 42
     # lite0's last layer keeps shape but loses colour (linear probe, benchmarks/feature_probe.py: colour
     # 83%, shape 97%; stage 2: colour 99%): its 40-channel stage 2 is appended to every token.
     add_stages: tuple[int, ...] = (2,)
-    # The model: the paper's SRAU with tau 0.2, on one encoder level (K = 1) and gates that start at
-    # sigmoid(5) ~ 0.993, so that training starts from the pretrained LM itself (see docs/research/grounding.md).
-    # The LM stays frozen: a step costs about 0.8 of one that trains it, and the image must carry what
-    # the LM cannot guess (docs/research/grounding.md: object F1 0.20 -> 0.24, CIDEr 1.40 -> 1.87 at
-    # equal training time, 2 seeds).
-    gating: str = "srau"  # the demo names it: vgpt train's default is plain cross-attention (real photos)
-    encoder_layers: int = 1
-    tau: float = 0.2
-    gate_init_bias: float = 5.0
-    # Before SRAU, the visual encoder trains alone under a small word decoder (vgpt_cli.train.warm_start):
-    # at 156 SRAU steps object F1 0.24 -> 0.63 and CIDEr 1.87 -> 3.57 (docs/research/grounding.md, 2 seeds).
-    encoder_warm_start: int = 10  # epochs
-    # Supervised attention at shape words (train/attention_supervision.py) stays off by default: over these
-    # 160 steps it binds on one seed in five (docs/research/grounding.md 1i); over 480 steps (--steps 480
-    # --attention-supervision 1) on every seed tried, object F1 0.93 +- 0.05, seed 42 0.98 (1k), but that
-    # is three times the 10-minute budget.
-    attention_supervision: float = 0.0
-    steps: int = 160
-    batch_size: int = 16
-    lr: float = 1e-3  # the new parameters
-    lm_lr: float = 1e-4  # the pretrained LM's own
-    warmup: int = 20
-    freeze_lm_frac: float = 1.0  # the first steps with the LM frozen, as a fraction of the steps
-    val_size: int = 40
-    val_every: int = 80
-    eval_beam: int = 3
-    max_length: int = 24
     caption_scenes: int = 4
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig options over the demo preset
 
 
-QUICK = DemoSettings(scenes=120, steps=20, val_size=8, val_every=20, eval_beam=1, caption_scenes=2, warmup=5,
-                     encoder_warm_start=2)
+QUICK = DemoSettings(scenes=120, caption_scenes=2, train={"max_steps": 20, "val_size": 8, "val_every": 20,
+                                                          "val_beam": 1, "warmup": 5, "encoder_warm_start": 2})
+
+
+def demo_config(settings: DemoSettings = DemoSettings(), **run: Any) -> Any:
+    """The demo's TrainConfig: the demo preset, the settings' options, then `run`'s (precision, device, name);
+    the LM stays frozen for every step, however many."""
+    from vgpt_cli.train import TrainConfig
+
+    config = TrainConfig.from_preset("demo").override(**settings.train, **run)
+    return config.override(freeze_lm_steps=config.max_steps).validate()
 
 
 @dataclass
@@ -135,7 +119,7 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     from vgpt_cli.features import load_backbone, open_workspace_store
     from vgpt_cli.features.extract import extract_items
     from vgpt_cli.model.precision import cpu_has_fast_bf16
-    from vgpt_cli.train import TrainConfig, train
+    from vgpt_cli.train import train
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"demo precision {precision!r}: use auto, bf16 or fp32")
@@ -147,16 +131,9 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
         log(FP32_CPU_NOTICE.format(why=" (no AMX or AVX-512 BF16)" if chosen == "auto" else ""))
     # the training recipe, checked before minutes of scenes and features (a bad --steps or
     # --attention-supervision is one line at once, not after the extraction)
-    config = TrainConfig(
-        lm=LM, gating=settings.gating, encoder_layers=settings.encoder_layers, tau=settings.tau,
-        gate_init_bias=settings.gate_init_bias, lr=settings.lr, lm_lr=settings.lm_lr, warmup=settings.warmup, schedule="cosine",
-        batch_size=settings.batch_size, max_steps=settings.steps, val_every=settings.val_every,
-        val_size=settings.val_size, val_beam=settings.eval_beam, max_length=settings.max_length,
-        precision=precision, seed=settings.seed, device=device, name="demo", patience=100,
-        freeze_lm_steps=int(round(settings.freeze_lm_frac * settings.steps)),
-        encoder_warm_start=settings.encoder_warm_start, attention_supervision=settings.attention_supervision,
-    ).validate()
-    report = DemoReport(workspace=str(ws.root), settings=asdict(settings), precision=precision)
+    config = demo_config(settings, precision=precision, device=device, name="demo")
+    seed = config.seed
+    report = DemoReport(workspace=str(ws.root), settings={**asdict(settings), **config.to_dict()}, precision=precision)
     t_start = time.perf_counter()
 
     def step(name: str, summary: str, t0: float) -> None:
@@ -166,7 +143,7 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
 
     # 1. data
     t0 = time.perf_counter()
-    manifest, manifest_path = prepare_shapes(ws, settings.scenes, settings.seed, SamplingOptions(seed=settings.seed))
+    manifest, manifest_path = prepare_shapes(ws, settings.scenes, seed, SamplingOptions(seed=seed))
     report.paths["manifest"] = str(manifest_path)
     counts = manifest.counts()
     step("prepare", f"{settings.scenes} shapes scenes: " + ", ".join(
@@ -189,14 +166,14 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
         shutil.rmtree(ws.run_dir("demo"))
     result = train(config, ws)
     report.paths["run"] = str(result.run_dir)
-    step("train", f"SmolLM2-135M + SRAU (K={settings.encoder_layers}, tau={settings.tau}), "
-         f"{settings.encoder_warm_start} epochs of encoder warm start, then {result.steps} steps "
-         f"of {settings.batch_size} captions ({precision}), last loss {result.last_loss:.3f}, "
+    step("train", f"SmolLM2-135M + SRAU (K={config.encoder_layers}, tau={config.tau}), "
+         f"{config.encoder_warm_start} epochs of encoder warm start, then {result.steps} steps "
+         f"of {config.batch_size} captions ({precision}), last loss {result.last_loss:.3f}, "
          f"best validation CIDEr-D {result.best_score or 0:.3f} at step {result.best_step}", t0)
 
     # 4. evaluation on the held-out test scenes
     t0 = time.perf_counter()
-    ev = evaluate_split(ws, "test", beam_size=settings.eval_beam, max_length=settings.max_length, device=device,
+    ev = evaluate_split(ws, "test", beam_size=config.val_beam, max_length=config.max_length, device=device,
                         spice=False, log=lambda s: None)
     report.metrics = {k: round(float(v), 4) for k, v in ev.scores.items()}
     report.paths["metrics"] = str(ev.metrics_path)
@@ -206,7 +183,7 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     # 5. where the words that name an object look, on the test scenes
     t0 = time.perf_counter()
     captioner = load_captioner(result.run_dir / "best", workspace=ws, device=device,
-                               beam_size=settings.eval_beam, max_length=settings.max_length)
+                               beam_size=config.val_beam, max_length=config.max_length)
     predicted = {row["image_id"]: row["caption"] for row in map(json.loads, ev.per_image_path.read_text().splitlines())}
     report.attention = shapes_attention(captioner.model, backbone, open_workspace_store(ws), manifest.items("test"),
                                         predicted)
@@ -232,6 +209,9 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     return report
 
 
-def settings_for(quick: bool, **overrides: Any) -> DemoSettings:
+def settings_for(quick: bool, scenes: int | None = None, **train: Any) -> DemoSettings:
+    """The demo's settings (QUICK with quick), with the command's options: scenes, and training options
+    (steps, seed, attention_supervision) where given."""
     base = QUICK if quick else DemoSettings()
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    named = {"max_steps" if k == "steps" else k: v for k, v in train.items() if v is not None}
+    return replace(base, scenes=base.scenes if scenes is None else scenes, train={**base.train, **named})

@@ -49,8 +49,8 @@ def command(
                                         "e.g. lm-lr: 1e-5); flags given here override it.")] = None,
     preset: Annotated[str | None, _opt("--preset", help="Start from a named recipe: vgpt (the defaults, measured "
                                        f"best here) or paper (the authors': K {paper('encoder_layers')}, their gate "
-                                       f"init, lr {paper('lr')}, batch {paper('batch_size')}). Other options "
-                                       "override it.")] = None,
+                                       f"init, lr {paper('lr')}, batch {paper('batch_size')}) or demo (`vgpt demo`'s "
+                                       "shapes recipe: SRAU, the LM frozen). Other options override it.")] = None,
     lm: Annotated[str | None, _opt("--lm", help="Language model: hub name (gpt2), local folder, .gguf file or "
                                    "smollm2-135m. Default: GPT-2 if it loads offline, else smollm2-135m.")] = None,
     lm_init: Annotated[str | None, _opt("--lm-init", help=f"pretrained or random (ablation) (default {d('lm_init')}).")] = None,
