@@ -613,7 +613,7 @@ def main() -> None:
         diagnose(a.diagnose, manifest, store)
         return
     if a.stream_share:
-        from vgpt_cli.runtime import load_model
+        from vgpt_cli.model_folders import load_model
 
         rows = stream_share(load_model(a.stream_share, "cpu"), manifest.items("test"), store)
         print_table(rows, title=f"the image's share of the stream, per block: {a.stream_share}")
@@ -638,7 +638,7 @@ def main() -> None:
 
 def diagnose(model_dir: Path, manifest, store) -> None:
     """Print the test-scene diagnostics of a saved model (the demo's settings: beam 3, 24 tokens)."""
-    from vgpt_cli.runtime import load_model
+    from vgpt_cli.model_folders import load_model
 
     model = load_model(model_dir, "cpu")
     items = manifest.items("test")

@@ -92,7 +92,7 @@ def env() -> dict[str, str]:
 def loadable(run: Path, which: str) -> bool | None:
     """None: no such checkpoint yet; else whether it loads (weights, and trainer state for last)."""
     from vgpt_cli.model import Captioner
-    from vgpt_cli.runtime import checkpoint_dir
+    from vgpt_cli.model_folders import checkpoint_dir
     from vgpt_cli.train.checkpoint import load_trainer_state
 
     folder = checkpoint_dir(run, which)
@@ -110,7 +110,7 @@ def loadable(run: Path, which: str) -> bool | None:
 def saved_step(run: Path, quiet: bool = False) -> int | None:
     """The step of the `last` checkpoint on disk. quiet: while a run writes it (a swap may be under way),
     None instead of an error."""
-    from vgpt_cli.runtime import checkpoint_dir
+    from vgpt_cli.model_folders import checkpoint_dir
 
     try:
         folder = checkpoint_dir(run, "last")

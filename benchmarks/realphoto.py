@@ -311,7 +311,7 @@ def decoding_study(ws, run_dir: Path, dev, refs: dict) -> list[dict]:
     from vgpt_cli.decode import decode_arrays
     from vgpt_cli.evaluate.metrics import compute_metrics_many
     from vgpt_cli.features import open_workspace_store
-    from vgpt_cli.runtime import decode_options, load_model
+    from vgpt_cli.model_folders import decode_options, load_model
 
     cache = run_dir / "realphoto_decoding.json"
     try:

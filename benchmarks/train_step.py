@@ -106,7 +106,7 @@ def main() -> None:
     if args.smoke:
         args.preset, args.steps, args.warmup, args.items, args.repeats = "smoke", 3, 1, 40, 1
 
-    from vgpt_cli.runtime import resolve_device
+    from vgpt_cli.device import resolve_device
     from vgpt_cli.train import TrainConfig, train
     from vgpt_cli.train.data import caption_examples, collate, epoch_order, make_plan
     from vgpt_cli.train.objectives import token_loss_sum

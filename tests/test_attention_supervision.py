@@ -20,9 +20,9 @@ from vgpt_cli.cli import app
 from vgpt_cli.data.build import SamplingOptions, prepare_shapes
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.data.shapes import SHAPES, make_scene, naming_words, object_mask, scene_captions
+from vgpt_cli.distributed import DistContext
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.store import StoreWriter, open_workspace_store
-from vgpt_cli.runtime import DistContext
 from vgpt_cli.train import TrainConfig, train
 from vgpt_cli.train.attention_supervision import (
     attention_loss_sum,

@@ -52,7 +52,7 @@ def test_every_device_option_is_one_declaration_that_takes_any_device_name():
     shared = {}
     for name in ("extract-features", "caption", "evaluate", "serve", "demo", "train"):
         opt = next(p for p in commands[name].params if "--device" in p.opts)
-        assert opt.default is None, name  # auto, resolved by vgpt_cli.runtime.resolve_device
+        assert opt.default is None, name  # auto, resolved by vgpt_cli.device.resolve_device
         if name != "train":  # train's options come from TrainConfig (its own declaration rule)
             shared[name] = opt.help
     assert len(set(shared.values())) == 1 and "cuda:N or mps" in next(iter(shared.values()))

@@ -38,7 +38,7 @@ def test_every_decoding_setting_round_trips_through_generation_config_json(tmp_p
     from dataclasses import asdict, fields
 
     from vgpt_cli.decode import DecodeOptions
-    from vgpt_cli.runtime import decode_options
+    from vgpt_cli.model_folders import decode_options
 
     defaults = DecodeOptions()
     # every field away from its default, so that a field dropped on the way fails
@@ -68,7 +68,7 @@ def test_a_bad_generation_block_is_one_line_naming_config_json(tmp_path):
 
 def test_decoding_settings_default_to_the_models_then_the_decoders():
     from vgpt_cli.decode import DecodeOptions
-    from vgpt_cli.runtime import decode_options
+    from vgpt_cli.model_folders import decode_options
 
     model = tiny_captioner()
     assert decode_options(model) == DecodeOptions()

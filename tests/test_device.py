@@ -16,7 +16,7 @@ import torch
     (False, False, None, "cpu"),
 ])
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, local_rank, expected):
-    from vgpt_cli.runtime import resolve_device
+    from vgpt_cli.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
@@ -30,8 +30,8 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, loca
 
 
 def test_device_names_that_are_not_here_fail_with_the_fix(monkeypatch):
+    from vgpt_cli.device import resolve_device
     from vgpt_cli.errors import ConfigError
-    from vgpt_cli.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

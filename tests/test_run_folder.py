@@ -218,7 +218,7 @@ def test_last_is_removed_when_a_run_ends_unless_keep_last_and_the_size_is_printe
 
 def test_model_lookup_recovers_best_from_its_old_copy(tmp_path):
     from vgpt_cli.errors import ConfigError
-    from vgpt_cli.runtime import resolve_model_dir
+    from vgpt_cli.model_folders import resolve_model_dir
     from vgpt_cli.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")

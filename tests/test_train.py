@@ -115,7 +115,7 @@ def first_step_gradients(ws: Workspace, model, **cfg) -> dict[str, torch.Tensor]
     """p.grad after the loop's first cross-entropy step (all micro-batches, all processes; before
     clipping and the optimiser), from the trainer's own xe_step. Under torchrun-style environment
     variables the model is wrapped in DDP as train() does, so the gradients are all-reduced."""
-    from vgpt_cli.runtime import setup_distributed
+    from vgpt_cli.distributed import setup_distributed
     from vgpt_cli.train.loop import prepare_inputs
     from vgpt_cli.train.trainer import Trainer
 
@@ -191,8 +191,8 @@ def test_unlikelihood_matches_a_loop_over_positions_and_earlier_words():
 
 
 def test_the_unlikelihood_weight_reaches_the_backward_and_the_logged_loss_stays_cross_entropy(tmp_path):
+    from vgpt_cli.distributed import DistContext
     from vgpt_cli.features.store import open_workspace_store
-    from vgpt_cli.runtime import DistContext
     from vgpt_cli.train.data import caption_examples
     from vgpt_cli.train.objectives import cross_entropy_step, unlikelihood_sum
 

@@ -95,7 +95,7 @@ class ImageCaptioner:
 
     def __init__(self, model, backbone, *, beam_size: int | None = None, max_length: int | None = None,
                  batch_size: int = 16, device: str = "cpu", model_dir: str = "") -> None:
-        from vgpt_cli.runtime import decode_options
+        from vgpt_cli.model_folders import decode_options
 
         self.model, self.backbone, self.device, self.model_dir = model, backbone, device, model_dir
         # None: the decoding settings saved with the model (those it was validated and selected with)
@@ -259,11 +259,12 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     Without preprocessor.json in the folder, the backbone record of `workspace`'s feature store is used
     (default: $VGPT_WORKSPACE or the current folder). beam_size and max_length default to the
     decoding settings saved with the model (its generation_config.json); device to
-    vgpt_cli.runtime.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
+    vgpt_cli.device.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
     bf16 or int8 (vgpt_cli.model.precision: narrowed at load time; `notice` says when it will not pay)."""
+    from vgpt_cli.device import resolve_device
     from vgpt_cli.features import load_backbone_from_meta
     from vgpt_cli.model.precision import check_precision, narrow_model
-    from vgpt_cli.runtime import load_model, resolve_device
+    from vgpt_cli.model_folders import load_model
 
     mdir = Path(model_dir).expanduser().resolve()
     # no workspace given: the one of $VGPT_WORKSPACE or the current folder, for its feature store record

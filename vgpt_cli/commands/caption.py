@@ -65,7 +65,7 @@ def command(
         vgpt caption photos/ --precision int8
     """
     from vgpt_cli.api import expand_image_paths, load_captioner
-    from vgpt_cli.runtime import resolve_model_dir
+    from vgpt_cli.model_folders import resolve_model_dir
 
     if as_json and as_jsonl:
         raise ConfigError("--json and --jsonl: choose one")

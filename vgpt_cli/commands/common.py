@@ -33,7 +33,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# --device of every command that runs a model, declared once; vgpt_cli.runtime.resolve_device reads it
+# --device of every command that runs a model, declared once; vgpt_cli.device.resolve_device reads it
 DeviceOption = Annotated[str | None, typer.Option("--device", show_default=False, help=(
     "auto (the default: CUDA, under torchrun the process's GPU; then Apple's MPS; then the CPU), cpu, cuda, "
     "cuda:N or mps."))]

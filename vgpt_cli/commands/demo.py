@@ -42,7 +42,7 @@ def command(
         vgpt -w /tmp/vgpt-demo-long demo --steps 480 --attention-supervision 1
     """
     from vgpt_cli.demo import run_demo, settings_for
-    from vgpt_cli.runtime import resolve_device
+    from vgpt_cli.device import resolve_device
 
     device = str(resolve_device(device))  # auto: CUDA, then MPS, then the CPU
     ws = workspace(ctx)

@@ -17,7 +17,7 @@ from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
 
 
 def _device(choice: str | None) -> str:
-    from vgpt_cli.runtime import resolve_device
+    from vgpt_cli.device import resolve_device
 
     return str(resolve_device(choice))  # torchrun: cuda:LOCAL_RANK, one GPU per rank
 

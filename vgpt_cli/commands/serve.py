@@ -60,7 +60,7 @@ def command(
         raise ConfigError(f"vgpt serve needs the serve extra ({e.name} is missing): pip install 'vgpt[serve]'"
                           ) from None
     from vgpt_cli.api import load_captioner
-    from vgpt_cli.runtime import resolve_model_dir
+    from vgpt_cli.model_folders import resolve_model_dir
 
     if api_key is not None and not api_key.strip():
         raise ConfigError(f"--api-key (or ${API_KEY_ENV}) is empty: give a key, or leave both unset")

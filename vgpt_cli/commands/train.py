@@ -177,7 +177,7 @@ def command(
         result = train(cfg, ws, resume=resume, keep_last=keep_last,
                        on_step=None if mirror is None else lambda record: mirror.sync())
     except KeyboardInterrupt:
-        from vgpt_cli.runtime import checkpoint_dir
+        from vgpt_cli.model_folders import checkpoint_dir
 
         if checkpoint_dir(ws.run_dir(cfg.name), "last") is None:
             err.print("[yellow]interrupted[/] before the first checkpoint; nothing to resume, run the command again",

@@ -16,16 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.data.manifest import Manifest
+from vgpt_cli.device import resolve_device
 from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
 from vgpt_cli.model.artifact import require_compatible
-from vgpt_cli.runtime import (
-    decode_options,
-    load_model,
-    output_dir,
-    resolve_device,
-    resolve_model_dir,
-)
+from vgpt_cli.model_folders import decode_options, load_model, output_dir, resolve_model_dir
 from vgpt_cli.workspace import Workspace, atomic_write_json, atomic_write_text
 
 
@@ -107,7 +102,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
                    progress: Callable[[int, int], Callable[[int], None]] | None = None) -> SplitEvaluation:
     """Decode `split` of the workspace's dataset from its cached features and score it.
 
-    beam_size, max_length: None decodes with the model's saved generation settings (vgpt_cli.runtime).
+    beam_size, max_length: None decodes with the model's saved generation settings (vgpt_cli.model_folders.decode_options).
     The outputs go to the run folder when the model is a checkpoint of this workspace's runs/, else
     to runs/external/<name>-<hash>/: nothing is written outside the workspace.
     precision: the weights' precision (vgpt_cli.model.precision); compare_fp32: also decode at fp32 and

@@ -157,7 +157,7 @@ class Backbone:
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from vgpt_cli.runtime import resolve_device
+    from vgpt_cli.device import resolve_device
 
     return resolve_device(str(device))
 

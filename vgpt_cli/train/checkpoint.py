@@ -7,7 +7,7 @@ best score, patience counter, optimiser hyper-parameters, scheduler and grad-sca
 
 A folder is written under a temporary name, fsynced, and swapped in with renames (`_swap_in`), so a
 run killed at any moment, or a power loss, leaves the previous checkpoint or the new one complete as
-`<which>/` or `.<which>.old/` (vgpt_cli.runtime.checkpoint_dir finds it), never half of one; the
+`<which>/` or `.<which>.old/` (vgpt_cli.model_folders.checkpoint_dir finds it), never half of one; the
 temporary folders of saves that a kill interrupted are removed by the next save.
 """
 
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgpt_cli.errors import DataError, DiskFullError, ModelLoadError
-from vgpt_cli.runtime import checkpoint_dir as checkpoint_dir  # the one recovery rule
+from vgpt_cli.model_folders import checkpoint_dir as checkpoint_dir  # the one recovery rule
 from vgpt_cli.workspace import atomic_write_json
 
 STATE_TENSORS = "trainer_state.safetensors"

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from vgpt_cli.distributed import DistContext, setup_distributed
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.model.artifact import require_compatible
-from vgpt_cli.runtime import DistContext, checkpoint_dir, setup_distributed
+from vgpt_cli.model_folders import checkpoint_dir
 from vgpt_cli.train.callbacks import Callbacks, StepHook, TrainCallback
 from vgpt_cli.train.checkpoint import (
     finish_interrupted_swap,
@@ -173,7 +174,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
         if config.lm is None:
             config = config.override(lm=model.config.lm)
         # Saved with every checkpoint: what the model is validated and selected with, hence what
-        # `vgpt caption`, `vgpt evaluate` and load_captioner decode with (vgpt_cli.runtime.decode_options).
+        # `vgpt caption`, `vgpt evaluate` and load_captioner decode with (vgpt_cli.model_folders.decode_options).
         from dataclasses import asdict
 
         from vgpt_cli.decode import DecodeOptions

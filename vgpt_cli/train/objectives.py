@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vgpt_cli.runtime import DistContext
+from vgpt_cli.distributed import DistContext
 from vgpt_cli.train.attention_supervision import attention_loss_sum
 from vgpt_cli.train.data import Batch
 

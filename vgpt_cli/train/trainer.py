@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from vgpt_cli.distributed import DistContext
 from vgpt_cli.errors import ConfigError, VgptError
-from vgpt_cli.runtime import DistContext, checkpoint_dir
+from vgpt_cli.model_folders import checkpoint_dir
 from vgpt_cli.train.callbacks import TrainCallback
 from vgpt_cli.train.checkpoint import load_trainer_state, restore_rng, rng_tensors, save_checkpoint
 from vgpt_cli.train.config import TrainConfig

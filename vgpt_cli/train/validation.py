@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vgpt_cli.runtime import DistContext
+from vgpt_cli.distributed import DistContext
 from vgpt_cli.train.data import pad_features
 from vgpt_cli.train.objectives import autocast_context
 
