@@ -26,8 +26,8 @@ from vgpt_cli.attention import (
 from vgpt_cli.cli import app
 from vgpt_cli.data.shapes import COLOURS, naming_words, object_mask, render_scene
 from vgpt_cli.evaluate.attention_figure import colormap, draw_figure, figure_names, word_groups, word_maps
+from vgpt_cli.files import atomic_write_json
 from vgpt_cli.model import Captioner, CaptionerConfig
-from vgpt_cli.workspace import atomic_write_json
 
 D_IN = 16
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

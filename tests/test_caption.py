@@ -19,8 +19,9 @@ from vgpt_cli.cli import app
 from vgpt_cli.data.manifest import Item
 from vgpt_cli.decode import DecodeOptions, decode, pad_features
 from vgpt_cli.errors import ModelLoadError
+from vgpt_cli.files import atomic_write_json
 from vgpt_cli.model import Captioner, CaptionerConfig
-from vgpt_cli.workspace import Workspace, atomic_write_json
+from vgpt_cli.workspace import Workspace
 
 skimage = pytest.importorskip("skimage")
 SKIMAGE = Path(skimage.__file__).parent / "data"

@@ -16,8 +16,9 @@ from vgpt_cli.data.shapes import grounded_score, object_scores
 from vgpt_cli.decode import DecodeOptions, decode_arrays
 from vgpt_cli.evaluate.metrics import compute_metrics
 from vgpt_cli.features import open_workspace_store
+from vgpt_cli.files import atomic_write_json
 from vgpt_cli.model import Captioner, CaptionerConfig
-from vgpt_cli.workspace import Workspace, atomic_write_json
+from vgpt_cli.workspace import Workspace
 
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained", "--image-size", "64", "--num-workers", "0"]
 

@@ -19,7 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vgpt_cli.workspace import Workspace, atomic_write_json
+from vgpt_cli.files import atomic_write_json
+from vgpt_cli.workspace import Workspace
 
 BACKBONE = "tf_efficientnet_lite0"
 PHOTO = "chelsea.jpg"  # Chelsea the cat, CC0 by Stefan van der Walt (scikit-image's sample data)

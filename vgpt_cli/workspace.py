@@ -8,62 +8,15 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgpt_cli.errors import DiskFullError, VgptError
+from vgpt_cli.errors import VgptError
+from vgpt_cli.files import atomic_write_json, check_name, read_json
 
 WORKSPACE_ENV = "VGPT_WORKSPACE"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> Path:
-    """The one way a file is written: `write(tmp)` fills a temporary file beside `path`, which is fsynced
-    and renamed over `path`; a failure (a kill, a full disk) leaves the previous version intact. size: the
-    bytes it needs, for the disk-full message."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # the old file is intact: say so, no traceback
-            needed = f" ({size:,} bytes needed)" if size is not None else ""
-            raise DiskFullError(f"{path}: disk full while writing it{needed}; the previous version is unchanged, "
-                                "free space and rerun") from None
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, fsync, then rename over it."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def check_name(name: str, option: str) -> str:
-    """A dataset or run name is one plain folder name inside the workspace: no path separators,
-    not absolute, not hidden, not '..' (the rule `train --name` applies)."""
-    if (not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or "\0" in name
-            or name.startswith(".")):
-        raise VgptError(f"{option} {name!r}: use a plain folder name such as coco-1pct (no '/', not "
-                        "starting with '.'); it names a folder inside the workspace")
-    return name
 
 
 @dataclass(frozen=True)
@@ -103,13 +56,8 @@ class Workspace:
     def state(self) -> dict[str, Any]:
         if not self.state_path.exists():
             return {}
-        try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VgptError(f"{self.state_path}: not valid JSON ({e}); delete it and rerun the last step") from None
-        if not isinstance(state, dict):
-            raise VgptError(f"{self.state_path}: expected an object such as {{\"dataset\": \"coco\"}}, found "
-                            f"{type(state).__name__}; delete it and rerun the last step")
+        state = read_json(self.state_path, "delete it and rerun the last step", expect=dict,
+                          what='an object such as {"dataset": "coco"}')
         return state
 
     def set_current(self, **items: Any) -> None:

@@ -22,7 +22,7 @@ from vgpt_cli.commands.common import (
 )
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.evaluate.metrics import METRICS, compute_metrics_many, load_predictions, load_references
-from vgpt_cli.workspace import atomic_write_json
+from vgpt_cli.files import atomic_write_json
 
 
 class Split(str, Enum):

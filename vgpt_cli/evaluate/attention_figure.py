@@ -105,7 +105,7 @@ def word_maps(tokens: Sequence[str], caption: str, maps: torch.Tensor) -> list[t
 
 def save_figure(fig: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG atomically (a temporary name in the same folder, then a rename)."""
-    from vgpt_cli.workspace import atomic_write
+    from vgpt_cli.files import atomic_write
 
     return atomic_write(Path(path), lambda tmp: fig.save(tmp, format="PNG"))
 

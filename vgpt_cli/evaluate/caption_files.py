@@ -5,13 +5,13 @@ pycocotools), COCO results out.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vgpt_cli.errors import DataError
+from vgpt_cli.files import read_json
 
 
 @contextlib.contextmanager
@@ -38,10 +38,7 @@ def _read_json(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; check the path")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); fix or regenerate the file") from e
+    return read_json(path, "fix or regenerate the file", error=DataError)
 
 
 def _coco_from_references(references: Mapping[str, Sequence[str]]):

@@ -19,9 +19,10 @@ from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.device import resolve_device
 from vgpt_cli.errors import ConfigError, DataError
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
+from vgpt_cli.files import atomic_write_json, atomic_write_text
 from vgpt_cli.model.artifact import require_compatible
 from vgpt_cli.model_folders import decode_options, load_model, output_dir, resolve_model_dir
-from vgpt_cli.workspace import Workspace, atomic_write_json, atomic_write_text
+from vgpt_cli.workspace import Workspace
 
 
 def workspace_manifest(ws: Workspace) -> Manifest:

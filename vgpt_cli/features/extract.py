@@ -26,7 +26,7 @@ from vgpt_cli.features.decoding import decode_on_device as decode_on_device
 from vgpt_cli.features.decoding import jpeg_bytes_or_pixels as jpeg_bytes_or_pixels
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
 from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter
-from vgpt_cli.workspace import atomic_write_json
+from vgpt_cli.files import atomic_write_json
 
 MAX_REGIONS = 50  # the authors' bottom-up features keep at most 50 boxes per image
 

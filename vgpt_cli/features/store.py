@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from vgpt_cli.errors import DataError
-from vgpt_cli.workspace import Workspace, atomic_write_json
+from vgpt_cli.files import atomic_write_json, read_json
+from vgpt_cli.workspace import Workspace
 
 META = "meta.json"
 REPORT = "skipped.json"
@@ -102,10 +103,7 @@ class FeatureStore:
         meta_path = path / META
         if not meta_path.is_file():
             raise DataError(f"{path}: not a feature store (no {META}); {EXTRACT_HINT} first")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_path}: not valid JSON ({e}); delete the folder and {EXTRACT_HINT}") from None
+        meta = read_json(meta_path, f"delete the folder and {EXTRACT_HINT}", error=DataError, expect=dict)
         dim = int(meta["dim"])
         entries: dict[str, _Entry] = {}
         data: list[np.ndarray] = []
@@ -251,7 +249,7 @@ class StoreWriter:
         self.rank = rank
         meta_path = self.path / META
         if meta_path.is_file():
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
+            old = read_json(meta_path, f"delete the folder and {EXTRACT_HINT}", error=DataError, expect=dict)
             if old.get("fingerprint") != meta["fingerprint"] or int(old.get("dim", -1)) != self.dim:
                 raise DataError(f"{meta_path}: this store holds {old.get('fingerprint')} features, not "
                                 f"{meta['fingerprint']}; delete the folder or choose another one")

@@ -14,7 +14,6 @@ load as before, with one line that says so (`Captioner.load_notes`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vgpt_cli.errors import ConfigError, ModelLoadError
+from vgpt_cli.files import read_json
 from vgpt_cli.model.config import CaptionerConfig
 from vgpt_cli.model.lm_reference import (
     LM_PREFIX,
@@ -51,7 +51,7 @@ def save_folder(model: Captioner, directory: str | os.PathLike) -> Path:
     not copied: config.json records the source and the weights' digest (lm_reference.py)."""
     from safetensors.torch import save_file, save_model
 
-    from vgpt_cli.workspace import atomic_write, atomic_write_json
+    from vgpt_cli.files import atomic_write, atomic_write_json
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,10 +96,9 @@ def load_folder(cls: type[Captioner], directory: str | os.PathLike) -> Captioner
         raise ModelLoadError(f"{cfg_path}: missing; the model folder must hold the {CONFIG_FILE} "
                              "written with the weights")
     notes: list[str] = []
+    meta = read_json(cfg_path, "re-save the model or point to the right folder", error=ModelLoadError, expect=dict,
+                     what="a vgpt captioner config (an object)")
     try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError(f"the top level is {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
         config = CaptionerConfig.from_dict(meta["captioner"], source=str(cfg_path))
@@ -112,11 +111,11 @@ def load_folder(cls: type[Captioner], directory: str | os.PathLike) -> Captioner
                              "re-save the model or point to the right folder") from exc
     gen_path = d / GENERATION_CONFIG_FILE
     if gen_path.is_file():
+        fix = "fix or delete it (the model then decodes with the built-in defaults)"
         try:
-            generation = generation_block(json.loads(gen_path.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{gen_path}: not valid decoding settings ({exc}); fix or delete it (the "
-                                 "model then decodes with the built-in defaults)") from None
+            generation = generation_block(read_json(gen_path, fix, error=ModelLoadError))
+        except ValueError as exc:
+            raise ModelLoadError(f"{gen_path}: not valid decoding settings ({exc}); {fix}") from None
     preprocessor, note = read_preprocessor(d)
     if note:
         notes.append(note)
@@ -178,13 +177,8 @@ def read_preprocessor(directory: Path) -> tuple[dict[str, Any] | None, str | Non
             return None, None
         note = (f"{directory}: an older model folder ({OLD_BACKBONE_FILE}, no {PREPROCESSOR_FILE}); it loads as "
                 "before, and saving it again (Captioner.save_pretrained) writes the current layout")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e}); copy it again from the run folder") from None
-    if not isinstance(record, dict):
-        raise ModelLoadError(f"{path}: not a preprocessing record (a JSON object, as training writes it); copy it "
-                             "again from the run folder")
+    record = read_json(path, "copy it again from the run folder", error=ModelLoadError, expect=dict,
+                       what="a preprocessing record (an object, as training writes it)")
     return record, note
 
 

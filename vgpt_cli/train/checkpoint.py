@@ -14,7 +14,6 @@ temporary folders of saves that a kill interrupted are removed by the next save.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
@@ -25,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgpt_cli.errors import DataError, DiskFullError, ModelLoadError
+from vgpt_cli.files import atomic_write_json, read_json
 from vgpt_cli.model_folders import checkpoint_dir as checkpoint_dir  # the one recovery rule
-from vgpt_cli.workspace import atomic_write_json
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -179,11 +178,8 @@ def read_trainer_meta(ckpt: Path) -> dict[str, Any]:
     if not js.is_file():
         raise ModelLoadError(f"{js}: missing; this checkpoint cannot be resumed, start a new run with "
                              "another --name")
-    try:
-        meta = json.loads(js.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{js}: not valid JSON ({e}); the checkpoint is damaged, start a new run with "
-                             "another --name (or restore the file from a backup)") from None
+    meta = read_json(js, "the checkpoint is damaged, start a new run with another --name (or restore the file "
+                     "from a backup)", error=ModelLoadError)
     if not isinstance(meta, dict) or not isinstance(meta.get("optimizer"), dict) or "step" not in meta:
         raise ModelLoadError(f"{js}: not a trainer state (no step or optimizer); start a new run with another "
                              "--name")

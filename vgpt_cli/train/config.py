@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.errors import ConfigError
+from vgpt_cli.files import check_name
 
 SCHEDULES = ("constant", "linear", "cosine")
 # Cross-entropy steps when neither --max-steps nor --epochs is given: a length that does not grow with the data
@@ -217,8 +218,8 @@ class RunOptions:
             _bad(f"--preset {self.preset}: use one of {', '.join(PRESETS)}")
         _at_least_1(self, "log_every")
         _at_least_1(self, "save_every", unset_ok=True)
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            _bad(f"--name {self.name!r}: use a plain folder name such as r1")
+        if self.name is not None:
+            check_name(self.name, "--name", ConfigError)
 
 
 def _bad(message: str) -> None:

@@ -135,7 +135,7 @@ def write_curves(run_dir: str | os.PathLike) -> Path | None:
     axes[-1].set_xlabel("step" + (" (SCST from the dotted line)" if scst_from is not None else ""))
     axes[0].set_title(run_dir.name, fontsize=9, loc="left")
     fig.tight_layout()
-    from vgpt_cli.workspace import atomic_write
+    from vgpt_cli.files import atomic_write
 
     try:
         return atomic_write(run_dir / CURVES_FILE, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

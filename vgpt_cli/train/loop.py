@@ -19,6 +19,7 @@ import torch
 
 from vgpt_cli.distributed import DistContext, setup_distributed
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
+from vgpt_cli.files import atomic_write_json
 from vgpt_cli.model.artifact import require_compatible
 from vgpt_cli.model_folders import checkpoint_dir
 from vgpt_cli.train.callbacks import Callbacks, StepHook, TrainCallback
@@ -39,7 +40,7 @@ from vgpt_cli.train.run_folder import (
 )
 from vgpt_cli.train.trainer import NonFiniteLossError as NonFiniteLossError
 from vgpt_cli.train.trainer import Trainer, wrap_ddp
-from vgpt_cli.workspace import Workspace, atomic_write_json
+from vgpt_cli.workspace import Workspace
 
 FALLBACK_LM = "smollm2-135m"
 

@@ -8,13 +8,13 @@ and what is kept when a run ends.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from vgpt_cli.errors import ConfigError
+from vgpt_cli.files import read_json
 from vgpt_cli.workspace import Workspace
 
 METRICS = "metrics.jsonl"
@@ -92,15 +92,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; nothing to resume (check --name)")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); restore it, or start a new run with another --name"
-                          ) from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path}: expected an object of training options; restore it, or start a new run "
-                          "with another --name")
-    return saved
+    return read_json(path, "restore it, or start a new run with another --name", error=ConfigError, expect=dict,
+                     what="an object of training options")
 
 
 # --- the metrics log ----------------------------------------------------------------------------------
