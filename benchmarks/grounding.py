@@ -404,7 +404,8 @@ def attention_at_colours(model, items, store) -> dict[str, Any]:
     separately for the caption's first object and for the later ones."""
     from vgpt_cli.attention import region_cells, word_attention
     from vgpt_cli.data.shapes import COLOURS
-    from vgpt_cli.demo import BACKBONE, DemoSettings, object_region
+    from vgpt_cli.demo import BACKBONE, DemoSettings
+    from vgpt_cli.evaluate.grounding import object_region
     from vgpt_cli.features import load_backbone
 
     backbone = load_backbone(BACKBONE, device="cpu", add_stages=DemoSettings().add_stages)
@@ -418,7 +419,7 @@ def attention_at_colours(model, items, store) -> dict[str, Any]:
         shapes = {o["shape"] for o in objs}
         feats = torch.from_numpy(store.get(it.id).astype("float32"))
         side = math.isqrt(feats.shape[0])  # 7 x 7 tokens at 224 px, 14 x 14 at 448
-        cells = [region_cells(object_region(backbone, o), (side, side)) for o in objs]
+        cells = [region_cells(object_region(backbone.preprocess, o), (side, side)) for o in objs]
         for caption in it.captions:
             ids = tok(caption, add_special_tokens=False)["input_ids"]
             words = [tok.decode([t]).strip().lower().rstrip(",") for t in ids]

@@ -329,7 +329,7 @@ def test_shapes_attention_counts_every_object_word_of_real_scenes(tok, tmp_path)
     # scenes' own captions: every colour+shape word pair in them names an object, so each is one sample
     from vgpt_cli.data.manifest import Item
     from vgpt_cli.data.shapes import make_scene, scene_captions
-    from vgpt_cli.demo import shapes_attention
+    from vgpt_cli.evaluate.grounding import grid_preprocess, shapes_attention
     from vgpt_cli.features import FeatureStore, extract_items, load_backbone
 
     bb = load_backbone("test_efficientnet", pretrained=False, image_size=96)
@@ -344,7 +344,9 @@ def test_shapes_attention_counts_every_object_word_of_real_scenes(tok, tmp_path)
     store = FeatureStore.open(tmp_path / "store")
     model = build(tok, encoder_layers=1)
     model = Captioner.from_config(replace(model.config, d_in=bb.dim), lm=model.lm, tokenizer=tok).eval()
-    got = shapes_attention(model, bb, store, items, captions)
+    got = shapes_attention(model, bb.preprocess, store, items, captions)
+    # the store's record rebuilds the same resize and crop without the backbone's weights
+    assert shapes_attention(model, grid_preprocess(store.meta), store, items, captions) == got
     want_words = sum(len(naming_words(captions[it.id], it.extra["objects"])) for it in items)
     assert want_words >= 3 and got["object_words"] == want_words
     assert 0 <= got["attention_peak_in_object"] <= 1 and 0 < got["attention_peak_chance"] < 1

@@ -88,13 +88,19 @@ def test_evaluate_test_split_writes_predictions_and_scores(ws):
     assert {k: metrics["scores"][k] for k in ("grounded", "object_f1", "shape_f1")} == object_scores(captions, objects)
     assert "SPICE" in metrics["skipped"] or "SPICE" in metrics["scores"]
     assert "Bleu_4" in r.stdout and "grounded" in r.stdout
+    # where the words that name an object look: the demo's measure, now any shapes evaluation's
+    from vgpt_cli.evaluate.grounding import grid_preprocess, shapes_attention
+
+    assert metrics["attention"] == shapes_attention(model, grid_preprocess(store.meta), store, items, captions)
+    assert set(metrics["attention"]) >= {"object_words", "attention_peak_in_object", "attention_peak_chance"}
 
     # the written predictions file, scored again against the workspace's split: the same numbers
     again = cli("-w", str(ws.root), "evaluate", "-p", str(out / "predictions.json"), "--split", "test", "--json")
     assert again.exit_code == 0, again.output
     rescored = json.loads(again.stdout)["predictions.json"]
     assert rescored["scores"] == {k: v for k, v in metrics["scores"].items()
-                                  if k not in ("grounded", "object_f1", "shape_f1")}
+                                  if k not in ("grounded", "object_f1", "shape_f1", "attention_peak_in_object",
+                                               "attention_peak_chance")}
     assert any("TEST SPLIT CUT" in n for n in rescored["notes"]) and "TEST SPLIT CUT" in again.stderr
 
 

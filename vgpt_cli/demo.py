@@ -10,7 +10,6 @@ Each step calls the same functions as its command, so the demo also checks that 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -77,47 +76,13 @@ def demo_photo() -> Path:
     return Path(str(resources.files("vgpt_cli.assets").joinpath(PHOTO)))
 
 
-def object_region(backbone, obj: dict[str, Any]):
-    """A shapes object's pixels as the backbone sees them (its own resize and crop): (h, w) bool."""
-    from vgpt_cli.attention import object_pixels
-
-    return object_pixels(backbone.preprocess, obj)
-
-
-def shapes_attention(model, backbone, store, items, captions: dict[str, str]) -> dict[str, Any]:
-    """attention_peak_in_object over the shape words of `captions` (by item id) that name an object of
-    their scene: each word's map (the mean of its tokens', teacher-forced on the caption as tokenized),
-    against the object's pixels taken through the backbone's own resize and crop (what the grid covers)."""
-    import torch
-
-    from vgpt_cli.attention import attention_peak_in_object, word_attention
-    from vgpt_cli.data.shapes import naming_words
-    from vgpt_cli.evaluate.attention_figure import word_groups
-
-    tok = model.tokenizer
-    samples = []
-    for it in items:
-        caption = captions.get(it.id) or ""
-        named = naming_words(caption, it.extra.get("objects", []))
-        if not named:
-            continue
-        ids = tok(caption, add_special_tokens=False)["input_ids"]
-        groups = word_groups([tok.decode([t]).strip() for t in ids], caption)
-        if [w for w, _ in groups] != caption.split():
-            continue  # tokens that do not spell the words: no word to take a map for
-        maps = word_attention(model, torch.from_numpy(store.get(it.id).astype("float32")), ids)
-        for k, obj in named:
-            samples.append((maps[groups[k][1]].mean(dim=0), object_region(backbone, obj)))
-    return attention_peak_in_object(samples)
-
-
 def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: str = "cpu",
              precision: str = "auto", log: Callable[[str], None] = print) -> DemoReport:
     """precision: "auto" (bf16 on CUDA and on CPUs with AMX / AVX-512 BF16, else fp32), "bf16" or "fp32"."""
     from vgpt_cli.api import load_captioner
     from vgpt_cli.data.build import SamplingOptions, prepare_shapes
     from vgpt_cli.evaluate.report import evaluate_split
-    from vgpt_cli.features import load_backbone, open_workspace_store
+    from vgpt_cli.features import load_backbone
     from vgpt_cli.features.extract import extract_items
     from vgpt_cli.model.precision import cpu_has_fast_bf16
     from vgpt_cli.train import train
@@ -181,20 +146,17 @@ def run_demo(ws: Workspace, settings: DemoSettings = DemoSettings(), *, device: 
     report.paths["predictions"] = str(ev.predictions_path)
     step("evaluate", f"{ev.n_items} test scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()), t0)
 
-    # 5. where the words that name an object look, on the test scenes
+    # 5. where the words that name an object look, on the test scenes (measured by evaluate_split)
     t0 = time.perf_counter()
-    captioner = load_captioner(result.run_dir / "best", workspace=ws, device=device,
-                               beam_size=config.val_beam, max_length=config.max_length)
-    predicted = {row["image_id"]: row["caption"] for row in map(json.loads, ev.per_image_path.read_text().splitlines())}
-    report.attention = shapes_attention(captioner.model, backbone, open_workspace_store(ws), manifest.items("test"),
-                                        predicted)
-    a = report.attention
+    report.attention = a = ev.attention or {"object_words": 0}
     step("attention", f"{a['object_words']} object words: the heatmap peaks on the object for "
          + (f"{a['attention_peak_in_object']:.1%} (a random cell: {a['attention_peak_chance']:.1%})"
             if a["object_words"] else "none (no caption names an object of its scene)"), t0)
 
     # 6. captions for a few held-out scenes and one real photograph
     t0 = time.perf_counter()
+    captioner = load_captioner(result.run_dir / "best", workspace=ws, device=device,
+                               beam_size=config.val_beam, max_length=config.max_length)
     test = manifest.items("test")[: settings.caption_scenes]
     images = [it.images[0] for it in test] + [str(demo_photo())]
     for r, item in zip(captioner.caption(images), [*test, None]):

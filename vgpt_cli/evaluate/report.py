@@ -18,6 +18,7 @@ from typing import Any
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.device import resolve_device
 from vgpt_cli.errors import ConfigError, DataError
+from vgpt_cli.evaluate.grounding import grid_preprocess, shapes_attention
 from vgpt_cli.evaluate.metrics import coco_results, compute_metrics
 from vgpt_cli.files import atomic_write_json, atomic_write_text
 from vgpt_cli.model.artifact import require_compatible
@@ -64,6 +65,8 @@ class SplitEvaluation:
     warnings: list[str] = field(default_factory=list)
     precision: str = "fp32"
     agreement: dict[str, Any] | None = None  # with compare_fp32: vgpt_cli.evaluate.agreement
+    # on scenes that record their objects: where the words that name them look (evaluate/grounding.py)
+    attention: dict[str, Any] | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -162,13 +165,20 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
         agreement = precision_agreement(precision, preds, preds_fp32, scores, scores_fp32, report.per_item,
                                         report_fp32.per_item)
 
+    attention = None
+    preprocess = grid_preprocess(store.meta)
+    if preprocess is not None and all(it.extra.get("objects") for it in items):
+        attention = shapes_attention(model, preprocess, store, items, preds)
+        scores.update({k: attention[k] for k in ("attention_peak_in_object", "attention_peak_chance")
+                       if attention.get(k) is not None})
+
     # narrower weights write beside the fp32 evaluation, never over it
     out_dir = output_dir(ws, mdir) / "eval" / (split if precision == "fp32" else f"{split}-{precision}")
     result = SplitEvaluation(
         dataset=manifest.dataset, split=split, model_dir=str(mdir), n_items=len(ids), scores=scores,
         skipped=report.skipped, tokenizer=report.tokenizer, decode=asdict(opts), notes=notes, out_dir=str(out_dir),
         seconds=round(time.perf_counter() - t0, 3), warnings=report.warnings, precision=precision,
-        agreement=agreement)
+        agreement=agreement, attention=attention)
     atomic_write_json(result.predictions_path, coco_results(preds))
     lines = []
     for it, h in zip(items, hyps):
