@@ -11,6 +11,10 @@ from vgpt_cli.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+# the help of every command's --device (commands/common.py DeviceOption, vgpt train's from TrainConfig)
+DEVICE_HELP = ("auto (the default: CUDA, under torchrun the process's GPU; then Apple's MPS; then the CPU), cpu, cuda, "
+               "cuda:N or mps.")
+
 
 def mps_available() -> bool:
     import torch

@@ -11,7 +11,11 @@ import typer
 from rich.table import Table
 
 from vgpt_cli.commands.common import (
+    BeamSizeOption,
     DeviceOption,
+    JsonOption,
+    MaxLengthOption,
+    ModelDirOption,
     PrecisionOption,
     decode_progress,
     err,
@@ -28,12 +32,9 @@ def command(
     ctx: typer.Context,
     images: Annotated[list[str], typer.Argument(
         help="Image files, folders (their images) and globs such as 'photos/*.jpg'.", show_default=False)],
-    model: Annotated[Path | None, typer.Option(
-        "--model", help="A model folder (runs/<run>/best); default: the workspace's best model.")] = None,
-    beam_size: Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
-        "Beam width (1: greedy). Default: the model's own, saved with it (else 5)."))] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
-        "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
+    model: ModelDirOption = None,
+    beam_size: BeamSizeOption = None,
+    max_length: MaxLengthOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
@@ -44,7 +45,7 @@ def command(
     attention: Annotated[Path | None, typer.Option(
         "--attention", file_okay=False, help="Write one PNG per image into this folder: a panel per word "
         "with its cross-attention heatmap over the image.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
+    as_json: JsonOption = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per image per line.")] = False,
 ) -> None:
     """Caption images with the workspace's best model (or --model DIR).

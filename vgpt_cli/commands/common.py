@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -24,6 +25,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from vgpt_cli.decode.options import DecodeOptions
+from vgpt_cli.device import DEVICE_HELP
 from vgpt_cli.errors import VgptError
 from vgpt_cli.workspace import Workspace
 
@@ -34,9 +37,24 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 # --device of every command that runs a model, declared once; vgpt_cli.device.resolve_device reads it
-DeviceOption = Annotated[str | None, typer.Option("--device", show_default=False, help=(
-    "auto (the default: CUDA, under torchrun the process's GPU; then Apple's MPS; then the CPU), cpu, cuda, "
-    "cuda:N or mps."))]
+DeviceOption = Annotated[str | None, typer.Option("--device", show_default=False, help=DEVICE_HELP)]
+
+# --model of caption, evaluate and serve
+ModelDirOption = Annotated[Path | None, typer.Option("--model", show_default=False, help=(
+    "A model folder (runs/<run>/best, or any Captioner.save_pretrained folder); default: the workspace's best "
+    "model."))]
+
+# the decoding settings of caption and evaluate: unset, the model's own (its generation_config.json), else
+# DecodeOptions' defaults (vgpt_cli.model_folders.decode_options)
+_DECODE = DecodeOptions()
+BeamSizeOption = Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
+    f"Beam width (1: greedy). Default: the model's own, saved with it (else {_DECODE.beam_size})."))]
+MaxLengthOption = Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
+    f"At most this many tokens, EOS included. Default: the model's own, saved with it (else {_DECODE.max_length})."))]
+
+# --json of every command that reports a result
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (the messages stay on "
+                                          "stderr).")]
 
 # --precision of caption, evaluate and serve, declared once (vgpt_cli.model.precision)
 PrecisionOption = Annotated[str, typer.Option("--precision", help=(

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import DeviceOption, err, friendly_errors, print_json, say, workspace
+from vgpt_cli.commands.common import (
+    DeviceOption,
+    JsonOption,
+    err,
+    friendly_errors,
+    print_json,
+    say,
+    workspace,
+)
 
 
 @friendly_errors
@@ -24,7 +32,7 @@ def command(
     device: DeviceOption = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
                                            "BF16, and on CUDA), bf16 or fp32.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the final report as JSON on stdout.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the whole pipeline on built-in data with real pretrained weights, no download needed.
 

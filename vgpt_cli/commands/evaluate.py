@@ -10,7 +10,11 @@ import typer
 from rich.table import Table
 
 from vgpt_cli.commands.common import (
+    BeamSizeOption,
     DeviceOption,
+    JsonOption,
+    MaxLengthOption,
+    ModelDirOption,
     PrecisionOption,
     decode_progress,
     err,
@@ -46,18 +50,15 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str | None = None, e
 def command(
     ctx: typer.Context,
     split: Annotated[Split, typer.Option("--split", help="Which split of the workspace dataset to evaluate.")] = Split.test,
-    model: Annotated[Path | None, typer.Option(
-        "--model", help="A model folder (Captioner.save_pretrained); default: the workspace's best model.")] = None,
+    model: ModelDirOption = None,
     predictions: Annotated[list[Path] | None, typer.Option(
         "--predictions", "-p", help="Score this results file instead of decoding (COCO results "
         "[{\"image_id\", \"caption\"}] or {\"id\": \"caption\"}); repeat to score several in one table.")] = None,
     references: Annotated[Path | None, typer.Option(
         "--references", "-r", help="Ground truth from this file (COCO annotation format or "
         "{\"id\": [\"ref\", ...]}) instead of the workspace's split.")] = None,
-    beam_size: Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
-        "Beam width. Default: the model's own, saved with it (else 5)."))] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
-        "At most this many tokens. Default: the model's own, saved with it (else 20)."))] = None,
+    beam_size: BeamSizeOption = None,
+    max_length: MaxLengthOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
     device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
@@ -70,7 +71,7 @@ def command(
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="With --predictions: score a file that covers only some of the reference "
         "images (over those images; the coverage is printed either way).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Decode a split with the best model and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when
     available), or score existing prediction files.

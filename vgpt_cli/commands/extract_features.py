@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vgpt_cli.commands.common import DeviceOption, err, friendly_errors, print_json, say, workspace
+from vgpt_cli.commands.common import (
+    DeviceOption,
+    JsonOption,
+    err,
+    friendly_errors,
+    print_json,
+    say,
+    workspace,
+)
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.backbone import DEFAULT_BACKBONE, OFFLINE_DEFAULT_BACKBONE
@@ -64,7 +72,7 @@ def command(
     gpu_decode: Annotated[bool, typer.Option(
         "--gpu-decode", help="Decode and resize JPEGs on the GPU (torchvision.io.decode_jpeg) instead of in CPU "
                              "workers; needs --device cuda. Other formats still decode on the CPU.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Extract backbone features for every image of the dataset into the workspace's feature store.
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vgpt_cli.commands.common import DeviceOption, PrecisionOption, err, friendly_errors, workspace
+from vgpt_cli.commands.common import (
+    DeviceOption,
+    ModelDirOption,
+    PrecisionOption,
+    err,
+    friendly_errors,
+    workspace,
+)
 from vgpt_cli.errors import ConfigError
 
 API_KEY_ENV = "VGPT_API_KEY"
@@ -17,8 +23,7 @@ API_KEY_ENV = "VGPT_API_KEY"
 @friendly_errors
 def command(
     ctx: typer.Context,
-    model: Annotated[Path | None, typer.Option(
-        "--model", help="A model folder (runs/<run>/best); default: the workspace's best model.")] = None,
+    model: ModelDirOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 opens it to the network.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,

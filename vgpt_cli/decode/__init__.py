@@ -1,6 +1,6 @@
 """Caption decoding over the captioner's KV cache: beam search, greedy, sampling for SCST."""
 
-from vgpt_cli.decode.search import DecodeOptions as DecodeOptions
+from vgpt_cli.decode.options import DecodeOptions as DecodeOptions
 from vgpt_cli.decode.search import Hypothesis as Hypothesis
 from vgpt_cli.decode.search import Samples as Samples
 from vgpt_cli.decode.search import beam_search as beam_search

@@ -26,29 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vgpt_cli.decode.options import DecodeOptions
 from vgpt_cli.errors import ConfigError
 
 NEG_INF = float("-inf")
-
-
-@dataclass
-class DecodeOptions:
-    beam_size: int = 5              # 1 = greedy
-    max_length: int = 20            # generated tokens at most, EOS included (the authors: 20)
-    min_length: int = 0             # EOS is forbidden before this many tokens
-    length_penalty: float = 0.0     # score = sum log p / length**length_penalty; 0: the plain sum
-    no_repeat_ngram_size: int = 0   # >0: no n-gram of this size occurs twice in a caption
-
-    def validate(self) -> DecodeOptions:
-        if self.beam_size < 1:
-            raise ConfigError(f"beam_size={self.beam_size}: use 1 (greedy) or more")
-        if self.max_length < 1:
-            raise ConfigError(f"max_length={self.max_length}: a caption needs at least one token")
-        if not 0 <= self.min_length < self.max_length:
-            raise ConfigError(f"min_length={self.min_length} must be >= 0 and below max_length={self.max_length}")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"no_repeat_ngram_size={self.no_repeat_ngram_size}: use 0 (off) or a positive size")
-        return self
 
 
 @dataclass

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vgpt_cli.device import DEVICE_HELP
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.files import check_name
 
@@ -24,6 +25,18 @@ SCHEDULES = ("constant", "linear", "cosine")
 # On 753 Flickr8k photos: docs/results.md, "Real photographs".
 DEFAULT_XE_STEPS = 600
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+
+def flag(default: Any, help: str, *, default_text: str | None = None, paper_text: str | None = None,  # noqa: A002
+         decls: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field that `vgpt train` offers as a flag, declared once: its default is the field's, its
+    help lives here (commands/train.py generates the flag from it, "(default X; paper Y)" added from the
+    field and PRESETS["paper"]; default_text / paper_text replace those values' words; decls: the flag's
+    names when not --<field-name>). Fields without it are set in a --config file only."""
+    meta = {"help": help, "default_text": default_text, "paper_text": paper_text, "decls": decls}
+    return field(default=default, metadata=meta)
+
 
 # Named recipes: "vgpt" is the TrainConfig defaults (measured best here, docs/results.md); "paper" is the
 # authors' code and README (SRAU, K = 3, random gate weights, AdamW 1e-4 for everything, no warm-up, batch 50,
@@ -51,21 +64,24 @@ class ModelOptions:
 
     # Hub name, local folder, .gguf file or "smollm2-135m"; None: GPT-2 when it can be loaded offline,
     # otherwise the SmolLM2-135M GGUF that ships as a Python package.
-    lm: str | None = None
-    lm_init: str = "pretrained"  # "pretrained" (the paper) or "random"
-    tau: float = 0.2  # SRAU threshold, 0 <= tau < 0.5 (authors' README: 0.2)
+    lm: str | None = flag(None, "Language model: hub name (gpt2), local folder, .gguf file or smollm2-135m.",
+                          default_text=": GPT-2 if it loads offline, else smollm2-135m")
+    lm_init: str = flag("pretrained", "pretrained (the paper) or random (ablation).")
+    tau: float = flag(0.2, "SRAU gate threshold, 0 <= tau < 0.5 (authors' README: 0.2).")
     # Defaults: the recipe measured best here (docs/research/grounding.md); see PRESETS for the paper's.
-    encoder_layers: int = 1  # K (paper: 3)
+    encoder_layers: int = flag(1, "K, visual encoder layers.")
     # "none": plain residual cross-attention O = A + C; "srau": the paper's gates (the options below). On real
     # photos (Flickr8k, docs/results.md "Real photographs") SRAU read the image less than plain cross-attention
     # at every recipe tried, so the default is the better model and SRAU is `--gating srau` (or --preset paper).
-    gating: str = "none"
+    gating: str = flag("none", "none (plain cross-attention) or srau (VisualGPT's self-resurrecting gates; --tau "
+                       "and the gate start apply).")
     # None: the authors' gate init; b: W = 0, bias b, every gate starts at sigmoid(b) (see CaptionerConfig).
     # 5 with K = 1 starts from the pretrained LM itself.
     gate_init_bias: float | None = 5.0
-    max_length: int = 20  # caption tokens incl. EOS, for training and decoding (authors: 20)
+    max_length: int = flag(20, "Caption tokens incl. EOS, for training and decoding (authors: 20).")
     # None: the paper's cross-attention; w: a learned per-head coverage penalty starting at w (CaptionerConfig).
-    coverage: float | None = None
+    coverage: float | None = flag(None, "Coverage in the cross-attention (not in the paper): a learned per-head "
+                                  "penalty on looking again where the caption already looked, starting at this weight.")
     # None: the model's defaults (encoder 0.1, cross-attention 0.2); 0 for exact-equality tests.
     encoder_dropout: float | None = None
     cross_attn_dropout: float | None = None
@@ -100,37 +116,40 @@ class OptimiserOptions:
     """The optimiser, its schedule and the batches it steps on (authors: AdamW 1e-4, betas 0.9/0.999,
     no warm-up, clip 1.0, batch 50)."""
 
-    lr: float = 1e-3  # the new parameters (encoder, cross-attention, gates) (paper: 1e-4)
-    lm_lr: float | None = 1e-4  # the pretrained LM's own parameters; None: same as lr
+    lr: float = flag(1e-3, "AdamW learning rate of the new parameters (encoder, cross-attention, gates).")
+    lm_lr: float | None = flag(1e-4, "Learning rate of the pretrained LM's own parameters; unset: as --lr.",
+                               paper_text="same as --lr")
     weight_decay: float = 0.01  # torch's AdamW default, which the authors' code kept
-    warmup: int = 20  # optimiser steps of linear warm-up (paper: 0)
-    schedule: str = "cosine"  # after warm-up: constant, linear decay to 0, or cosine to 0 (paper: constant)
-    batch_size: int = 16  # captions per micro-batch per process (paper: 50)
-    grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch x accum x processes)
+    warmup: int = flag(20, "Linear warm-up steps.")
+    schedule: str = flag("cosine", "After warm-up: cosine (to 0), linear (to 0) or constant.")
+    batch_size: int = flag(16, "Captions per micro-batch per process.")
+    grad_accum: int = flag(1, "Micro-batches per optimiser step; effective batch = batch x accum x processes.")
     # The length of cross-entropy: max_steps, else epochs, else DEFAULT_XE_STEPS steps (xe_steps); early
     # stopping may end it sooner. max_steps 0 + scst: SCST only.
-    epochs: int | None = None
-    max_steps: int | None = None
+    epochs: int | None = flag(None, "Cross-entropy epochs.", default_text=f": {DEFAULT_XE_STEPS} steps, whatever the "
+                              "data's size", paper_text="100 with early stopping")
+    max_steps: int | None = flag(None, "Cross-entropy optimiser steps (overrides --epochs).", default_text="")
     # Batches of few images, each with its captions one after another: the image memory (the visual
     # encoder and every block's cross-attention keys/values) is computed once per image. False: captions
     # are drawn independently (the paper).
     group_by_image: bool = False
-    label_smoothing: float = 0.0
-    # Weight of token-level unlikelihood on repeating an earlier word of the caption (objectives.py); 0: off.
-    unlikelihood: float = 0.0
-    # Weight of supervised cross-attention at shape words (train/attention_supervision.py; needs data that
-    # records its objects, the shapes scenes); 0: off.
-    attention_supervision: float = 0.0
+    label_smoothing: float = flag(0.0, "Label smoothing of the cross-entropy.")
+    unlikelihood: float = flag(0.0, "Weight of token-level unlikelihood training against repeating an earlier word "
+                               "of the caption (objectives.py), 0 = off.")
+    attention_supervision: float = flag(0.0, "Weight of supervised cross-attention: the query before each shape word "
+                                        "is pushed onto that object's grid cells (train/attention_supervision.py; "
+                                        "needs scenes that record their objects: `vgpt prepare shapes`), 0 = off.")
     clip_grad: float = 1.0  # max global gradient norm; 0 switches clipping off
-    precision: str = "fp32"  # fp32, or bf16/fp16 autocast (fp16 only on CUDA)
-    seed: int = 42
+    precision: str = flag("fp32", "fp32, bf16 or fp16 (autocast; fp16 needs CUDA).")
+    seed: int = flag(42, "Seed of initialisation, data order and dropout.")
     # How the new parts start (docs/research/grounding.md): the first N cross-entropy steps with soft
     # gates (tau 0; gates that start near 1 with tau 0.2 give the cross-attention no gradient at all) ...
     soft_gate_steps: int = 0
     # ... and with the LM frozen (cheaper steps; the image has to carry what the LM cannot guess).
     freeze_lm_steps: int = 200
     # Epochs of the visual encoder alone under a small word decoder first (train/warm_start.py); 0: none.
-    encoder_warm_start: int = 10
+    encoder_warm_start: int = flag(10, "Epochs of training the visual encoder alone under a small word decoder "
+                                   "before the captioner's own steps (train/warm_start.py), 0 = none.")
 
     @property
     def resolved_lm_lr(self) -> float:
@@ -175,9 +194,9 @@ class OptimiserOptions:
 class ValidationOptions:
     """Validation, model selection and early stopping."""
 
-    patience: int = 5  # validations without a better CIDEr before cross-entropy stops
-    val_every: int | None = None  # optimiser steps between validations (None: at each epoch end)
-    val_size: int | None = None  # cap on validation items (None: the whole split)
+    patience: int = flag(5, "Stop cross-entropy after this many validations without a better CIDEr.")
+    val_every: int | None = flag(None, "Validate every N steps and at the end.", default_text=": at each epoch's end")
+    val_size: int | None = flag(None, "Validate on at most N items.", default_text=": the whole split")
     val_beam: int = 5
 
     def check(self) -> None:
@@ -189,10 +208,11 @@ class ValidationOptions:
 class ScstOptions:
     """Self-critical sequence training after cross-entropy."""
 
-    scst: bool = False
-    scst_lr: float = 1e-5
-    scst_epochs: int = 5
-    scst_samples: int = 5  # sampled captions per image; their mean reward is the baseline
+    scst: bool = flag(False, "Self-critical training (CIDEr-D reward) after cross-entropy, from the best "
+                      "checkpoint.", decls=("--scst/--no-scst",))
+    scst_lr: float = flag(1e-5, "SCST learning rate.")
+    scst_epochs: int = flag(5, "SCST epochs.")
+    scst_samples: int = flag(5, "Sampled captions per image in SCST; their mean reward is the baseline.")
     scst_batch_size: int = 10  # images per SCST step
 
     def check(self) -> None:
@@ -206,12 +226,16 @@ class ScstOptions:
 class RunOptions:
     """What to train on, where, and what the run folder records."""
 
-    dataset: str | None = None  # None: the workspace's current dataset (the last `vgpt prepare`)
-    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
-    name: str | None = None  # run folder name (None: a timestamp)
-    save_every: int | None = None  # steps between `last` checkpoints besides validations
+    dataset: str | None = flag(None, "Dataset name in the workspace.", default_text=": the current one, from the "
+                               "last `vgpt prepare`")
+    device: str = flag("auto", DEVICE_HELP, default_text="")
+    name: str | None = flag(None, "Run folder name under runs/.", default_text=": a timestamp")
+    save_every: int | None = flag(None, "Also write last/ every N steps.", default_text=": at each validation and "
+                                  "at the end")
     log_every: int = 10  # steps between progress-bar / metrics.jsonl loss records
-    preset: str = "vgpt"  # the recipe (PRESETS) the other options started from, recorded in config.json
+    preset: str = flag("vgpt", "Start from a named recipe (PRESETS): vgpt (the defaults, measured best here), paper "
+                       "(the authors' code and README) or demo (`vgpt demo`'s shapes "
+                       "recipe: SRAU, the LM frozen). Other options override it.", default_text="")
 
     def check(self) -> None:
         if self.preset not in PRESETS:
