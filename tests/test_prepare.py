@@ -271,3 +271,77 @@ def test_help_lists_formats_with_examples():
 def test_emptiness_check_agrees_with_the_normaliser(text):
     """build.py drops a caption when text.strip() is empty and normalises later: both must agree."""
     assert (normalize_caption(text) == "") == (text.strip() == "")
+
+
+# --- the format registry ----------------------------------------------------------------------
+def _prepare_commands(typer_app) -> dict:
+    import typer.main
+
+    group = typer.main.get_command(typer_app)
+    return group.commands["prepare"].commands if "prepare" in group.commands else group.commands
+
+
+def test_every_registered_format_is_a_subcommand_with_its_example():
+    from vgpt_cli.data.formats import formats
+
+    registered = {f.name: f for f in formats()}
+    commands = _prepare_commands(app)
+    assert set(commands) == set(registered)
+    for name, fmt in registered.items():
+        assert commands[name].help.startswith(fmt.help) and f"vgpt prepare {name}" in commands[name].help
+
+
+def test_every_shared_option_is_one_declaration():
+    """Each shared option has the same flag, default and help in every format that takes it."""
+    from vgpt_cli.data.formats import SHARED, formats
+
+    commands = _prepare_commands(app)
+    for fmt in formats():
+        by_name = {p.name: p for p in commands[fmt.name].params}
+        for opt in fmt.shared_taken():
+            param = by_name[opt.name]
+            assert (param.opts, param.default, param.help) == ([opt.cli_flag], opt.default, opt.help), fmt.name
+        assert by_name["as_json"].opts == ["--json"] and by_name["as_json"].default is False
+    shared = {o.name for o in SHARED}
+    # what each format does not take, or takes with its own meaning: nothing else
+    assert {f.name: shared - {o.name for o in f.shared_taken()} for f in formats()
+            if shared - {o.name for o in f.shared_taken()}} == {"shapes": {"count", "skip_missing"}}
+
+
+def test_a_registered_format_is_a_subcommand_that_prepares(tmp_path, monkeypatch):
+    """A new format is a reader plus its options: registering it makes a working subcommand."""
+    from vgpt_cli.commands.prepare import make_app
+    from vgpt_cli.data import formats as registry
+    from vgpt_cli.data.formats import DatasetFormat, Opt
+    from vgpt_cli.data.source import Record, Source
+    from vgpt_cli.workspace import Workspace
+
+    def read_pictures(request, folder: Path, caption: str) -> Source:
+        files = sorted(folder.glob("*.jpg"))
+        splits = ["val", "test"] + ["train"] * (len(files) - 2)
+        records = [Record(p.stem, [p.name], [f"{caption} {p.stem}"], s) for p, s in zip(files, splits)]
+        return Source("pictures", folder, folder.resolve(), records)
+
+    monkeypatch.setattr(registry, "_FORMATS", dict(registry._FORMATS))
+    registry.register(DatasetFormat(
+        name="pictures", help="Every .jpg of a folder, one made-up caption each.",
+        examples=("vgpt prepare pictures photos/",), read=read_pictures,
+        options=(Opt("folder", Path, "The folder.", required=True, positional=True),
+                 Opt("caption", str, "The caption's first words.", "a picture of")),
+    ))
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(6):
+        (pictures / f"{i}.jpg").write_bytes(b"\xff\xd8\xff")
+    typer_app = make_app(registry.formats())
+    assert "pictures" in _prepare_commands(typer_app)
+    ws = tmp_path / "ws"
+    result = runner.invoke(typer_app, ["pictures", str(pictures), "--count", "3", "--json"],
+                           obj={"workspace": Workspace.from_option(ws)})
+    assert result.exit_code == 0, result.output
+    m = Manifest.load(ws / "data" / "pictures" / "manifest.json")
+    assert m.counts()["train"]["captions"] == 3 and m.splits["val"][0].captions == ["a picture of 0"]
+    assert json.loads(result.stdout)["dataset"] == "pictures"
+    bad = runner.invoke(typer_app, ["pictures", str(pictures), "--fraction", "2"],
+                        obj={"workspace": Workspace.from_option(ws)})
+    assert bad.exit_code == 2 and "--fraction" in bad.output and "Traceback" not in bad.output

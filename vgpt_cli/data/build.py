@@ -13,8 +13,9 @@ from vgpt_cli.data.manifest import Item, Manifest
 from vgpt_cli.data.sampling import select, subset
 from vgpt_cli.data.source import RECORD_SPLITS, Record, Source, absent_files, gc_paused, safe_join
 from vgpt_cli.errors import ConfigError, DataError
+from vgpt_cli.files import check_name
 from vgpt_cli.text import normalize_caption
-from vgpt_cli.workspace import Workspace, check_name
+from vgpt_cli.workspace import Workspace
 
 _FIRST = 5  # how many offending items an error names
 

@@ -17,9 +17,10 @@ import json
 import os
 from pathlib import Path
 
+from vgpt_cli.data.formats import TEST_FRACTION, VAL_FRACTION, DatasetFormat, Opt, Request, register
 from vgpt_cli.data.sampling import split_assignment
 from vgpt_cli.data.source import Record, Source, read_text, require_file, sha256_file, utf8_text
-from vgpt_cli.errors import DataError
+from vgpt_cli.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -93,3 +94,32 @@ def read_cc_tsv(tsv: Path, images: Path, val_fraction: float, test_fraction: flo
     notes = [f"splits: seeded (seed {seed}) val fraction {val_fraction}, test fraction {test_fraction}",
              f"row i's image is the file named {{i:09d}} under {images} (img2dataset's default keys)"]
     return Source("cc", tsv, images.resolve(), records, sha256=sha256_file(tsv), notes=notes)
+
+
+def _read(request: Request, folder: Path | None, tsv: Path | None, images: Path | None, val_fraction: float,
+          test_fraction: float) -> Source:
+    if (folder is None) == (tsv is None):
+        raise ConfigError("pass either an img2dataset FOLDER or --tsv FILE --images DIR (one of them)")
+    seed = request.sampling.seed
+    if tsv is not None:
+        if images is None:
+            raise ConfigError(f"--tsv {tsv}: also pass --images DIR, the folder of the downloaded images")
+        return read_cc_tsv(tsv, images, val_fraction, test_fraction, seed)
+    return read_cc_files(folder, val_fraction, test_fraction, seed)
+
+
+register(DatasetFormat(
+    name="cc",
+    help="Conceptual Captions: img2dataset's files output, or the release TSV plus an images folder.",
+    examples=("vgpt prepare cc cc3m_files/ --fraction 0.01",
+              "vgpt prepare cc --tsv Validation_GCC-1.1.0-Validation.tsv --images cc_val/ --skip-missing"),
+    read=_read,
+    options=(
+        Opt("folder", Path, "img2dataset output folder (files format: 00000/000000000.jpg/.txt/.json).",
+            positional=True),
+        Opt("tsv", Path, "The release TSV (caption<TAB>url); needs --images."),
+        Opt("images", Path, "With --tsv: the folder holding the downloaded images, named 000000000.jpg, ..."),
+        VAL_FRACTION,
+        TEST_FRACTION,
+    ),
+))

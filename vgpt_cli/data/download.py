@@ -11,7 +11,6 @@ import contextlib
 import errno
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.errors import DataError
-from vgpt_cli.workspace import atomic_write_json
+from vgpt_cli.files import atomic_write_json, read_json
 
 CHUNK = 1 << 20
 
@@ -256,11 +255,7 @@ def _read_records(record_path: Path) -> dict[str, Any]:
     """downloads.json: {archive name: {url, bytes, sha256, extracted}}; anything else is refused."""
     if not record_path.exists():
         return {}
-    try:
-        records = json.loads(record_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{record_path}: not valid JSON ({e}); delete it and rerun (finished downloads are "
-                        "checked again)") from None
+    records = read_json(record_path, "delete it and rerun (finished downloads are checked again)", error=DataError)
     if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
         raise DataError(f"{record_path}: expected an object {{archive: {{url, bytes, sha256, extracted}}}}; "
                         "delete it and rerun")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from vgpt_cli.data.formats import DatasetFormat, Opt, Request, register
 from vgpt_cli.data.karpathy import read_karpathy
 from vgpt_cli.data.source import Record, Source, read_text, require_file, sha256_file, utf8_text
 from vgpt_cli.errors import DataError
@@ -97,3 +98,44 @@ def read_flickr8k_tokens(token_file: Path, image_root: Path, splits_dir: Path | 
                for im, caps in captions.items() if im in split_of]
     return Source("flickr8k", token_file, image_root, records, sha256=sha256_file(token_file), notes=notes,
                   extra={"splits_dir": str(splits_dir.resolve())})
+
+
+def _reader(fmt: str):
+    def read(request: Request, root: Path | None, annotations: Path | None, images: Path | None,
+             splits_dir: Path | None = None) -> Source:
+        root = Path(root) if root else default_root(request.workspace.root, fmt)
+        return read_flickr(fmt, root, annotations, images, splits_dir)
+
+    return read
+
+
+_IMAGES = Opt("images", Path, "The image root folder.")
+
+register(DatasetFormat(
+    name="flickr8k",
+    help="Flickr8k: Karpathy's split file, or the original release (token file + split lists).",
+    examples=("vgpt prepare flickr8k --root /data/flickr8k --fraction 0.01",
+              "vgpt prepare flickr8k --annotations Flickr8k.token.txt --images Flicker8k_Dataset --count 500"),
+    read=_reader("flickr8k"),
+    options=(
+        Opt("root", Path, "Folder with the annotation file and Flicker8k_Dataset/ "
+            "(default: <workspace>/sources/flickr8k)."),
+        Opt("annotations", Path, "Karpathy's dataset_flickr8k.json, or the release's Flickr8k.token.txt "
+            "(default: whichever is in --root)."),
+        _IMAGES,
+        Opt("splits_dir", Path, "Folder with Flickr_8k.{train,dev,test}Images.txt (default: beside the token file)."),
+    ),
+))
+
+register(DatasetFormat(
+    name="flickr30k",
+    help="Flickr30k with Karpathy's splits.",
+    examples=("vgpt prepare flickr30k --root /data/flickr30k --fraction 0.01",),
+    read=_reader("flickr30k"),
+    options=(
+        Opt("root", Path, "Folder with dataset_flickr30k.json and flickr30k-images/ "
+            "(default: <workspace>/sources/flickr30k)."),
+        Opt("annotations", Path, "Karpathy's dataset_flickr30k.json (default: <root>/dataset_flickr30k.json)."),
+        _IMAGES,
+    ),
+))

@@ -15,6 +15,7 @@ import csv
 import json
 from pathlib import Path
 
+from vgpt_cli.data.formats import TEST_FRACTION, VAL_FRACTION, DatasetFormat, Opt, Request, register
 from vgpt_cli.data.sampling import split_assignment
 from vgpt_cli.data.source import Record, Source, not_utf8, require_file, sha256_file
 from vgpt_cli.errors import DataError
@@ -120,3 +121,24 @@ def read_folder(folder: Path, captions_file: Path, val_fraction: float = 0.1, te
     records = [Record(im, [im], caps[im], sp, {}, f"{where_of[im]} (image {im})") for im, sp in zip(order, splits)]
     return Source("folder", captions_file, folder.resolve(), records, sha256=sha256_file(captions_file),
                   notes=notes)
+
+
+def _read(request: Request, images: Path, captions: Path, val_fraction: float, test_fraction: float) -> Source:
+    return read_folder(images, captions, val_fraction, test_fraction, request.sampling.seed)
+
+
+register(DatasetFormat(
+    name="folder",
+    help="A folder of images plus a captions file (several captions per image allowed).",
+    examples=("vgpt prepare folder photos/ --captions photos/captions.csv --name pets",
+              "vgpt prepare folder photos/ --captions caps.jsonl --val-fraction 0.05 --test-fraction 0.05"),
+    read=_read,
+    options=(
+        Opt("images", Path, "The folder of images; captions-file paths are relative to it.", required=True,
+            positional=True),
+        Opt("captions", Path, "CSV (header: image,caption[,split]) or JSONL ({\"image\", \"caption\"}) file.",
+            required=True),
+        VAL_FRACTION,
+        TEST_FRACTION,
+    ),
+))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vgpt_cli.data.formats import DatasetFormat, Opt, Request, register
 from vgpt_cli.data.source import Record, Source, load_json, require_file, sha256_file
 from vgpt_cli.errors import DataError
 
@@ -59,3 +60,19 @@ def read_iu_xray(annotations: Path, images: Path | None = None) -> Source:
             notes.append(f"{moved} record(s) under the key {key!r} were placed by their own \"split\" field")
     return Source("iu-xray", annotations, image_root.resolve(), records, sha256=sha256_file(annotations),
                   notes=notes)
+
+
+def _read(request: Request, annotations: Path, images: Path | None) -> Source:
+    return read_iu_xray(annotations, images)
+
+
+register(DatasetFormat(
+    name="iu-xray",
+    help="IU X-ray radiology reports (R2Gen split): one item per study, its views, one report.",
+    examples=("vgpt prepare iu-xray --annotations iu_xray/annotation.json --fraction 0.1",),
+    read=_read,
+    options=(
+        Opt("annotations", Path, "R2Gen's iu_xray annotation.json.", required=True),
+        Opt("images", Path, "R2Gen's images/ folder (default: beside annotation.json)."),
+    ),
+))

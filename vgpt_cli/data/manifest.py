@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vgpt_cli.errors import DataError
-from vgpt_cli.workspace import atomic_write_json
+from vgpt_cli.files import atomic_write_json
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")

@@ -20,8 +20,12 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw
 
+from vgpt_cli.data.build import prepare_shapes
+from vgpt_cli.data.formats import DatasetFormat, Opt, Request, register
+from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.data.sampling import split_assignment
-from vgpt_cli.workspace import atomic_write_json
+from vgpt_cli.errors import ConfigError
+from vgpt_cli.files import atomic_write_json
 
 IMAGE_SIZE = 224
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -273,3 +277,27 @@ def write_shapes(root: Path, count: int, seed: int,
     atomic_write_json(path, {"dataset": "shapes", "seed": seed, "count": count, "caption_order": caption_order,
                              "images": entries})
     return path
+
+
+def _build(request: Request, count: int, root: Path | None) -> tuple[Manifest, Path]:
+    if count < 10:
+        raise ConfigError(f"--count {count}: need at least 10 scenes for an 80/10/10 split")
+    with request.progress("scenes") as bar:
+        task = bar.add_task("rendering scenes", total=count)
+        return prepare_shapes(request.workspace, count, request.sampling.seed, request.sampling,
+                              name=request.name, root=root, on_progress=lambda n: bar.advance(task, n))
+
+
+register(DatasetFormat(
+    name="shapes",
+    help="Built-in demo data: 1-3 coloured shapes per 224x224 PNG, 5 grounded captions per scene.",
+    details="Deterministic by --seed. Here --count is the number of scenes; --fraction then samples the\n"
+    "training pool as for any other format.",
+    examples=("vgpt prepare shapes", "vgpt prepare shapes --count 500 --seed 1 --name shapes-small"),
+    build=_build,
+    options=(
+        Opt("count", int, "How many scenes to generate (split 80/10/10 by --seed).", 2000),
+        Opt("root", Path, "Where to write the images and dataset_shapes.json (default: <workspace>/sources/<name>)."),
+    ),
+    without=("skip_missing",),  # the scenes are rendered here: none can be missing
+))
