@@ -89,7 +89,7 @@ def stream_scaled_output(alpha: float):
     def hook(model, n: int, manifest, store, **_) -> None:
         from vgpt_cli.train.data import caption_examples, collate
 
-        batch = collate(store, model, caption_examples(manifest.items("train"))[:16], model.config.max_caption_tokens)
+        batch = collate(store, model, caption_examples(manifest.items("train"))[:16], model.config.max_length)
         real = batch.attention_mask.bool()
         rms: list[tuple[float, float]] = []
         gate_inputs(model, batch, lambda a, c, g: rms.append(
@@ -657,7 +657,7 @@ def stream_share(model, items, store, captions: int = 64) -> list[dict[str, floa
     RMS of A and of C."""
     from vgpt_cli.train.data import caption_examples, collate
 
-    batch = collate(store, model, caption_examples(items)[:captions * 5:5], model.config.max_caption_tokens)
+    batch = collate(store, model, caption_examples(items)[:captions * 5:5], model.config.max_length)
     real = batch.attention_mask.bool()
     tau = model.config.tau
     rows: list[dict[str, float]] = []

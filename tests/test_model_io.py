@@ -175,3 +175,11 @@ def test_crafted_config_width_is_refused_before_any_allocation(saved, tmp_path, 
     message, grown_mb = r.stdout.strip().splitlines()
     assert int(grown_mb) < 300, f"the refused load grew the process by {grown_mb} MB"
     assert message.startswith("error:") and "do not match" in message and f"{n_embd}" in message
+
+
+def test_an_older_config_with_max_caption_tokens_loads_as_max_length():
+    """The caption length has one name, max_length; folders saved under its older name still load."""
+    old = CaptionerConfig(max_length=17).to_dict()
+    old["max_caption_tokens"] = old.pop("max_length")
+    assert CaptionerConfig.from_dict(old).max_length == 17
+    assert "max_caption_tokens" not in CaptionerConfig().to_dict()

@@ -129,7 +129,7 @@ class Captioner(nn.Module):
         attention_mask, at most `max_length` tokens a row (default the config's): vgpt_cli.text.caption_tensors."""
         from vgpt_cli.text import caption_tensors
 
-        return caption_tensors(self.tokenizer, captions, max_length or self.config.max_caption_tokens,
+        return caption_tensors(self.tokenizer, captions, max_length or self.config.max_length,
                                self.bos_token_id, self.eos_token_id, self.pad_token_id)
 
     # ------------------------------------------------------------------ encoder
@@ -173,7 +173,7 @@ class Captioner(nn.Module):
         L0, L = past, past + T
         if a.max_positions is not None and L > a.max_positions:
             raise ValueError(f"{L} caption tokens exceed the LM's {a.max_positions} positions; "
-                             "decode fewer tokens (max_caption_tokens)")
+                             "decode fewer tokens (max_length)")
         positions = torch.arange(L0, L, device=input_ids.device)
         h = a.embed(input_ids, positions)
         ctx = a.position_context(h, positions)

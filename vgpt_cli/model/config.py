@@ -38,8 +38,9 @@ class CaptionerConfig:
     # spread over (0, 1) because A is the unnormalised residual stream. A number b: weights 0 and bias b,
     # every gate starts at sigmoid(b); with K = 1 and b >= 5 the block starts as the pretrained LM's.
     gate_init_bias: float | None = None
-    # Caption length in tokens, EOS included, BOS not (the authors decode at most 20).
-    max_caption_tokens: int = 20
+    # Caption length in tokens, EOS included, BOS not (the authors decode at most 20): one name, as
+    # `--max-length`, TrainConfig and DecodeOptions call it.
+    max_length: int = 20
     # Coverage in the cross-attention (not in the paper): None, or the initial per-head weight of a
     # learned penalty on attending again to image tokens the caption already attended to (srau.py).
     coverage: float | None = None
@@ -58,8 +59,8 @@ class CaptionerConfig:
             raise ConfigError(f"encoder_layers={self.encoder_layers}: the visual encoder needs at least 1 layer")
         if self.d_in < 1 or self.encoder_ffn < 1:
             raise ConfigError(f"d_in={self.d_in}, encoder_ffn={self.encoder_ffn}: widths must be positive")
-        if self.max_caption_tokens < 2:
-            raise ConfigError(f"max_caption_tokens={self.max_caption_tokens}: needs room for a word and EOS (>= 2)")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length}: needs room for a word and EOS (>= 2)")
         if self.coverage is not None and not math.isfinite(self.coverage):
             raise ConfigError(f"coverage={self.coverage}: must be a finite number (or unset)")
         if self.gate_init_bias is not None and not math.isfinite(self.gate_init_bias):
@@ -76,6 +77,9 @@ class CaptionerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> CaptionerConfig:
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "max_caption_tokens" in d and "max_length" not in d:  # the older name, in older model folders
+            d["max_length"] = d.pop("max_caption_tokens")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown captioner setting(s) {', '.join(unknown)}; "

@@ -93,11 +93,11 @@ class ModelOptions:
         extra = {k: getattr(self, k) for k in ("encoder_dropout", "cross_attn_dropout") if getattr(self, k) is not None}
         return CaptionerConfig(lm=lm or self.lm or "gpt2", lm_init=self.lm_init, d_in=d_in,
                                encoder_layers=self.encoder_layers, tau=self.tau, gating=self.gating,
-                               gate_init_bias=self.gate_init_bias, max_caption_tokens=self.max_length,
+                               gate_init_bias=self.gate_init_bias, max_length=self.max_length,
                                coverage=self.coverage, **extra)
 
     def check(self) -> None:
-        """CaptionerConfig's own checks, worded with the option names (--max-length, not max_caption_tokens)."""
+        """CaptionerConfig's own checks, worded with the option names (--encoder-layers, not encoder_layers)."""
         try:
             self.captioner_config(d_in=1).validate()
         except ConfigError as e:
@@ -108,7 +108,7 @@ class ModelOptions:
 
 
 _MODEL_FLAGS = {"tau": "tau", "gating": "gating", "coverage": "coverage", "lm_init": "lm-init", "encoder_layers": "encoder-layers",
-                "max_caption_tokens": "max-length"}
+                "max_length": "max-length"}
 
 
 @dataclass

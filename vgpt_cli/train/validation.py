@@ -14,10 +14,10 @@ from vgpt_cli.train.data import pad_features
 from vgpt_cli.train.objectives import autocast_context
 
 
-def beam_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, beam: int, max_tokens: int) -> list[str]:
+def beam_captions(model: Any, features: torch.Tensor, lengths: torch.Tensor, beam: int, max_length: int) -> list[str]:
     from vgpt_cli.decode import DecodeOptions, decode
 
-    return [h.text for h in decode(model, features, lengths, DecodeOptions(beam_size=beam, max_length=max_tokens))]
+    return [h.text for h in decode(model, features, lengths, DecodeOptions(beam_size=beam, max_length=max_length))]
 
 
 def validation_due(step: int, total: int, *, val_every: int | None, epoch_done: bool, gates_soft_until: int) -> bool:
