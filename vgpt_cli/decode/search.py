@@ -299,7 +299,7 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return torch.full_like(logits, NEG_INF).scatter(-1, order, sorted_logits)
 
 
-def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, max_length: int = 20,
+def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, max_length: int = DecodeOptions.max_length,
            min_length: int = 0, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> Samples:
     """Sample captions token by token with the KV cache. Gradient flows into `log_probs` unless the

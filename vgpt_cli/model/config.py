@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from vgpt_cli.decode.options import DecodeOptions
 from vgpt_cli.errors import ConfigError
 
 GATINGS = ("srau", "none")
@@ -40,7 +41,7 @@ class CaptionerConfig:
     gate_init_bias: float | None = None
     # Caption length in tokens, EOS included, BOS not (the authors decode at most 20): one name, as
     # `--max-length`, TrainConfig and DecodeOptions call it.
-    max_length: int = 20
+    max_length: int = DecodeOptions.max_length
     # Coverage in the cross-attention (not in the paper): None, or the initial per-head weight of a
     # learned penalty on attending again to image tokens the caption already attended to (srau.py).
     coverage: float | None = None

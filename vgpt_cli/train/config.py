@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vgpt_cli.decode.options import DecodeOptions
 from vgpt_cli.device import DEVICE_HELP
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.files import check_name
@@ -78,7 +79,7 @@ class ModelOptions:
     # None: the authors' gate init; b: W = 0, bias b, every gate starts at sigmoid(b) (see CaptionerConfig).
     # 5 with K = 1 starts from the pretrained LM itself.
     gate_init_bias: float | None = 5.0
-    max_length: int = flag(20, "Caption tokens incl. EOS, for training and decoding (authors: 20).")
+    max_length: int = flag(DecodeOptions.max_length, "Caption tokens incl. EOS, for training and decoding (authors: 20).")
     # None: the paper's cross-attention; w: a learned per-head coverage penalty starting at w (CaptionerConfig).
     coverage: float | None = flag(None, "Coverage in the cross-attention (not in the paper): a learned per-head "
                                   "penalty on looking again where the caption already looked, starting at this weight.")
@@ -197,7 +198,7 @@ class ValidationOptions:
     patience: int = flag(5, "Stop cross-entropy after this many validations without a better CIDEr.")
     val_every: int | None = flag(None, "Validate every N steps and at the end.", default_text=": at each epoch's end")
     val_size: int | None = flag(None, "Validate on at most N items.", default_text=": the whole split")
-    val_beam: int = 5
+    val_beam: int = DecodeOptions.beam_size
 
     def check(self) -> None:
         _at_least_1(self, "patience", "val_beam")
