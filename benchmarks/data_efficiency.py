@@ -253,7 +253,7 @@ def main() -> None:
     if paired:
         print_table(paired, title="paired per seed: visualgpt minus no-gates")
     raw = {"settings": {**vars(a), "workspace": str(a.workspace), "precision": precision,
-                        "demo_settings": asdict(demo)}, "runs": rows, "table": table, "paired": paired,
+                        "demo_recipe": dict(demo)}, "runs": rows, "table": table, "paired": paired,
            "seconds": round(seconds, 1), "run_seconds": round(sum(r["seconds"] for r in rows), 1), "stopped": stopped}
     best = {m: max((r["CIDEr"] for r in table if r["model"] == m), default=0.0) for m in models}
     goals = {}
