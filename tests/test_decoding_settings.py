@@ -17,19 +17,30 @@ from vgpt_cli.train import train
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards (see conftest.py)
 
 
+def ws_items(ws, split: str):
+    from vgpt_cli.evaluate.report import workspace_manifest
+
+    return workspace_manifest(ws).items(split)
+
+
 # --- 4. decoding settings saved with the model -------------------------------------------------------------
 @pytest.mark.slow
 def test_training_saves_its_decoding_settings_and_evaluate_uses_them(tmp_path):
     from vgpt_cli.evaluate.report import evaluate_split
 
     ws = make_workspace(tmp_path, n_train=4, caps_per_item=1, n_val=2)
-    result = train(quick(max_steps=1, val_beam=2, max_length=7, name="g"), ws, model=tiny_captioner(), quiet=True)
+    result = train(quick(max_steps=1, val_beam=2, max_length=7, rerank=20, name="g"), ws, model=tiny_captioner(),
+                   quiet=True)
     saved = json.loads((result.run_dir / "best" / "generation_config.json").read_text())
-    assert saved == {"beam_size": 2, "max_length": 7, "min_length": 0, "length_penalty": 0.0, "no_repeat_ngram_size": 0}
+    assert saved == {"beam_size": 2, "max_length": 7, "min_length": 0, "length_penalty": 0.0, "no_repeat_ngram_size": 0,
+                     "rerank": 20}
+    # the caption bank consensus reranking reads: every training image's captions, in the folder
+    bank = Captioner.from_pretrained(result.run_dir / "best").caption_bank
+    assert sorted(map(tuple, bank.captions)) == sorted(tuple(it.captions) for it in ws_items(ws, "train"))
     assert "generation" not in json.loads((result.run_dir / "best" / "config.json").read_text())
     assert Captioner.from_pretrained(result.run_dir / "best").generation == saved
     ev = evaluate_split(ws, "val", device="cpu", spice=False, log=lambda s: None)
-    assert (ev.decode["beam_size"], ev.decode["max_length"]) == (2, 7)
+    assert (ev.decode["beam_size"], ev.decode["max_length"], ev.decode["rerank"]) == (2, 7, 20)
     ev = evaluate_split(ws, "val", beam_size=1, device="cpu", spice=False, log=lambda s: None)
     assert (ev.decode["beam_size"], ev.decode["max_length"]) == (1, 7)  # a flag overrides one setting
 
@@ -42,7 +53,8 @@ def test_every_decoding_setting_round_trips_through_generation_config_json(tmp_p
 
     defaults = DecodeOptions()
     # every field away from its default, so that a field dropped on the way fails
-    chosen = DecodeOptions(beam_size=3, max_length=11, min_length=2, length_penalty=0.7, no_repeat_ngram_size=3)
+    chosen = DecodeOptions(beam_size=3, max_length=11, min_length=2, length_penalty=0.7, no_repeat_ngram_size=3,
+                           rerank=7)
     assert all(getattr(chosen, f.name) != getattr(defaults, f.name) for f in fields(DecodeOptions))
     model = tiny_captioner()
     model.generation = asdict(chosen)

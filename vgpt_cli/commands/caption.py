@@ -17,6 +17,7 @@ from vgpt_cli.commands.common import (
     MaxLengthOption,
     ModelDirOption,
     PrecisionOption,
+    RerankOption,
     decode_progress,
     err,
     friendly_errors,
@@ -35,6 +36,7 @@ def command(
     model: ModelDirOption = None,
     beam_size: BeamSizeOption = None,
     max_length: MaxLengthOption = None,
+    rerank: RerankOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
@@ -77,6 +79,7 @@ def command(
         raise DataError(f"{missing[0].source}: {missing[0].error}; give image files, folders or globs")
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
+                               rerank=rerank,
                                batch_size=batch_size, precision=precision)
     for line in captioner.notes:
         err.print(f"[yellow]note:[/] {line}", highlight=False)
@@ -129,7 +132,8 @@ def command(
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     o = captioner.options
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
-              f"{o.max_length} tokens, {precision})", highlight=False)
+              f"{o.max_length} tokens, " + (f"consensus of {o.rerank} neighbours, " if o.rerank and o.beam_size > 1 else "")
+              + f"{precision})", highlight=False)
     if bad and not good:
         raise DataError(f"no image could be captioned (first: {bad[0].source}: {bad[0].error}); give readable "
                         "JPEG/PNG files")

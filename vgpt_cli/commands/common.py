@@ -52,6 +52,11 @@ BeamSizeOption = Annotated[int | None, typer.Option("--beam-size", min=1, show_d
 MaxLengthOption = Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
     f"At most this many tokens, EOS included. Default: the model's own, saved with it (else {_DECODE.max_length})."))]
 
+RerankOption = Annotated[int | None, typer.Option("--rerank", min=0, show_default=False, help=(
+    "Consensus reranking: of the beam's captions, the one the captions of the N nearest training images agree "
+    "with most (needs the caption bank `vgpt train` saves with the model); 0: the beam's best. Default: the "
+    "model's own (else 0)."))]
+
 # --json of every command that reports a result
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (the messages stay on "
                                           "stderr).")]

@@ -16,6 +16,7 @@ from vgpt_cli.commands.common import (
     MaxLengthOption,
     ModelDirOption,
     PrecisionOption,
+    RerankOption,
     decode_progress,
     err,
     friendly_errors,
@@ -59,6 +60,7 @@ def command(
         "{\"id\": [\"ref\", ...]}) instead of the workspace's split.")] = None,
     beam_size: BeamSizeOption = None,
     max_length: MaxLengthOption = None,
+    rerank: RerankOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
     device: DeviceOption = None,
     precision: PrecisionOption = "fp32",
@@ -95,7 +97,7 @@ def command(
 
     with decode_progress() as progress:
         result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
-                                max_length=max_length, batch_size=batch_size, device=device, spice=spice,
+                                max_length=max_length, rerank=rerank, batch_size=batch_size, device=device, spice=spice,
                                 precision=precision, compare_fp32=compare_fp32, log=say, progress=progress)
     if as_json:
         print_json(result.to_dict())

@@ -15,6 +15,10 @@ class DecodeOptions:
     min_length: int = 0             # EOS is forbidden before this many tokens
     length_penalty: float = 0.0     # score = sum log p / length**length_penalty; 0: the plain sum
     no_repeat_ngram_size: int = 0   # >0: no n-gram of this size occurs twice in a caption
+    # >0: of the beam's captions, keep the one the captions of the `rerank` nearest training images agree
+    # with most (consensus reranking, decode/consensus.py; needs the model folder's caption bank); 0: the
+    # beam's best. Greedy search has one candidate: nothing to rerank.
+    rerank: int = 0
 
     def validate(self) -> DecodeOptions:
         if self.beam_size < 1:
@@ -23,6 +27,8 @@ class DecodeOptions:
             raise ConfigError(f"max_length={self.max_length}: a caption needs at least one token")
         if not 0 <= self.min_length < self.max_length:
             raise ConfigError(f"min_length={self.min_length} must be >= 0 and below max_length={self.max_length}")
+        if self.rerank < 0:
+            raise ConfigError(f"rerank={self.rerank}: use 0 (off) or the number of nearest training images")
         if self.no_repeat_ngram_size < 0:
             raise ConfigError(f"no_repeat_ngram_size={self.no_repeat_ngram_size}: use 0 (off) or a positive size")
         return self

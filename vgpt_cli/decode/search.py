@@ -266,11 +266,29 @@ def greedy(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None 
 
 def decode(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None = None, *,
            return_gates: bool = False) -> list[Hypothesis]:
-    """The best caption of each image: greedy for beam_size 1, else beam search."""
+    """The best caption of each image: greedy for beam_size 1, else beam search (and, with opts.rerank, the
+    consensus choice among the beam's captions)."""
     opts = (opts or DecodeOptions()).validate()
     if opts.beam_size == 1:
         return greedy(model, features, lengths, opts, return_gates=return_gates)
-    return [h[0] for h in beam_search(model, features, lengths, opts, return_gates=return_gates)]
+    return [h[0] for h in decode_candidates(model, features, lengths, opts, return_gates=return_gates)]
+
+
+def decode_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOptions, *,
+                      return_gates: bool = False) -> list[list[Hypothesis]]:
+    """Per image every finished beam, the chosen caption first: the beam's best, or with opts.rerank the
+    one the captions of the nearest training images agree with most (decode/consensus.py)."""
+    opts = opts.validate()
+    hyps = beam_search(model, features, lengths, opts, num_return=opts.beam_size, return_gates=return_gates)
+    if not opts.rerank:
+        return hyps
+    bank = getattr(model, "caption_bank", None)
+    if bank is None:
+        raise ConfigError(f"rerank={opts.rerank}: this model folder has no caption bank (caption_bank.json, "
+                          "written by `vgpt train`); decode with --rerank 0")
+    from vgpt_cli.decode.consensus import pooled_features
+
+    return bank.rerank(hyps, pooled_features(features, lengths), opts.rerank)
 
 
 # --- sampling and log-probabilities for SCST -------------------------------------------------------

@@ -6,6 +6,8 @@
     generation_config.json   the decoding settings the model was validated and selected with (DecodeOptions)
     preprocessor.json        how images become its features: the backbone, its weights, image size, mean/std,
                              added stages, tokens per image and their width (the feature store's record)
+    caption_bank.*           the training images' pooled features and captions, for consensus reranking
+                             (decode/consensus.py; written by `vgpt train`)
     tokenizer files          as the LM's tokenizer saves them
 
 Older folders kept the backbone record as backbone.json and the decoding settings inside config.json; they
@@ -77,6 +79,8 @@ def save_folder(model: Captioner, directory: str | os.PathLike) -> Path:
     if model.preprocessor:
         atomic_write_json(out / PREPROCESSOR_FILE, model.preprocessor)
         (out / OLD_BACKBONE_FILE).unlink(missing_ok=True)
+    if model.caption_bank is not None:
+        model.caption_bank.save(out)
     atomic_write_json(out / CONFIG_FILE, meta)
     return out
 
@@ -161,6 +165,9 @@ def load_folder(cls: type[Captioner], directory: str | os.PathLike) -> Captioner
                              "come from different models") from exc
     model.generation = generation
     model.preprocessor = preprocessor
+    from vgpt_cli.decode.consensus import CaptionBank
+
+    model.caption_bank = CaptionBank.load(d)
     model.load_notes = notes
     model.eval()
     return model

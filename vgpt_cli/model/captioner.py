@@ -72,9 +72,11 @@ class Captioner(nn.Module):
         self.tau_override: float | None = None
         # What the model folder carries beside the weights (artifact.py): the decoding settings it was
         # selected with (DecodeOptions fields; empty: the decoder's defaults), how images become its
-        # features (the feature store's record; None: not known), and notes from loading an older folder.
+        # features (the feature store's record; None: not known), the caption bank, and notes from loading
+        # an older folder.
         self.generation: dict[str, Any] = {}
         self.preprocessor: dict[str, Any] | None = None
+        self.caption_bank: Any = None  # the training images' captions for consensus reranking (decode/consensus.py)
         self.load_notes: list[str] = []
         # Inference runs cross-attention + SRAU fused (`_cross_srau`, the same maths in fewer kernels);
         # False runs the training modules, e.g. as the tests' independent reference.

@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vgpt": {},
     "paper": {"gating": "srau", "encoder_layers": 3, "gate_init_bias": None, "lr": 1e-4, "lm_lr": None, "warmup": 0,
               "schedule": "constant", "batch_size": 50, "soft_gate_steps": 0, "freeze_lm_steps": 0,
-              "encoder_warm_start": 0, "epochs": 100},
+              "encoder_warm_start": 0, "epochs": 100, "rerank": 0},
     # `vgpt demo`'s recipe on the shapes scenes (docs/research/grounding.md): SRAU on K = 1 with gates from
     # sigmoid(5), the LM frozen throughout (demo_config keeps freeze_lm_steps = max_steps), 10 epochs of
     # encoder warm start; supervised attention stays off (over 160 steps it binds on one seed in five; over
@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"lm": "smollm2-135m", "gating": "srau", "encoder_layers": 1, "tau": 0.2, "gate_init_bias": 5.0,
              "lr": 1e-3, "lm_lr": 1e-4, "warmup": 20, "schedule": "cosine", "batch_size": 16, "max_steps": 160,
              "freeze_lm_steps": 160, "encoder_warm_start": 10, "attention_supervision": 0.0, "val_every": 80,
-             "val_size": 40, "val_beam": 3, "max_length": 24, "patience": 100, "seed": 42},
+             "val_size": 40, "val_beam": 3, "max_length": 24, "patience": 100, "seed": 42, "rerank": 0},
 }
 
 
@@ -193,15 +193,21 @@ class OptimiserOptions:
 
 @dataclass
 class ValidationOptions:
-    """Validation, model selection and early stopping."""
+    """Validation, model selection, early stopping, and the decoding saved with the model."""
 
     patience: int = flag(5, "Stop cross-entropy after this many validations without a better CIDEr.")
     val_every: int | None = flag(None, "Validate every N steps and at the end.", default_text=": at each epoch's end")
     val_size: int | None = flag(None, "Validate on at most N items.", default_text=": the whole split")
     val_beam: int = DecodeOptions.beam_size
+    # Decoding saved with the model (its generation_config.json): consensus reranking over the captions of
+    # the nearest training images, whose bank the model folder then carries (decode/consensus.py).
+    rerank: int = flag(20, "Decode with consensus reranking: of the beam's captions, the one the captions of "
+                       "the N nearest training images agree with most (saved with the model; 0 = the beam's best).")
 
     def check(self) -> None:
         _at_least_1(self, "patience", "val_beam")
+        if self.rerank < 0:
+            _bad(f"--rerank {self.rerank}: use 0 (off) or the number of nearest training images")
         _at_least_1(self, "val_every", "val_size", unset_ok=True)
 
 

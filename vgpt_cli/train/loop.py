@@ -180,7 +180,12 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
 
         from vgpt_cli.decode import DecodeOptions
 
-        model.generation = asdict(DecodeOptions(beam_size=config.val_beam, max_length=config.max_length))
+        model.generation = asdict(DecodeOptions(beam_size=config.val_beam, max_length=config.max_length,
+                                                rerank=config.rerank))
+        if config.rerank:  # what consensus reranking reads, saved in the model folder
+            from vgpt_cli.decode.consensus import CaptionBank
+
+            model.caption_bank = CaptionBank.from_store(store, train_items)
         model.to(dist.device)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
