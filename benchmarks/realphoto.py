@@ -207,7 +207,50 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
         saved.pop("lm", None), wanted.pop("lm")
     if wanted["max_steps"] is not None:  # --epochs has no effect then (its default has changed)
         saved.pop("epochs", None), wanted.pop("epochs")
+    for key in DECODE_ONLY:  # settings of the saved decoding, not of training: applied again by rescore
+        saved.pop(key, None), wanted.pop(key, None)
     return row if saved == wanted and trained_features(run_dir / "best") == fingerprint else None
+
+
+# TrainConfig options that change only how the finished model decodes (its generation_config.json and the
+# caption bank), not its training: a finished run is reused and scored again when they change.
+DECODE_ONLY = ("rerank",)
+
+
+def rescore(ws, cfg, run_dir: Path, dev, row: dict) -> dict:
+    """A finished run's best/ brought to cfg's decoding (the caption bank and generation_config.json that
+    `vgpt train` now writes with it), then dev scored again; the row keeps its training records and the
+    scores it had before (`before`)."""
+    from vgpt_cli.data.manifest import Manifest
+    from vgpt_cli.decode.consensus import CaptionBank
+    from vgpt_cli.features import open_workspace_store
+    from vgpt_cli.model import Captioner
+
+    best = run_dir / "best"
+    model = Captioner.from_pretrained(best)
+    model.generation = {**model.generation, "rerank": cfg.rerank}
+    train_items = Manifest.load(ws.manifest_path(cfg.dataset)).items("train")
+    model.caption_bank = CaptionBank.from_store(open_workspace_store(ws), train_items) if cfg.rerank else None
+    model.save_pretrained(best)
+    before = {k: row[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "distinct") if k in row}
+    row = {**row, **score_best(ws, cfg, run_dir, dev), "rerank": cfg.rerank,
+           "before": {**before, "rerank": row.get("rerank", 0)}}
+    (run_dir / "realphoto_row.json").write_text(json.dumps(row) + "\n")
+    return row
+
+
+def score_best(ws, cfg, run_dir: Path, dev) -> dict:
+    """Dev decoded by the run's best/ with its own settings, scored: the row's score fields."""
+    from vgpt_cli.evaluate.report import evaluate_split
+
+    ev = evaluate_split(ws, "val", model_dir=run_dir / "best", device=cfg.device, spice=False, log=lambda s: None)
+    preds = {json.loads(line)["image_id"]: json.loads(line)["caption"]
+             for line in Path(ev.per_image_path).read_text().splitlines()}
+    s = ev.scores
+    return {"CIDEr": round(s["CIDEr"], 4), "BLEU-4": round(s["Bleu_4"], 4), "METEOR": round(s.get("METEOR", float("nan")), 4),
+            "ROUGE-L": round(s["ROUGE_L"], 4), "distinct": round(len(set(preds.values())) / len(preds), 4),
+            "best_dir_mb": round(sum(p.stat().st_size for p in (run_dir / "best").rglob("*") if p.is_file()) / 2**20, 1),
+            "predictions": preds}
 
 
 def shared_warm_start(ws, cfg, model, epochs: int, store) -> None:
@@ -237,7 +280,6 @@ def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -
 
     import torch
 
-    from vgpt_cli.evaluate.report import evaluate_split
     from vgpt_cli.features import open_workspace_store
     from vgpt_cli.train import train
     from vgpt_cli.train.data import caption_examples, collate
@@ -246,6 +288,8 @@ def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -
     run_dir = ws.run_dir(cfg.name)
     row = finished(run_dir, cfg, fingerprint)
     if row is not None:
+        if row.get("rerank", 0) != cfg.rerank:
+            row = rescore(ws, cfg, run_dir, dev, row)
         return dict(row, reused=True)
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
     t0 = time.perf_counter()
@@ -258,17 +302,10 @@ def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -
     probes: list[dict] = []
     result = train(cfg, ws, quiet=True, model=model, store=store, callbacks=[probe_callback(model, probe_batch, probes)])
     train_s = time.perf_counter() - t0 - sum(p.get("seconds", 0) for p in probes)
-    ev = evaluate_split(ws, "val", model_dir=run_dir / "best", device=cfg.device, spice=False, log=lambda s: None)
-    preds = {json.loads(line)["image_id"]: json.loads(line)["caption"]
-             for line in Path(ev.per_image_path).read_text().splitlines()}
-    s = ev.scores
     row = {"steps": result.steps, "best_step": result.best_step, "train_minutes": round(train_s / 60, 2),
-           "CIDEr": round(s["CIDEr"], 4), "BLEU-4": round(s["Bleu_4"], 4), "METEOR": round(s.get("METEOR", float("nan")), 4),
-           "ROUGE-L": round(s["ROUGE_L"], 4), "distinct": round(len(set(preds.values())) / len(preds), 4),
+           **score_best(ws, cfg, run_dir, dev), "rerank": cfg.rerank,
            "visual_gate": visual_gate(run_dir), "validation_curve": validation_curve(run_dir),
-           "gradient_path": probes,
-           "best_dir_mb": round(sum(p.stat().st_size for p in (run_dir / "best").rglob("*") if p.is_file()) / 2**20, 1),
-           "predictions": preds}
+           "gradient_path": probes}
     (run_dir / "realphoto_row.json").write_text(json.dumps(row) + "\n")
     return row
 
@@ -295,6 +332,7 @@ def probe_callback(model, batch, out: list):
 # settings (beam 5, 20 tokens) against other search settings, on the same model and features.
 DECODINGS: dict[str, dict] = {
     "model's own": {},
+    "the beam's best (no rerank)": {"rerank": 0},
     "greedy": {"beam_size": 1},
     "beam 3": {"beam_size": 3},
     "no repeated 3-gram": {"no_repeat_ngram_size": 3},
