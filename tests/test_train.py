@@ -325,6 +325,8 @@ def test_config_file_and_flags(tmp_path):
             paper.batch_size, paper.clip_grad, paper.val_beam, paper.max_length, paper.freeze_lm_steps,
             paper.encoder_warm_start, paper.preset) == (0.2, 3, 1e-4, 1e-4, None, 0, 50, 1.0, 5, 20, 0, 0, "paper")
     assert defaults.encoder_warm_start == 10
+    # consensus reranking: the default's decoding; the paper's and the demo's recipes decode without it
+    assert (defaults.rerank, paper.rerank, TrainConfig.from_preset("demo").rerank) == (20, 0, 0)
     (tmp_path / "p.yaml").write_text("preset: paper\nlr: 2e-4\n")
     from_file = load_config_file(tmp_path / "p.yaml")
     assert (from_file.encoder_layers, from_file.lr, from_file.preset) == (3, 2e-4, "paper")
