@@ -113,8 +113,11 @@ def test_the_printed_resume_command_after_ctrl_c_works_as_printed(tmp_path):
             "--save-every", "1", "--device", "cpu", "--name", "cc"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
+    # a test runner's worker may ignore SIGINT, and an ignored signal stays ignored in its children: the
+    # training process gets the default disposition back, as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "vgpt_cli", "-w", str(ws.root), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600  # a busy machine can take minutes to import torch and start
     while not (ws.run_dir("cc") / "last").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
