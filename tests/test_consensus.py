@@ -96,3 +96,27 @@ def test_the_bank_travels_in_the_model_folder_and_its_absence_is_one_line(tmp_pa
     (folder / BANK_CAPTIONS).write_text("[1, 2]")
     with pytest.raises(ModelLoadError, match=BANK_CAPTIONS):
         Captioner.from_pretrained(folder)
+
+
+def test_the_python_api_and_serve_path_return_the_reranked_caption_first_among_the_beams():
+    """ImageCaptioner (what `vgpt caption` and `vgpt serve` run): with the model's rerank, the caption is the
+    consensus choice, and beams=True lists it first, then the other beams."""
+    from types import SimpleNamespace
+
+    from vgpt_cli.api import ImageCaptioner
+
+    model = tiny_captioner().eval()
+    model.caption_bank, images = _bank_for(model)
+    model.generation = {"beam_size": 4, "max_length": 6, "rerank": 5}
+    backbone = SimpleNamespace(dim=D_IN, name="toy", fingerprint=None)
+    cap = ImageCaptioner(model, backbone, device="cpu")
+    got = cap.caption_features(images, beams=True)
+    f, n = pad_features(images)
+    with torch.inference_mode():
+        want = decode(model, f, n, DecodeOptions(beam_size=4, max_length=6, rerank=5))
+        beams = beam_search(model, f, n, DecodeOptions(beam_size=4, max_length=6), num_return=4)
+    assert [r.caption for r in got] == [h.text for h in want]
+    for r, b in zip(got, beams):
+        assert r.beams[0]["caption"] == r.caption and sorted(x["caption"] for x in r.beams) == sorted(h.text for h in b)
+    plain = ImageCaptioner(model, backbone, device="cpu", rerank=0).caption_features(images)
+    assert [r.caption for r in plain] == [b[0].text for b in beams]
