@@ -50,7 +50,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, parse_with_smoke, print_table, write_results  # noqa: E402
 
 BPE = ROOT / "tests" / "assets" / "gpt2-bpe"
 
@@ -151,12 +151,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads, here and in the CLI process (0: torch's own choice); 1 by default: "
                          "on a shared 2-core machine a second thread waits on the busy core at every operation")
-    ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 4 images, a tiny model, "
-                    "into caption_smoke.json")
-    args = ap.parse_args()
-    if args.smoke:
-        args.images, args.scenes, args.layers, args.width, args.k = 4, 1, 1, 64, 1
-        args.beam_size, args.max_length, args.batch_size = 2, 4, 2
+    args = parse_with_smoke(ap, "4 images, a tiny model, into caption_smoke.json", images=4, scenes=1, layers=1,
+                            width=64, k=1, beam_size=2, max_length=4, batch_size=2)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -28,6 +28,17 @@ RESULTS_ENV = "VGPT_BENCHMARK_RESULTS"
 GPT2_BPE = Path(__file__).resolve().parents[1] / "tests" / "assets" / "gpt2-bpe"
 
 
+def parse_with_smoke(parser: Any, what: str, **preset: Any) -> Any:
+    """parser's arguments plus --smoke, which sets `preset` over them: the seconds-long run of `what` that
+    tests/test_benchmark_smokes.py runs for every benchmark."""
+    parser.add_argument("--smoke", action="store_true", help=f"seconds, checks that it runs: {what}")
+    args = parser.parse_args()
+    if args.smoke:
+        for key, value in preset.items():
+            setattr(args, key, value)
+    return args
+
+
 def results_dir() -> Path:
     """The folder results are written to (and earlier results read from): $VGPT_BENCHMARK_RESULTS or
     benchmarks/results/."""

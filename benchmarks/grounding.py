@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     goal,
+    parse_with_smoke,
     print_table,
     results_dir,
     scores_without_java,
@@ -586,11 +587,9 @@ def main() -> None:
     p.add_argument("--stream-share", type=Path, default=None, metavar="MODEL_DIR",
                    help="no training: per block, the norm of the image's part of the SRAU output against the LM's "
                         "(teacher-forced on 64 test references); written to --results")
-    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: the demo recipe, seed 1, "
-                   "3 steps, 50 scenes, a tiny random GPT-2, into grounding_smoke.json")
-    a = p.parse_args()
+    a = parse_with_smoke(p, "the demo recipe, seed 1, 3 steps, 50 scenes, a tiny random GPT-2, into "
+                         "grounding_smoke.json", variants="demo", seeds="1", steps=3, scenes=50)
     if a.smoke:
-        a.variants, a.seeds, a.steps, a.scenes = "demo", "1", 3, 50
         a.results = a.results or "grounding_smoke"
         # a throw-away workspace: the full run's (/tmp/vgpt-grounding) holds its 1,000 scenes' features
         a.workspace = a.workspace or scratch_dir("vgpt-grounding-smoke-")

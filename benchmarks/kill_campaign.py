@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, parse_with_smoke, print_table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_BPE = ROOT / "tests" / "assets" / "gpt2-bpe"
@@ -134,11 +134,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument("--smoke", action="store_true", help="checks that it runs: 1 kill, 4 steps, into "
-                   "kill_campaign_smoke.json")
-    a = p.parse_args()
-    if a.smoke:
-        a.kills, a.steps = 1, 4
+    a = parse_with_smoke(p, "1 kill, 4 steps, into kill_campaign_smoke.json", kills=1, steps=4)
     rnd = random.Random(a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="vgpt-kill-"))
     t_all = time.perf_counter()

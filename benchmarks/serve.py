@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.caption import make_images, make_model  # noqa: E402
-from benchmarks.common import goal, print_table, write_results  # noqa: E402
+from benchmarks.common import goal, parse_with_smoke, print_table, write_results  # noqa: E402
 
 START_TIMEOUT_S = 600
 
@@ -155,11 +155,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="encoder levels")
     ap.add_argument("--max-wait-ms", type=float, default=50.0)
     ap.add_argument("--precision-server", default="int8", help="the narrowed server's --precision (default int8)")
-    ap.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 4 requests, 1 round, a "
-                    "tiny model, into serve_smoke.json")
-    args = ap.parse_args()
-    if args.smoke:
-        args.requests, args.rounds, args.layers, args.width, args.k = 4, 1, 1, 64, 1
+    args = parse_with_smoke(ap, "4 requests, 1 round, a tiny model, into serve_smoke.json", requests=4, rounds=1,
+                            layers=1, width=64, k=1)
 
     started = time.perf_counter()
     scenarios = [("batched", 1, max(args.requests // 4, 1)), ("batched", 4, args.requests // 2),

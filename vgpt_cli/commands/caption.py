@@ -10,21 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import (
-    BeamSizeOption,
-    DeviceOption,
-    JsonOption,
-    MaxLengthOption,
-    ModelDirOption,
-    PrecisionOption,
-    RerankOption,
-    decode_progress,
-    err,
-    friendly_errors,
-    print_json,
-    print_table,
-    workspace,
-)
+from vgpt_cli.commands import options as opt
+from vgpt_cli.commands.common import decode_progress, err, friendly_errors, print_json, print_table, workspace
 from vgpt_cli.errors import ConfigError, DataError, PartialRunError
 
 
@@ -33,13 +20,13 @@ def command(
     ctx: typer.Context,
     images: Annotated[list[str], typer.Argument(
         help="Image files, folders (their images) and globs such as 'photos/*.jpg'.", show_default=False)],
-    model: ModelDirOption = None,
-    beam_size: BeamSizeOption = None,
-    max_length: MaxLengthOption = None,
-    rerank: RerankOption = None,
+    model: opt.ModelDir = None,
+    beam_size: opt.BeamSize = None,
+    max_length: opt.MaxLength = None,
+    rerank: opt.Rerank = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
-    device: DeviceOption = None,
-    precision: PrecisionOption = "fp32",
+    device: opt.Device = None,
+    precision: opt.Precision = "fp32",
     gates: Annotated[bool, typer.Option(
         "--gates", help="Show each generated token with its mean linguistic and visual SRAU gate.")] = False,
     gates_plot: Annotated[Path | None, typer.Option(
@@ -47,7 +34,7 @@ def command(
     attention: Annotated[Path | None, typer.Option(
         "--attention", file_okay=False, help="Write one PNG per image into this folder: a panel per word "
         "with its cross-attention heatmap over the image.")] = None,
-    as_json: JsonOption = False,
+    as_json: opt.Json = False,
     as_jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per image per line.")] = False,
 ) -> None:
     """Caption images with the workspace's best model (or --model DIR).

@@ -7,8 +7,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,8 +24,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from vgpt_cli.decode.options import DecodeOptions
-from vgpt_cli.device import DEVICE_HELP
 from vgpt_cli.errors import VgptError
 from vgpt_cli.workspace import Workspace
 
@@ -35,39 +32,6 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# --device of every command that runs a model, declared once; vgpt_cli.device.resolve_device reads it
-DeviceOption = Annotated[str | None, typer.Option("--device", show_default=False, help=DEVICE_HELP)]
-
-# --model of caption, evaluate and serve
-ModelDirOption = Annotated[Path | None, typer.Option("--model", show_default=False, help=(
-    "A model folder (runs/<run>/best, or any Captioner.save_pretrained folder); default: the workspace's best "
-    "model."))]
-
-# the decoding settings of caption and evaluate: unset, the model's own (its generation_config.json), else
-# DecodeOptions' defaults (vgpt_cli.model_folders.decode_options)
-_DECODE = DecodeOptions()
-BeamSizeOption = Annotated[int | None, typer.Option("--beam-size", min=1, show_default=False, help=(
-    f"Beam width (1: greedy). Default: the model's own, saved with it (else {_DECODE.beam_size})."))]
-MaxLengthOption = Annotated[int | None, typer.Option("--max-length", min=1, show_default=False, help=(
-    f"At most this many tokens, EOS included. Default: the model's own, saved with it (else {_DECODE.max_length})."))]
-
-RerankOption = Annotated[int | None, typer.Option("--rerank", min=0, show_default=False, help=(
-    "Consensus reranking: of the beam's captions, the one the captions of the N nearest training images agree "
-    "with most (needs the caption bank `vgpt train` saves with the model); 0: the beam's best. Default: the "
-    "model's own (else 0)."))]
-
-# --json of every command that reports a result
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (the messages stay on "
-                                          "stderr).")]
-
-# --precision of caption, evaluate and serve, declared once (vgpt_cli.model.precision)
-PrecisionOption = Annotated[str, typer.Option("--precision", help=(
-    "Weights to caption with: fp32 (as trained); fp16 (on a CPU: the decoder's weights read as fp16, "
-    "arithmetic in fp32: faster, nearly always fp32's captions); int8 (the decoder's Linear layers dynamically "
-    "quantized: fastest on a CPU, but captions change); bf16 (pays on CUDA and on CPUs with AMX or "
-    "AVX-512 BF16). The saved model stays fp32."))]
-
 
 def say(message: str) -> None:
     """A progress or log line on stderr, as plain text: "[train] ..." or a path with brackets is not markup."""

@@ -7,15 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vgpt_cli.commands.common import (
-    DeviceOption,
-    JsonOption,
-    err,
-    friendly_errors,
-    print_json,
-    say,
-    workspace,
-)
+from vgpt_cli.commands import options as opt
+from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
 
 
 @friendly_errors
@@ -29,10 +22,10 @@ def command(
     attention_supervision: Annotated[float | None, typer.Option(
         "--attention-supervision", help="Weight of supervised attention at shape words (default 0: off; "
         "docs/research/grounding.md, 1i).")] = None,
-    device: DeviceOption = None,
+    device: opt.Device = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU has AMX or AVX-512 "
                                            "BF16, and on CUDA), bf16 or fp32.")] = "auto",
-    as_json: JsonOption = False,
+    as_json: opt.Json = False,
 ) -> None:
     """Run the whole pipeline on built-in data with real pretrained weights, no download needed.
 

@@ -9,14 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from vgpt_cli.commands import options as opt
 from vgpt_cli.commands.common import (
-    BeamSizeOption,
-    DeviceOption,
-    JsonOption,
-    MaxLengthOption,
-    ModelDirOption,
-    PrecisionOption,
-    RerankOption,
     decode_progress,
     err,
     friendly_errors,
@@ -51,19 +45,19 @@ def metrics_table(rows: dict[str, dict[str, float]], title: str | None = None, e
 def command(
     ctx: typer.Context,
     split: Annotated[Split, typer.Option("--split", help="Which split of the workspace dataset to evaluate.")] = Split.test,
-    model: ModelDirOption = None,
+    model: opt.ModelDir = None,
     predictions: Annotated[list[Path] | None, typer.Option(
         "--predictions", "-p", help="Score this results file instead of decoding (COCO results "
         "[{\"image_id\", \"caption\"}] or {\"id\": \"caption\"}); repeat to score several in one table.")] = None,
     references: Annotated[Path | None, typer.Option(
         "--references", "-r", help="Ground truth from this file (COCO annotation format or "
         "{\"id\": [\"ref\", ...]}) instead of the workspace's split.")] = None,
-    beam_size: BeamSizeOption = None,
-    max_length: MaxLengthOption = None,
-    rerank: RerankOption = None,
+    beam_size: opt.BeamSize = None,
+    max_length: opt.MaxLength = None,
+    rerank: opt.Rerank = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
-    device: DeviceOption = None,
-    precision: PrecisionOption = "fp32",
+    device: opt.Device = None,
+    precision: opt.Precision = "fp32",
     compare_fp32: Annotated[bool, typer.Option("--compare-fp32", help=(
         "With --precision fp16, int8 or bf16: also decode at fp32 and report the share of identical captions, "
         "both scores and the worst disagreement."))] = False,
@@ -73,7 +67,7 @@ def command(
     allow_partial: Annotated[bool, typer.Option(
         "--allow-partial", help="With --predictions: score a file that covers only some of the reference "
         "images (over those images; the coverage is printed either way).")] = False,
-    as_json: JsonOption = False,
+    as_json: opt.Json = False,
 ) -> None:
     """Decode a split with the best model and score it (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when
     available), or score existing prediction files.

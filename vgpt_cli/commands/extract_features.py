@@ -9,15 +9,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from vgpt_cli.commands.common import (
-    DeviceOption,
-    JsonOption,
-    err,
-    friendly_errors,
-    print_json,
-    say,
-    workspace,
-)
+from vgpt_cli.commands import options as opt
+from vgpt_cli.commands.common import err, friendly_errors, print_json, say, workspace
 from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.errors import ConfigError
 from vgpt_cli.features.backbone import DEFAULT_BACKBONE, OFFLINE_DEFAULT_BACKBONE
@@ -65,14 +58,14 @@ def command(
     num_workers: Annotated[
         int | None, typer.Option(min=0, help="DataLoader workers decoding images (default: CPUs - 1, at most 8).")
     ] = None,
-    device: DeviceOption = None,
+    device: opt.Device = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Images with more pixels are skipped (decompression bombs).")
     ] = DEFAULT_MAX_PIXELS,
     gpu_decode: Annotated[bool, typer.Option(
         "--gpu-decode", help="Decode and resize JPEGs on the GPU (torchvision.io.decode_jpeg) instead of in CPU "
                              "workers; needs --device cuda. Other formats still decode on the CPU.")] = False,
-    json_out: JsonOption = False,
+    json_out: opt.Json = False,
 ) -> None:
     """Extract backbone features for every image of the dataset into the workspace's feature store.
 

@@ -7,14 +7,8 @@ from typing import Annotated
 
 import typer
 
-from vgpt_cli.commands.common import (
-    DeviceOption,
-    ModelDirOption,
-    PrecisionOption,
-    err,
-    friendly_errors,
-    workspace,
-)
+from vgpt_cli.commands import options as opt
+from vgpt_cli.commands.common import err, friendly_errors, workspace
 from vgpt_cli.errors import ConfigError
 
 API_KEY_ENV = "VGPT_API_KEY"
@@ -23,7 +17,7 @@ API_KEY_ENV = "VGPT_API_KEY"
 @friendly_errors
 def command(
     ctx: typer.Context,
-    model: ModelDirOption = None,
+    model: opt.ModelDir = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 opens it to the network.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
@@ -38,8 +32,8 @@ def command(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body.")
                              ] = 20.0,
     max_files: Annotated[int, typer.Option("--max-files", min=1, help="Most images in one request.")] = 16,
-    device: DeviceOption = None,
-    precision: PrecisionOption = "fp32",
+    device: opt.Device = None,
+    precision: opt.Precision = "fp32",
 ) -> None:
     """Serve captions over HTTP: a JSON API, its OpenAPI page (/docs) and a browser page (/).
 

@@ -12,7 +12,8 @@ from typing import Annotated
 
 import typer
 
-from vgpt_cli.commands.common import JsonOption, err, friendly_errors, print_json, workspace
+from vgpt_cli.commands import options as opt
+from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
 from vgpt_cli.train.config import DEFAULT_XE_STEPS, PRESETS, TrainConfig  # no torch: the options' one source
 
 _DEFAULTS, _PAPER = TrainConfig(), PRESETS["paper"]
@@ -186,7 +187,7 @@ _RUN = [
         bool, typer.Option("--tensorboard", help="Also write TensorBoard event files, live, into "
                            "runs/<name>/tensorboard/ (needs the tensorboard package); view with: tensorboard "
                            "--logdir runs")]),
-    inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOption),
+    inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=opt.Json),
 ]
 command.__signature__ = inspect.Signature([*_OWN, *train_flags(), *_RUN])
 

@@ -246,16 +246,8 @@ def compute_metrics_many(
     return reports
 
 
-def compute_metrics(
-    predictions: Mapping[str, str],
-    references: Mapping[str, Sequence[str]],
-    *,
-    use_java: bool | None = None,
-    spice: bool = True,
-    spice_dir: Path | None = None,
-    skip: Collection[str] = (),
-    log: Log = _stderr,
-) -> MetricReport:
-    """Score {id: caption} against {id: [reference, ...]} over the predicted ids."""
-    return compute_metrics_many({"predictions": predictions}, references, use_java=use_java, spice=spice,
-                                spice_dir=spice_dir, skip=skip, log=log)["predictions"]
+def compute_metrics(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]],
+                    **options: Any) -> MetricReport:
+    """Score {id: caption} against {id: [reference, ...]} over the predicted ids; `options` are
+    compute_metrics_many's (use_java, spice, spice_dir, skip, log)."""
+    return compute_metrics_many({"predictions": predictions}, references, **options)["predictions"]

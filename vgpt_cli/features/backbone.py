@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from vgpt_cli.data.source import sha256_file
 from vgpt_cli.errors import ConfigError, DataError, ModelLoadError
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS, BadImage, open_rgb, to_rgb
+from vgpt_cli.features.store import FeatureRecord
 from vgpt_cli.features.weights import OFFLINE_HINT as OFFLINE_HINT
 from vgpt_cli.features.weights import OFFLINE_LITE0 as OFFLINE_LITE0
 from vgpt_cli.features.weights import PACKAGED_WEIGHTS as PACKAGED_WEIGHTS
@@ -67,21 +68,13 @@ def _clean_data_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class Backbone:
+class Backbone(FeatureRecord):
     """A frozen timm model in eval mode, its eval transform, and the record of what it is."""
 
     model: torch.nn.Module
     transform: Any  # PIL RGB image -> (3, H, W) uint8 tensor: timm's eval resize + crop
     meta: dict[str, Any]  # backbone, weights, pretrained, data_config, fingerprint, dim, ...
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
 
     @property
     def name(self) -> str:

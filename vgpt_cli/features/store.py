@@ -88,7 +88,21 @@ class _Entry:
     files: tuple[tuple, ...] | None = None  # one (size, mtime_ns, sha256) per image; None: not recorded
 
 
-class FeatureStore:
+class FeatureRecord:
+    """What a backbone and the store it fills both say about their features, read from their record `meta`."""
+
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+
+class FeatureStore(FeatureRecord):
     """Read-only view of a store. `get` returns a view into a memory map: no copy, no RAM growth."""
 
     def __init__(self, path: Path, meta: dict[str, Any], entries: dict[str, _Entry], data: list[np.ndarray]):
@@ -130,14 +144,6 @@ class FeatureStore:
         return cls(path, meta, entries, data)
 
     # --- lookups ------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
-
     def __contains__(self, key: object) -> bool:
         e = self._entries.get(key)  # type: ignore[arg-type]
         return e is not None and e.skipped is None
