@@ -164,10 +164,10 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                               "--name to start another")
         # The model comes last: every cheap check above has passed.
         torch.manual_seed(config.seed)
-        if resume:
-            from vgpt_cli.model import Captioner
+        if resume:  # the one model loader (API, evaluate, serve), then the checks that features fit it
+            from vgpt_cli.model_folders import load_model
 
-            model = Captioner.from_pretrained(ckpt)
+            model = load_model(ckpt, "cpu")
         elif model is None:
             model = build_model(config, int(store.dim), say=lambda s: callback.on_message(s, warning=True))
         require_compatible(model, store.dim, store.fingerprint, f"the feature store {store.path.name}",
