@@ -20,24 +20,22 @@ SPLIT_SIZES = {"train": 30, "restval": 20, "val": 8, "test": 6}
 
 def write_coco(root: Path, sizes: dict[str, int] = SPLIT_SIZES, captions: int = 5) -> Path:
     """A small dataset_coco.json exactly as Karpathy's caption_datasets.zip has it, plus the image files."""
-    images, imgid, sentid = [], 0, 0
-    for split, n in sizes.items():
-        for _ in range(n):
-            cocoid = 100000 + imgid * 7
-            folder = "train2014" if split == "train" else "val2014"
-            filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            (root / folder / filename).write_bytes(b"\xff\xd8\xff")  # only existence is checked here
-            sents = []
-            for k in range(captions):
-                raw = f"A  Man riding wave number {k} on image {imgid}.\n"
-                sents.append({"tokens": raw.lower().split(), "raw": raw, "imgid": imgid, "sentid": sentid})
-                sentid += 1
-            images.append({"filepath": folder, "sentids": [s["sentid"] for s in sents], "filename": filename,
-                           "imgid": imgid, "split": split, "sentences": sents, "cocoid": cocoid})
-            imgid += 1
+    splits = [split for split, n in sizes.items() for _ in range(n)]  # one entry per image, in file order
+
+    def image(imgid: int, split: str) -> dict:
+        cocoid = 100000 + imgid * 7
+        folder = "train2014" if split == "train" else "val2014"
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / filename).write_bytes(b"\xff\xd8\xff")  # only existence is checked here
+        raws = [f"A  Man riding wave number {k} on image {imgid}.\n" for k in range(captions)]
+        sentids = [imgid * captions + k for k in range(captions)]
+        return {"filepath": folder, "filename": filename, "imgid": imgid, "split": split, "cocoid": cocoid,
+                "sentids": sentids, "sentences": [{"tokens": raw.lower().split(), "raw": raw, "imgid": imgid,
+                                                   "sentid": sid} for raw, sid in zip(raws, sentids)]}
+
     path = root / "dataset_coco.json"
-    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    path.write_text(json.dumps({"images": [image(i, split) for i, split in enumerate(splits)], "dataset": "coco"}))
     return path
 
 
