@@ -47,8 +47,9 @@ def test_every_moment_of_a_checkpoint_save_leaves_one_complete_checkpoint(tmp_pa
     loads. start=".last.old": the previous save was killed between its two renames."""
     run = tmp_path / "run"
     model = tiny_captioner()
+    model.preprocessor = {"backbone": "toy"}
     state = {"step": 1, "optimizer": {"param_groups": [], "scalars": {}}}
-    save_checkpoint(model, run, "last", {"backbone": "toy"}, state, {})
+    save_checkpoint(model, run, "last", state, {})
     if start == ".last.old":
         (run / "last").rename(run / ".last.old")
     assert _complete(checkpoint_dir(run, "last"))
@@ -73,7 +74,7 @@ def test_every_moment_of_a_checkpoint_save_leaves_one_complete_checkpoint(tmp_pa
 
     monkeypatch.setattr(Path, "rename", rename)
     monkeypatch.setattr("vgpt_cli.train.checkpoint.shutil.rmtree", rmtree)
-    save_checkpoint(model, run, "last", {"backbone": "toy"}, dict(state, step=2), {})
+    save_checkpoint(model, run, "last", dict(state, step=2), {})
     monkeypatch.undo()
     assert seen and all(ok for _, ok in seen), [w for w, ok in seen if not ok]
     assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 2
@@ -102,7 +103,9 @@ def test_checkpoint_saves_fsync_their_files_and_folders(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     run = tmp_path / "run"
-    save_checkpoint(tiny_captioner(), run, "last", {"backbone": "toy"}, {"step": 1}, {"x": torch.zeros(2)})
+    model = tiny_captioner()
+    model.preprocessor = {"backbone": "toy"}  # what training sets: the feature store's record
+    save_checkpoint(model, run, "last", {"step": 1}, {"x": torch.zeros(2)})
     names = {Path(p).name for p in synced}
     for f in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.safetensors",
               "trainer_state.json", "preprocessor.json"):

@@ -100,15 +100,12 @@ def _swap_in(tmp: Path, final: Path) -> None:
         fsync_dir(run_dir)
 
 
-def save_checkpoint(model: Any, run_dir: Path, which: str, backbone: dict[str, Any] | None,
-                    trainer_state: dict[str, Any] | None = None,
+def save_checkpoint(model: Any, run_dir: Path, which: str, trainer_state: dict[str, Any] | None = None,
                     tensors: dict[str, torch.Tensor] | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir, which)
     tmp = Path(tempfile.mkdtemp(prefix=f".{which}.tmp-", dir=run_dir))
     try:
-        if backbone is not None:  # the feature store's record, saved in the folder as preprocessor.json
-            model.preprocessor = backbone
         model.save_pretrained(tmp)
         if trainer_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},

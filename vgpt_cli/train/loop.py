@@ -174,18 +174,19 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
                            "extract features with the matching backbone or start a new run", ConfigError)
         if config.lm is None:
             config = config.override(lm=model.config.lm)
-        # Saved with every checkpoint: what the model is validated and selected with, hence what
-        # `vgpt caption`, `vgpt evaluate` and load_captioner decode with (vgpt_cli.model_folders.decode_options).
+        # Saved with every checkpoint (vgpt_cli.model.artifact): how images become the model's features (the
+        # store's record, preprocessor.json); what it is validated and selected with, hence what `vgpt caption`,
+        # `vgpt evaluate` and load_captioner decode with (vgpt_cli.model_folders.decode_options); and the
+        # caption bank that consensus reranking reads.
         from dataclasses import asdict
 
         from vgpt_cli.decode import DecodeOptions
+        from vgpt_cli.decode.consensus import CaptionBank
 
+        model.preprocessor = dict(getattr(store, "meta", {}) or {}) or None
         model.generation = asdict(DecodeOptions(beam_size=config.val_beam, max_length=config.max_length,
                                                 rerank=config.rerank))
-        if config.rerank:  # what consensus reranking reads, saved in the model folder
-            from vgpt_cli.decode.consensus import CaptionBank
-
-            model.caption_bank = CaptionBank.from_store(store, train_items)
+        model.caption_bank = CaptionBank.from_store(store, train_items) if config.rerank else None
         model.to(dist.device)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,7 @@ def train(config: TrainConfig, workspace: Workspace, *, resume: bool = False, mo
             trainer.run_phase("scst")
         st = trainer.state
         if not val_items and dist.is_main:  # no validation split: the final weights are the best we know
-            save_checkpoint(trainer.core, run_dir, "best", trainer.backbone)
+            save_checkpoint(trainer.core, run_dir, "best")
         result = TrainResult(run_dir=run_dir, best_score=st["best_score"], best_step=st["best_step"],
                              best_phase=st["best_phase"],
                              steps=st["xe_steps"], scst_steps=st["step"] if phase == "scst" else 0,

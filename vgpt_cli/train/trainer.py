@@ -163,7 +163,7 @@ class Trainer:
         improved = record_score(st, score, step)
         if self.dist.is_main:
             if improved:
-                save_checkpoint(self.core, self.run_dir, "best", self.backbone)
+                save_checkpoint(self.core, self.run_dir, "best")
             record = {"event": "validation", "phase": st["phase"], "step": step, "cider": score,
                       "best_cider": st["best_score"], "best_step": st["best_step"],
                       "best_phase": st["best_phase"], "improved": improved,
@@ -181,7 +181,7 @@ class Trainer:
         tensors.update(rng_tensors())
         state = dict(self.state, **opt_meta, config=self.cfg.to_dict(), saved=time.time(),
                      metrics_bytes=metrics_size(self.run_dir))
-        save_checkpoint(self.core, self.run_dir, "last", self.backbone, state, tensors)
+        save_checkpoint(self.core, self.run_dir, "last", state, tensors)
 
     def restore(self, ckpt: Path) -> None:
         meta, tensors = load_trainer_state(ckpt)
