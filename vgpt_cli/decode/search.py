@@ -279,13 +279,13 @@ def decode_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOpti
     """Per image every finished beam, the chosen caption first: the beam's best, or with opts.rerank the
     one the captions of the nearest training images agree with most (decode/consensus.py)."""
     opts = opts.validate()
+    bank = getattr(model, "caption_bank", None)
+    if opts.rerank and bank is None:  # refused before the search, not after it
+        raise ConfigError(f"rerank={opts.rerank}: this model folder has no caption bank (caption_bank.json, "
+                          "written by `vgpt train`); decode with --rerank 0")
     hyps = beam_search(model, features, lengths, opts, num_return=opts.beam_size, return_gates=return_gates)
     if not opts.rerank:
         return hyps
-    bank = getattr(model, "caption_bank", None)
-    if bank is None:
-        raise ConfigError(f"rerank={opts.rerank}: this model folder has no caption bank (caption_bank.json, "
-                          "written by `vgpt train`); decode with --rerank 0")
     from vgpt_cli.decode.consensus import pooled_features
 
     return bank.rerank(hyps, pooled_features(features, lengths), opts.rerank)
