@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -42,6 +43,14 @@ def workspace(ctx: typer.Context) -> Workspace:
     obj = ctx.find_root().obj or {}
     ws = obj.get("workspace")
     return ws if ws is not None else Workspace.from_option(None)
+
+
+def with_parameters(fn: F, params: list[inspect.Parameter]) -> F:
+    """A command whose options are generated (train's from TrainConfig, prepare's from its formats): Typer
+    reads the parameters from __signature__ and their types from __annotations__, so both are set here."""
+    fn.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return fn
 
 
 def friendly_errors(fn: F) -> F:

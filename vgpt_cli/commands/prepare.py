@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from vgpt_cli.commands import options as opt
-from vgpt_cli.commands.common import RateColumn, err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import RateColumn, err, friendly_errors, print_json, with_parameters, workspace
 from vgpt_cli.data.build import summary
 from vgpt_cli.data.formats import DatasetFormat, Opt, formats
 from vgpt_cli.data.manifest import Manifest
@@ -78,12 +78,10 @@ def command_for(fmt: DatasetFormat) -> Callable[..., None]:
         manifest, path = fmt.prepare(workspace(ctx), values, progress_bar)
         _report(manifest, path, as_json)
 
-    # Typer reads the parameters from __signature__ (and their types from __annotations__).
-    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
-              *(_parameter(opt) for opt in fmt.params()),
-              inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=opt.Json)]
-    command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    with_parameters(command, [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+                              *(_parameter(opt) for opt in fmt.params()),
+                              inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                                annotation=opt.Json)])
     command.__doc__ = fmt.doc()
     return command
 

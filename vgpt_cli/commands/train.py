@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from vgpt_cli.commands import options as opt
-from vgpt_cli.commands.common import err, friendly_errors, print_json, workspace
+from vgpt_cli.commands.common import err, friendly_errors, print_json, with_parameters, workspace
 from vgpt_cli.train.config import DEFAULT_XE_STEPS, PRESETS, TrainConfig  # no torch: the options' one source
 
 _DEFAULTS, _PAPER = TrainConfig(), PRESETS["paper"]
@@ -169,7 +169,7 @@ command.__doc__ = command.__doc__.format(
                          "lm_lr", "warmup", "schedule", "batch_size")},
     **{f"paper_{k}": paper(k) for k in ("encoder_layers", "lr", "batch_size")}, xe_steps=DEFAULT_XE_STEPS)
 
-# The command's own options, then one per TrainConfig flag field (train_flags): Typer reads __signature__.
+# The command's own options, then one per TrainConfig flag field (train_flags).
 _OWN = [
     inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -189,7 +189,7 @@ _RUN = [
                            "--logdir runs")]),
     inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=opt.Json),
 ]
-command.__signature__ = inspect.Signature([*_OWN, *train_flags(), *_RUN])
+with_parameters(command, [*_OWN, *train_flags(), *_RUN])
 
 
 def _check_utf8(path: Path) -> None:
