@@ -118,7 +118,8 @@ class ImageCaptioner:
     @property
     def notes(self) -> list[str]:
         """Every line the user should read once: an older folder's layout, a precision that will not pay."""
-        return [*self.model.load_notes, *([self.notice] if self.notice else [])]
+        notice = self.notice
+        return [*self.model.load_notes, *([notice] if notice else [])]
 
     def __call__(self, images: Sequence[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image
                  ) -> list[str]:
