@@ -126,10 +126,12 @@ def prepare(ws, root: Path, train_images: int | None, val_images: int | None) ->
 
 
 def pooled(store, ids: list[str]):
+    """Unit-length mean-pooled features, as consensus reranking's caption bank keeps them."""
     import numpy as np
 
-    x = np.stack([np.asarray(store.get(i), dtype=np.float32).mean(axis=0) for i in ids])
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    from vgpt_cli.decode.consensus import unit_rows
+
+    return unit_rows(np.stack([np.asarray(store.get(i), dtype=np.float32).mean(axis=0) for i in ids]))
 
 
 def _cider(candidates: dict, references: dict) -> tuple[float, list[float]]:
