@@ -11,7 +11,13 @@ from test_train import D_IN, tiny_captioner
 from vgpt_cli.data.manifest import Item
 from vgpt_cli.decode import DecodeOptions, decode, pad_features
 from vgpt_cli.decode.consensus import BANK_CAPTIONS, BANK_FEATURES, CaptionBank, pooled_features
-from vgpt_cli.decode.search import beam_search
+from vgpt_cli.decode.search import (
+    beam_search,
+    decode_candidates,
+    sample,
+    sampled_candidates,
+    sequence_log_probs,
+)
 from vgpt_cli.errors import ConfigError, ModelLoadError
 from vgpt_cli.model import Captioner
 
@@ -120,3 +126,65 @@ def test_the_python_api_and_serve_path_return_the_reranked_caption_first_among_t
         assert r.beams[0]["caption"] == r.caption and sorted(x["caption"] for x in r.beams) == sorted(h.text for h in b)
     plain = ImageCaptioner(model, backbone, device="cpu", rerank=0).caption_features(images)
     assert [r.caption for r in plain] == [b[0].text for b in beams]
+    # sampled candidates through the same path; `vgpt serve`, whose answers carry gates, refuses them
+    more = ImageCaptioner(model, backbone, device="cpu", rerank_samples=6)
+    with torch.inference_mode():
+        want = decode(model, f, n, DecodeOptions(beam_size=4, max_length=6, rerank=5, rerank_samples=6))
+    assert [r.caption for r in more.caption_features(images)] == [h.text for h in want]
+    from vgpt_cli.serve.app import create_app
+
+    with pytest.raises(ConfigError, match="rerank_samples 6.*set it to 0"):
+        create_app(more)
+
+
+def test_sampled_candidates_join_the_beams_the_same_in_any_batch_and_the_choice_is_the_consensus():
+    model = tiny_captioner().eval()
+    model.caption_bank, images = _bank_for(model)
+    f, n = pad_features(images)
+    opts = DecodeOptions(beam_size=3, max_length=6, rerank=5, rerank_samples=6)
+    with torch.inference_mode():
+        together = decode_candidates(model, f, n, opts)
+        alone = decode_candidates(model, f[1:2], n[1:2], opts)
+        beams = beam_search(model, f, n, DecodeOptions(beam_size=3, max_length=6), num_return=3)
+        sampled = sampled_candidates(model, f, n, opts)
+    assert [h.text for h in alone[0]] == [h.text for h in together[1]]  # an image's candidates, whatever its batch
+    near = model.caption_bank.neighbours(pooled_features(f, n), 5)
+    for b in range(len(images)):
+        pool = list(dict.fromkeys([h.text for h in beams[b]] + [h.text for h in sampled[b]]))
+        assert {h.text for h in together[b]} == set(pool)  # the beams and the samples they lack
+        assert together[b][0].text == pool[int(np.argmax(model.caption_bank.consensus(pool, near[b])))]
+    assert sum(len(c) for c in together) > 3 * len(images)  # the samples add captions the beams did not have
+    # a sampled caption's score is its log-probability under the model, recomputed by a teacher-forced pass
+    h = sampled[0][0]
+    ids = torch.tensor([h.token_ids])
+    with torch.inference_mode():
+        lp = sequence_log_probs(model, f[:1], n[:1], ids, torch.ones_like(ids, dtype=torch.bool))
+    assert h.score == pytest.approx(float(lp.sum()), abs=1e-4)
+
+
+def test_rerank_samples_is_refused_without_rerank_negative_or_with_gates():
+    with pytest.raises(ConfigError, match="set rerank"):
+        DecodeOptions(rerank_samples=4).validate()
+    with pytest.raises(ConfigError, match="rerank_samples=-1"):
+        DecodeOptions(rerank=5, rerank_samples=-1).validate()
+    model = tiny_captioner().eval()
+    model.caption_bank, images = _bank_for(model)
+    f, n = pad_features(images)
+    with pytest.raises(ConfigError, match="no gate values.*--rerank-samples 0"):
+        decode_candidates(model, f, n, DecodeOptions(beam_size=2, max_length=4, rerank=3, rerank_samples=2),
+                          return_gates=True)
+
+
+def test_per_image_generators_draw_from_the_model_distribution():
+    """sample(generators=...) draws by the inverse of the cumulative distribution: its frequencies match the
+    softmax of the model's own first-step logits."""
+    model = tiny_captioner().eval()
+    _, images = _bank_for(model)
+    f, n = pad_features(images[:1])
+    with torch.inference_mode():
+        state = model.start_decoding(model.encode(f, n), beams=1, max_length=1)
+        logits, _ = model.decode_step(torch.full((1, 1), model.bos_token_id), state)
+        want = (logits.float()[0] / 0.02).softmax(-1).topk(3)
+        s = sample(model, f, n, 4000, max_length=1, temperature=0.02, generators=[torch.Generator().manual_seed(0)])
+    got = [float((s.token_ids[:, 0] == i).float().mean()) for i in want.indices]
+    assert np.allclose(got, want.values.numpy(), atol=0.02)  # 3 standard errors at 4,000 draws

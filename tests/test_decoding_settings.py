@@ -33,7 +33,7 @@ def test_training_saves_its_decoding_settings_and_evaluate_uses_them(tmp_path):
                    quiet=True)
     saved = json.loads((result.run_dir / "best" / "generation_config.json").read_text())
     assert saved == {"beam_size": 2, "max_length": 7, "min_length": 0, "length_penalty": 0.0, "no_repeat_ngram_size": 0,
-                     "rerank": 20}
+                     "rerank": 20, "rerank_samples": 0}
     # the caption bank consensus reranking reads: every training image's captions, in the folder
     bank = Captioner.from_pretrained(result.run_dir / "best").caption_bank
     assert sorted(map(tuple, bank.captions)) == sorted(tuple(it.captions) for it in ws_items(ws, "train"))
@@ -54,7 +54,7 @@ def test_every_decoding_setting_round_trips_through_generation_config_json(tmp_p
     defaults = DecodeOptions()
     # every field away from its default, so that a field dropped on the way fails
     chosen = DecodeOptions(beam_size=3, max_length=11, min_length=2, length_penalty=0.7, no_repeat_ngram_size=3,
-                           rerank=7)
+                           rerank=7, rerank_samples=4)
     assert all(getattr(chosen, f.name) != getattr(defaults, f.name) for f in fields(DecodeOptions))
     model = tiny_captioner()
     model.generation = asdict(chosen)

@@ -94,13 +94,14 @@ class ImageCaptioner:
     """A trained captioner plus the backbone it was trained on. Call it on images."""
 
     def __init__(self, model, backbone, *, beam_size: int | None = None, max_length: int | None = None,
-                 rerank: int | None = None,
+                 rerank: int | None = None, rerank_samples: int | None = None,
                  batch_size: int = 16, device: str = "cpu", model_dir: str = "") -> None:
         from vgpt_cli.model_folders import decode_options
 
         self.model, self.backbone, self.device, self.model_dir = model, backbone, device, model_dir
         # None: the decoding settings saved with the model (those it was validated and selected with)
-        self.options = decode_options(model, beam_size=beam_size, max_length=max_length, rerank=rerank)
+        self.options = decode_options(model, beam_size=beam_size, max_length=max_length, rerank=rerank,
+                                      rerank_samples=rerank_samples)
         self.batch_size = batch_size
         from vgpt_cli.model.artifact import require_compatible
 
@@ -253,13 +254,13 @@ def resolve_backbone_meta(model: Any, model_dir: Path, workspace: Workspace | No
 
 def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike | Workspace | None = None,
                    device: str | None = None, beam_size: int | None = None, max_length: int | None = None,
-                   rerank: int | None = None,
+                   rerank: int | None = None, rerank_samples: int | None = None,
                    batch_size: int = 16, precision: str = "fp32") -> ImageCaptioner:
     """Load a trained model folder (runs/<run>/best, or any Captioner.save_pretrained folder with its
     preprocessor.json) and its backbone; returns a callable: captioner(["a.jpg", pil_image]) -> captions.
 
     Without preprocessor.json in the folder, the backbone record of `workspace`'s feature store is used
-    (default: $VGPT_WORKSPACE or the current folder). beam_size, max_length and rerank default to the
+    (default: $VGPT_WORKSPACE or the current folder). beam_size, max_length, rerank and rerank_samples default to the
     decoding settings saved with the model (its generation_config.json); device to
     vgpt_cli.device.resolve_device's choice (CUDA, then MPS, then the CPU). precision: fp32 (as saved),
     bf16 or int8 (vgpt_cli.model.precision: narrowed at load time; `notice` says when it will not pay)."""
@@ -277,5 +278,5 @@ def load_captioner(model_dir: str | os.PathLike, *, workspace: str | os.PathLike
     model = narrow_model(load_model(mdir, dev), precision)
     meta, _ = resolve_backbone_meta(model, mdir, ws)
     backbone = load_backbone_from_meta(meta, device=dev)
-    return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, rerank=rerank, batch_size=batch_size,
-                          device=dev, model_dir=str(mdir))
+    return ImageCaptioner(model, backbone, beam_size=beam_size, max_length=max_length, rerank=rerank,
+                          rerank_samples=rerank_samples, batch_size=batch_size, device=dev, model_dir=str(mdir))

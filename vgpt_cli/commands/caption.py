@@ -24,6 +24,7 @@ def command(
     beam_size: opt.BeamSize = None,
     max_length: opt.MaxLength = None,
     rerank: opt.Rerank = None,
+    rerank_samples: opt.RerankSamples = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 16,
     device: opt.Device = None,
     precision: opt.Precision = "fp32",
@@ -66,7 +67,7 @@ def command(
         raise DataError(f"{missing[0].source}: {missing[0].error}; give image files, folders or globs")
     err.print(f"loading {model_dir} ...", highlight=False)
     captioner = load_captioner(model_dir, workspace=ws, device=device, beam_size=beam_size, max_length=max_length,
-                               rerank=rerank,
+                               rerank=rerank, rerank_samples=rerank_samples,
                                batch_size=batch_size, precision=precision)
     for line in captioner.notes:
         err.print(f"[yellow]note:[/] {line}", highlight=False)
@@ -120,6 +121,7 @@ def command(
     o = captioner.options
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
               f"{o.max_length} tokens, " + (f"consensus of {o.rerank} neighbours, " if o.rerank and o.beam_size > 1 else "")
+              + (f"{o.rerank_samples} sampled candidates, " if o.rerank_samples else "")
               + f"{precision})", highlight=False)
     if bad and not good:
         raise DataError(f"no image could be captioned (first: {bad[0].source}: {bad[0].error}); give readable "

@@ -55,6 +55,7 @@ def command(
     beam_size: opt.BeamSize = None,
     max_length: opt.MaxLength = None,
     rerank: opt.Rerank = None,
+    rerank_samples: opt.RerankSamples = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded together.")] = 32,
     device: opt.Device = None,
     precision: opt.Precision = "fp32",
@@ -91,7 +92,7 @@ def command(
 
     with decode_progress() as progress:
         result = evaluate_split(workspace(ctx), split.value, model_dir=model, beam_size=beam_size,
-                                max_length=max_length, rerank=rerank, batch_size=batch_size, device=device, spice=spice,
+                                max_length=max_length, rerank=rerank, rerank_samples=rerank_samples, batch_size=batch_size, device=device, spice=spice,
                                 precision=precision, compare_fp32=compare_fp32, log=say, progress=progress)
     if as_json:
         print_json(result.to_dict())

@@ -32,6 +32,10 @@ Rerank = Annotated[int | None, typer.Option("--rerank", min=0, show_default=Fals
     "with most (needs the caption bank `vgpt train` saves with the model); 0: the beam's best. Default: the "
     "model's own (else 0)."))]
 
+RerankSamples = Annotated[int | None, typer.Option("--rerank-samples", min=0, show_default=False, help=(
+    "With --rerank: also sample N captions per image (temperature 0.8, seeded) as candidates: a more varied "
+    "choice (+6% CIDEr on Flickr8k dev at 10), about 5x slower. Default: the model's own (else 0)."))]
+
 # --json of every command that reports a result
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (the messages stay on "
                                           "stderr).")]

@@ -19,6 +19,9 @@ class DecodeOptions:
     # with most (consensus reranking, decode/consensus.py; needs the model folder's caption bank); 0: the
     # beam's best. Greedy search has one candidate: nothing to rerank.
     rerank: int = 0
+    # >0, with rerank: this many sampled captions per image (decode/search.py sampled_candidates) join the
+    # beam's captions as candidates: a more varied set to choose from, at the price of a second decoding pass.
+    rerank_samples: int = 0
 
     def validate(self) -> DecodeOptions:
         if self.beam_size < 1:
@@ -29,6 +32,11 @@ class DecodeOptions:
             raise ConfigError(f"min_length={self.min_length} must be >= 0 and below max_length={self.max_length}")
         if self.rerank < 0:
             raise ConfigError(f"rerank={self.rerank}: use 0 (off) or the number of nearest training images")
+        if self.rerank_samples < 0:
+            raise ConfigError(f"rerank_samples={self.rerank_samples}: use 0 (off) or a number of captions to sample")
+        if self.rerank_samples and not self.rerank:
+            raise ConfigError(f"rerank_samples={self.rerank_samples}: sampled candidates are chosen among by "
+                              "consensus reranking; set rerank (e.g. 20) too, or rerank_samples 0")
         if self.no_repeat_ngram_size < 0:
             raise ConfigError(f"no_repeat_ngram_size={self.no_repeat_ngram_size}: use 0 (off) or a positive size")
         return self

@@ -269,7 +269,7 @@ def decode(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None 
     """The best caption of each image: greedy for beam_size 1, else beam search (and, with opts.rerank, the
     consensus choice among the beam's captions)."""
     opts = (opts or DecodeOptions()).validate()
-    if opts.beam_size == 1:
+    if opts.beam_size == 1 and not opts.rerank_samples:
         return greedy(model, features, lengths, opts, return_gates=return_gates)
     return [h[0] for h in decode_candidates(model, features, lengths, opts, return_gates=return_gates)]
 
@@ -283,12 +283,39 @@ def decode_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOpti
     if opts.rerank and bank is None:  # refused before the search, not after it
         raise ConfigError(f"rerank={opts.rerank}: this model folder has no caption bank (caption_bank.json, "
                           "written by `vgpt train`); decode with --rerank 0")
+    if opts.rerank_samples and return_gates:
+        raise ConfigError(f"rerank_samples={opts.rerank_samples}: sampled captions carry no gate values; decode "
+                          "with --rerank-samples 0 to see the gates")
     hyps = beam_search(model, features, lengths, opts, num_return=opts.beam_size, return_gates=return_gates)
     if not opts.rerank:
         return hyps
+    if opts.rerank_samples:
+        for own, sampled in zip(hyps, sampled_candidates(model, features, lengths, opts)):
+            seen = {h.text for h in own}
+            own += [h for h in sampled if h.text not in seen and not seen.add(h.text)]
     from vgpt_cli.decode.consensus import pooled_features
 
     return bank.rerank(hyps, pooled_features(features, lengths), opts.rerank)
+
+
+# Sampled candidates for consensus reranking (DecodeOptions.rerank_samples): chosen on Flickr8k dev
+# (benchmarks/consensus.py), where a cooler 0.5 gave captions too alike to add much.
+RERANK_TEMPERATURE, RERANK_TOP_P, RERANK_SEED = 0.8, 0.95, 0
+
+
+def sampled_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOptions) -> list[list[Hypothesis]]:
+    """opts.rerank_samples sampled captions per image, each image with its own generator seeded alike, so that
+    an image gets the same candidates whatever batch it is decoded in."""
+    m = opts.rerank_samples
+    generators = [torch.Generator(device=features.device).manual_seed(RERANK_SEED) for _ in range(features.shape[0])]
+    s = sample(model, features, lengths, m, max_length=opts.max_length, min_length=opts.min_length,
+               temperature=RERANK_TEMPERATURE, top_p=RERANK_TOP_P, generators=generators)
+    hyps = []
+    for r in range(s.token_ids.shape[0]):
+        ids, lps = s.token_ids[r][s.mask[r]].tolist(), s.log_probs[r][s.mask[r]].tolist()
+        score = sum(lps) / (len(ids) ** opts.length_penalty if opts.length_penalty else 1)
+        hyps.append(_finish(model, Hypothesis(ids, lps, score, bool(ids) and ids[-1] == model.eos_token_id)))
+    return [hyps[b * m:(b + 1) * m] for b in range(features.shape[0])]
 
 
 # --- sampling and log-probabilities for SCST -------------------------------------------------------
@@ -319,14 +346,18 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 
 def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, max_length: int = DecodeOptions.max_length,
            min_length: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Samples:
+           generator: torch.Generator | None = None, generators: Sequence[torch.Generator] | None = None) -> Samples:
     """Sample captions token by token with the KV cache. Gradient flows into `log_probs` unless the
-    caller runs under torch.no_grad(); or recompute them with `sequence_log_probs`."""
+    caller runs under torch.no_grad(); or recompute them with `sequence_log_probs`. `generators`, one per
+    image, instead of `generator`: each image's draws come from its own generator (by the inverse of the
+    cumulative distribution), so they do not depend on the other images of the batch."""
     if temperature <= 0:
         raise ConfigError(f"temperature={temperature}: must be > 0 (use beam_size=1 for greedy)")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p}: must be in (0, 1]")
     B, dev = features.shape[0], features.device
+    if generators is not None and len(generators) != B:
+        raise ConfigError(f"{len(generators)} generators for {B} images: give one per image")
     R = B * num_samples
     eos = model.eos_token_id
     state = model.start_decoding(model.encode(features, lengths), beams=num_samples, max_length=max_length)
@@ -340,7 +371,12 @@ def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, ma
         if step < min_length:
             dist[:, eos] = NEG_INF
         probs = _top_p_filter(dist, top_p).softmax(-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if generators is None:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            u = torch.cat([torch.rand(num_samples, 1, generator=g, device=dev) for g in generators])
+            cdf = probs.cumsum(-1)  # right=True and u < 1 of the total: never a token of probability 0
+            tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         tok = torch.where(alive, tok, torch.full_like(tok, eos))
         ids.append(tok)
         lps.append(logp.gather(1, tok[:, None]).squeeze(1) * alive)

@@ -101,12 +101,13 @@ def score_items(preds: dict[str, str], items: list, dataset_format: str, *, spic
 
 
 def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, beam_size: int | None = None,
-                   max_length: int | None = None, rerank: int | None = None, batch_size: int = 32, device: str | None = None, spice: bool = True,
+                   max_length: int | None = None, rerank: int | None = None, rerank_samples: int | None = None,
+                   batch_size: int = 32, device: str | None = None, spice: bool = True,
                    precision: str = "fp32", compare_fp32: bool = False, log: Callable[[str], None] = print,
                    progress: Callable[[int, int], Callable[[int], None]] | None = None) -> SplitEvaluation:
     """Decode `split` of the workspace's dataset from its cached features and score it.
 
-    beam_size, max_length, rerank: None decodes with the model's saved generation settings (vgpt_cli.model_folders.decode_options).
+    beam_size, max_length, rerank, rerank_samples: None decodes with the model's saved generation settings (vgpt_cli.model_folders.decode_options).
     The outputs go to the run folder when the model is a checkpoint of this workspace's runs/, else
     to runs/external/<name>-<hash>/: nothing is written outside the workspace.
     precision: the weights' precision (vgpt_cli.model.precision); compare_fp32: also decode at fp32 and
@@ -143,7 +144,8 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     require_compatible(model, store.dim, store.fingerprint, f"the workspace's feature store {store.path.name}",
                        f"run `vgpt extract-features` with the model's backbone first, or evaluate in the workspace "
                        f"it was trained in ({mdir})")
-    opts = decode_options(model, beam_size=beam_size, max_length=max_length, rerank=rerank)
+    opts = decode_options(model, beam_size=beam_size, max_length=max_length, rerank=rerank,
+                          rerank_samples=rerank_samples)
     advance = progress(len(ids) * (2 if compare_fp32 else 1)) if progress else None
     arrays = [store.get(i) for i in ids]
 

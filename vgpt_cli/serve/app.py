@@ -186,6 +186,11 @@ def page_html() -> str:
 def create_app(captioner, settings: ServeSettings | None = None) -> FastAPI:
     """The app around a loaded vgpt_cli.api.ImageCaptioner (load_captioner's result)."""
     settings = settings or ServeSettings()
+    if captioner.options.rerank_samples:  # every answer carries per-word gates, which sampled captions lack
+        from vgpt_cli.errors import ConfigError
+
+        raise ConfigError(f"{captioner.model_dir}: its generation_config.json sets rerank_samples "
+                          f"{captioner.options.rerank_samples}, which `vgpt serve` cannot show gates for; set it to 0")
     # one chunk per batch: caption() must not split what the batcher put together
     captioner.batch_size = max(captioner.batch_size, settings.max_batch)
     batcher = Batcher(lambda features, options: caption_batch(captioner, features, options),
