@@ -298,8 +298,8 @@ def decode_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOpti
     return bank.rerank(hyps, pooled_features(features, lengths), opts.rerank)
 
 
-# Sampled candidates for consensus reranking (DecodeOptions.rerank_samples): chosen on Flickr8k dev
-# (benchmarks/consensus.py), where a cooler 0.5 gave captions too alike to add much.
+# Sampled candidates for consensus reranking (DecodeOptions.rerank_samples), as measured on Flickr8k dev
+# (benchmarks/consensus.py).
 RERANK_TEMPERATURE, RERANK_TOP_P, RERANK_SEED = 0.8, 0.95, 0
 
 
