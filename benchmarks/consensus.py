@@ -105,18 +105,17 @@ def candidates(model, arrays: list[np.ndarray], names: list[str]) -> dict[str, l
 
 
 def encoder_pooled(model, arrays: list[np.ndarray]) -> np.ndarray:
-    """The trained visual encoder's last level, mean-pooled over each image's real tokens."""
+    """The trained visual encoder's last level, pooled as the caption bank pools the backbone's features."""
+    from vgpt_cli.decode.consensus import pooled_features
     from vgpt_cli.decode.search import pad_features
     from vgpt_cli.model.encoder import padding_mask
 
     rows = []
     for i in range(0, len(arrays), 32):
         features, lengths = pad_features(arrays[i:i + 32])
-        mask = padding_mask(lengths, features.shape[1])
         with torch.inference_mode():
-            e = model.encoder(features, mask)[:, -1]  # (B, N, D)
-        m = mask.unsqueeze(-1).float()
-        rows.append(((e * m).sum(1) / m.sum(1)).numpy())
+            e = model.encoder(features, padding_mask(lengths, features.shape[1]))[:, -1]  # (B, N, D)
+        rows.append(pooled_features(e, lengths))
     return np.concatenate(rows)
 
 
@@ -137,14 +136,14 @@ def choose(bank, agreement, texts: list[str], near: list[int], sims: np.ndarray,
 
 def study(model, train_arrays: list[np.ndarray], dev_arrays: list[np.ndarray], cands: dict) -> dict[str, list[str]]:
     """{variant: per dev image the chosen caption}."""
-    from vgpt_cli.decode.consensus import pooled_features, unit_rows
+    from vgpt_cli.decode.consensus import pooled_features
     from vgpt_cli.decode.search import pad_features
     from vgpt_cli.evaluate.cider_d import CiderD
 
     bank = model.caption_bank
     features, lengths = pad_features(dev_arrays)
     query = {"backbone": (pooled_features(features, lengths), bank.features),
-             "encoder": (unit_rows(encoder_pooled(model, dev_arrays)), unit_rows(encoder_pooled(model, train_arrays)))}
+             "encoder": (encoder_pooled(model, dev_arrays), encoder_pooled(model, train_arrays))}
     sims = {name: q @ keys.T for name, (q, keys) in query.items()}
     agreement = CiderD(bank.captions)
     out = {}
@@ -205,6 +204,7 @@ def main() -> None:
     p.add_argument("--runs", default=RUNS, help="comma-separated run names in the workspace")
     a = parse_with_smoke(p, "a tiny random captioner on made-up features", runs="smoke")
     from vgpt_cli.evaluate.metrics import compute_metrics_many
+    from vgpt_cli.files import atomic_write_json
 
     t_all = time.perf_counter()
     if a.smoke:
@@ -229,8 +229,8 @@ def main() -> None:
         if missing:  # the seconds each set took to decode are kept beside them, from the run that made it
             new = candidates(model, dev_arrays, missing)
             cands.update({**new, "seconds": {**cands.get("seconds", {}), **new["seconds"]}})
-            if cache:
-                cache.write_text(json.dumps(cands) + "\n")
+            if cache:  # a quarter of an hour of decoding: never left half-written
+                atomic_write_json(cache, cands)
         chosen = study(model, train_arrays, dev_arrays, cands)
         ids = list(refs)
         reports = compute_metrics_many({v: dict(zip(ids, c)) for v, c in chosen.items()}, refs, spice=False,
