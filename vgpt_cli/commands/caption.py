@@ -120,7 +120,7 @@ def command(
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     o = captioner.options
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
-              f"{o.max_length} tokens, " + (f"consensus of {o.rerank} neighbours, " if o.rerank and o.beam_size > 1 else "")
+              f"{o.max_length} tokens, " + (f"consensus of {o.rerank} neighbours, " if o.rerank and (o.beam_size > 1 or o.rerank_samples) else "")
               + (f"{o.rerank_samples} sampled candidates, " if o.rerank_samples else "")
               + f"{precision})", highlight=False)
     if bad and not good:

@@ -314,7 +314,7 @@ def sampled_candidates(model, features: Tensor, lengths: Tensor, opts: DecodeOpt
     for r in range(s.token_ids.shape[0]):
         ids, lps = s.token_ids[r][s.mask[r]].tolist(), s.log_probs[r][s.mask[r]].tolist()
         score = sum(lps) / (len(ids) ** opts.length_penalty if opts.length_penalty else 1)
-        hyps.append(_finish(model, Hypothesis(ids, lps, score, bool(ids) and ids[-1] == model.eos_token_id)))
+        hyps.append(Hypothesis(ids, lps, score, bool(ids) and ids[-1] == model.eos_token_id, text=s.texts[r]))
     return [hyps[b * m:(b + 1) * m] for b in range(features.shape[0])]
 
 
