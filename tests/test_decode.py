@@ -171,6 +171,47 @@ def test_sampling_log_probs_recompute_and_carry_gradient(model):
     assert s3.texts == [h.text for h in greedy(model, f, lengths, DecodeOptions(beam_size=1, max_length=8))]
 
 
+def _nucleus_reference(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The tokens of the smallest most-probable set of mass >= top_p, from a float64 sort of the whole row."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for r, row in enumerate(logits.double()):
+        probs, order = row.softmax(-1).sort(descending=True)
+        n = int((probs.cumsum(0) - probs <= top_p).sum())
+        keep[r, order[:n]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_top_p_keeps_the_nucleus_whether_or_not_the_shortlist_holds_it(top_p, monkeypatch):
+    import vgpt_cli.decode.search as search
+
+    monkeypatch.setattr(search, "TOP_P_SHORTLIST", 16)
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, 500, generator=g) * 6    # a few tokens hold the nucleus: within the shortlist
+    flat = torch.randn(4, 500, generator=g) * 0.1    # the nucleus runs to hundreds of tokens: sorted whole
+    for logits in (peaked, flat, torch.cat([peaked[:3], flat[:2], peaked[3:]])):
+        out = search._top_p_filter(logits, top_p)
+        kept = out > search.NEG_INF
+        assert torch.equal(kept, _nucleus_reference(logits, top_p))
+        assert torch.equal(out[kept], logits[kept])    # the kept logits are untouched
+    assert (_nucleus_reference(flat, top_p).sum(1) > 16).all()   # the wide rows did go past the shortlist
+
+
+def test_sampling_drops_finished_images_without_changing_what_the_others_draw(model):
+    # Without gradient, an image whose samples all ended leaves the batch; with gradient every image stays
+    # to the end. Per-image generators draw the same captions either way.
+    f, lengths = images(5, seed=4)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(5)]  # noqa: E731
+    with torch.no_grad():
+        dropped = sample(model, f, lengths, num_samples=3, max_length=12, top_p=0.9, generators=gens())
+    kept = sample(model, f, lengths, num_samples=3, max_length=12, top_p=0.9, generators=gens())
+    ends = dropped.mask.sum(1).view(5, 3).max(1).values
+    assert ends.min() < ends.max()                  # some images did finish before others
+    assert torch.equal(dropped.token_ids, kept.token_ids) and torch.equal(dropped.mask, kept.mask)
+    assert dropped.texts == kept.texts
+    assert torch.allclose(dropped.log_probs, kept.log_probs.detach(), atol=1e-5)
+
+
 def test_bad_options_are_config_errors(model):
     f, lengths = images(1)
     for opts in (DecodeOptions(beam_size=0), DecodeOptions(max_length=0), DecodeOptions(min_length=20)):

@@ -334,14 +334,31 @@ class Samples:
         return (self.log_probs * self.mask).sum(1)
 
 
+TOP_P_SHORTLIST = 256  # tokens sorted first; the whole vocabulary only for rows whose nucleus is wider
+
+
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """logits with every token outside the smallest most-probable set of mass >= top_p at -inf. Sorting the
+    whole vocabulary at every step was most of the cost of sampling: the top TOP_P_SHORTLIST tokens hold the
+    nucleus of almost every row, and the rows where they do not are sorted whole."""
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
+    out = torch.full_like(logits, NEG_INF)
+    top, order = logits.topk(min(TOP_P_SHORTLIST, logits.shape[-1]), dim=-1)   # sorted, descending
+    probs = (top - logits.logsumexp(-1, keepdim=True)).exp()                  # under the full softmax
+    wide = probs.sum(-1) <= top_p                                                # the nucleus may go on past them
+    if not wide.any():
+        return _keep_nucleus(top, order, probs, top_p, out)
+    narrow = ~wide
+    out[narrow] = _keep_nucleus(top[narrow], order[narrow], probs[narrow], top_p, out[narrow])
+    full, full_order = logits[wide].sort(dim=-1, descending=True)
+    out[wide] = _keep_nucleus(full, full_order, full.softmax(-1), top_p, out[wide])
+    return out
+
+
+def _keep_nucleus(sorted_logits: Tensor, order: Tensor, probs: Tensor, top_p: float, out: Tensor) -> Tensor:
     cut = probs.cumsum(-1) - probs > top_p          # keep the smallest prefix whose mass reaches top_p
-    sorted_logits = sorted_logits.masked_fill(cut, NEG_INF)
-    return torch.full_like(logits, NEG_INF).scatter(-1, order, sorted_logits)
+    return out.scatter(-1, order, sorted_logits.masked_fill(cut, NEG_INF))
 
 
 def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, max_length: int = DecodeOptions.max_length,
@@ -363,6 +380,8 @@ def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, ma
     state = model.start_decoding(model.encode(features, lengths), beams=num_samples, max_length=max_length)
     tokens = torch.full((R, 1), model.bos_token_id, dtype=torch.long, device=dev)
     alive = torch.ones(R, dtype=torch.bool, device=dev)
+    images = torch.arange(B, device=dev)  # the images still in the batch; an image leaves when all its rows ended
+    rows = torch.arange(R, device=dev)    # their rows, in the full (R,) numbering
     ids, lps, masks = [], [], []
     for step in range(max_length):
         logits, state = model.decode_step(tokens, state)
@@ -374,17 +393,27 @@ def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, ma
         if generators is None:
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            u = torch.cat([torch.rand(num_samples, 1, generator=g, device=dev) for g in generators])
+            u = torch.cat([torch.rand(num_samples, 1, generator=generators[i], device=dev) for i in images.tolist()])
             cdf = probs.cumsum(-1)  # right=True and u < 1 of the total: never a token of probability 0
             tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
         tok = torch.where(alive, tok, torch.full_like(tok, eos))
-        ids.append(tok)
-        lps.append(logp.gather(1, tok[:, None]).squeeze(1) * alive)
-        masks.append(alive.clone())
+        lp = logp.gather(1, tok[:, None]).squeeze(1) * alive
+        # rows of images that left the batch: EOS, log p 0, masked out
+        ids.append(torch.full((R,), eos, dtype=torch.long, device=dev).index_put((rows,), tok))
+        lps.append(lp.new_zeros(R).index_put((rows,), lp))
+        masks.append(torch.zeros(R, dtype=torch.bool, device=dev).index_put((rows,), alive))
         alive = alive & (tok != eos)
-        if not alive.any():
+        running = alive.view(-1, num_samples).any(1)
+        if not running.any():
             break
         tokens = tok[:, None]
+        # drop the finished images (the rest decode as they would have); not with gradient, which the cache
+        # copy does not carry
+        if not running.all() and not torch.is_grad_enabled():
+            keep = running.nonzero().squeeze(1)
+            krows = (keep[:, None] * num_samples + torch.arange(num_samples, device=dev)).reshape(-1)
+            state = state.select_images(keep, krows)
+            images, rows, alive, tokens = images[keep], rows[krows], alive[krows], tokens[krows]
     token_ids, mask = torch.stack(ids, 1), torch.stack(masks, 1)
     texts = []
     for r in range(R):
