@@ -197,13 +197,12 @@ def validation_curve(run_dir: Path) -> list[dict]:
             if r.get("event") == "validation"]
 
 
-def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
-    """The row of a finished run made with exactly these settings and features, else None."""
+def same_settings(run_dir: Path, cfg) -> bool:
+    """The run folder's config.json is cfg (up to what DECODE_ONLY names and what the run resolved itself)."""
     try:
-        row = json.loads((run_dir / "realphoto_row.json").read_text())
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return False
     wanted = json.loads(json.dumps(asdict(cfg)))
     if wanted["lm"] is None:  # the run records the LM it resolved
         saved.pop("lm", None), wanted.pop("lm")
@@ -211,7 +210,16 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
         saved.pop("epochs", None), wanted.pop("epochs")
     for key in DECODE_ONLY:  # settings of the saved decoding, not of training: applied again by rescore
         saved.pop(key, None), wanted.pop(key, None)
-    return row if saved == wanted and trained_features(run_dir / "best") == fingerprint else None
+    return saved == wanted
+
+
+def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
+    """The row of a finished run made with exactly these settings and features, else None."""
+    try:
+        row = json.loads((run_dir / "realphoto_row.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return row if same_settings(run_dir, cfg) and trained_features(run_dir / "best") == fingerprint else None
 
 
 # TrainConfig options that change only how the finished model decodes (its generation_config.json and the
@@ -277,6 +285,7 @@ def shared_warm_start(ws, cfg, model, epochs: int, store) -> None:
 
 def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -> dict:
     """One run: train with `cfg`, decode dev with the model's own settings, score; the row is kept in the run.
+    A run stopped after a checkpoint is resumed (its train_minutes are then those of the last piece).
     share_warm_start: N > 0 loads the encoder warm start of N epochs shared by the seed's runs (cfg has none)."""
     import shutil
 
@@ -293,18 +302,25 @@ def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -
         if row.get("rerank", 0) != cfg.rerank:
             row = rescore(ws, cfg, run_dir, dev, row)
         return dict(row, reused=True)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run starts again
     t0 = time.perf_counter()
     store = open_workspace_store(ws)
-    torch.manual_seed(cfg.seed)  # as train() does before it builds the model
-    model = build_model(cfg, int(store.dim))
-    if share_warm_start:
-        shared_warm_start(ws, cfg, model, share_warm_start, store)
-    probe_batch = collate(store, model, caption_examples(dev)[:PROBE_CAPTIONS * 5:5], cfg.max_length)
+    # a run stopped after a checkpoint with these settings goes on from it (train() loads last/; the gradient
+    # probes, a diagnosis of fresh runs, are not taken then); any other unfinished run starts again
+    resume = (run_dir / "last").is_dir() and same_settings(run_dir, cfg)
     probes: list[dict] = []
-    result = train(cfg, ws, quiet=True, model=model, store=store, callbacks=[probe_callback(model, probe_batch, probes)])
+    if resume:
+        result = train(cfg, ws, resume=True, quiet=True, store=store)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        torch.manual_seed(cfg.seed)  # as train() does before it builds the model
+        model = build_model(cfg, int(store.dim))
+        if share_warm_start:
+            shared_warm_start(ws, cfg, model, share_warm_start, store)
+        probe_batch = collate(store, model, caption_examples(dev)[:PROBE_CAPTIONS * 5:5], cfg.max_length)
+        result = train(cfg, ws, quiet=True, model=model, store=store, callbacks=[probe_callback(model, probe_batch, probes)])
     train_s = time.perf_counter() - t0 - sum(p.get("seconds", 0) for p in probes)
     row = {"steps": result.steps, "best_step": result.best_step, "train_minutes": round(train_s / 60, 2),
+           "resumed": resume,
            **score_best(ws, cfg, run_dir, dev), "rerank": cfg.rerank,
            "visual_gate": visual_gate(run_dir), "validation_curve": validation_curve(run_dir),
            "gradient_path": probes}

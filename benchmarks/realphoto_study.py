@@ -1,0 +1,236 @@
+"""VisualGPT's claim on real photographs: does SRAU beat plain cross-attention and a random-init LM when
+training photos are few?
+
+On Flickr8k (benchmarks/realphoto.py's data, features and runs), nested seeded subsets of the train split
+(150 photos and all 753 of the shared copy), three models, every run scored on the 113 dev photos:
+  visualgpt   the pretrained LM joined through SRAU (VisualGPT)
+  no-gates    the same LM joined through plain cross-attention (`vgpt train`'s default)
+  random-lm   visualgpt's network with the LM's weights random (the paper's ablation)
+Each model has the same number of candidate recipes (RECIPES; the first is its default). With --tune, every
+candidate is trained at the smallest size on the first seed, and each model keeps its best on dev for all
+its runs: the same tuning budget for each. The recipes used are recorded in the results.
+A size's run trains --steps for it (150 photos: 300 steps; all: 600, `vgpt train`'s default), the LM frozen
+for the first third where the recipe freezes it, validation on dev at each epoch's end. Recorded per run:
+dev CIDEr, BLEU-4, distinct captions, the validation curve, whether it converged (validation CIDEr within
+5% over the last third, at least 3 validations there), minutes; and the paired per-seed differences
+visualgpt minus no-gates and visualgpt minus random-lm.
+
+    python benchmarks/realphoto_study.py                # the defaults: 2 sizes x 3 models x seeds 1, 2; about
+                                                        # 6 hours of CPU here (25-50 minutes a run), so run it in
+                                                        # pieces: finished runs are reused and a stopped run
+                                                        # resumes from its last validation
+    python benchmarks/realphoto_study.py --tune         # first the recipe search (2 per model, 150 photos, seed 1)
+    python benchmarks/realphoto_study.py --sizes 150 --models no-gates,visualgpt --seeds 1
+    python benchmarks/realphoto_study.py --finished-only    # the table of what has finished, trains nothing
+    python benchmarks/realphoto_study.py --smoke         # 1-2 minutes: 6 and 12 photos, two models, a tiny
+                                                        # random LM, 2 steps a run (checks that it runs)
+    python benchmarks/realphoto_study.py --device cuda --seeds 1,2,3 --steps 150:1000,all:2000   # on a GPU
+
+The workspace is realphoto.py's (/tmp/vgpt-realphoto), so its finished default runs count as no-gates on all
+photos. Writes benchmarks/results/realphoto_study.json and, with matplotlib, docs/realphoto_study.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import goal, print_table, scores_without_java, tiny_lm, write_results  # noqa: E402
+from benchmarks.data_efficiency import converged  # noqa: E402
+from benchmarks.realphoto import (  # noqa: E402
+    DEFAULT_ROOT,
+    VARIANTS,
+    finished,
+    prepare,
+    spread,
+    train_and_score,
+)
+
+MODELS = ("visualgpt", "no-gates", "random-lm")
+SRAU = VARIANTS["srau-shapes"]  # the SRAU recipe of the equal-steps ladder (docs/results.md, "Real photographs")
+# Per model its candidate recipes, the same number each (the first: the model's default): name -> TrainConfig
+# changes. A recipe's name is its run's name (with the dataset and seed), so runs are shared across commands.
+RECIPES: dict[str, dict[str, dict]] = {
+    "visualgpt": {"srau-shapes": SRAU,
+                  "srau-tau0": VARIANTS["srau-tau0"]},
+    "no-gates": {"default": {},
+                 "no-gates-lm-lr3e-4": {"gating": "none", "lm_lr": 3e-4}},
+    "random-lm": {"random-lm": {**SRAU, "lm_init": "random"},
+                  # a random LM has nothing to keep while frozen: train it from the start, at the new parts' rate
+                  "random-lm-unfrozen": {**SRAU, "lm_init": "random", "freeze_lm_steps": 0, "lm_lr": None}},
+}
+ALL = "all"
+FIGURE = Path(__file__).resolve().parents[1] / "docs" / "realphoto_study.png"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a Flickr8k release folder")
+    p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-realphoto"), help="realphoto.py's workspace")
+    p.add_argument("--sizes", default=f"150,{ALL}", help="training photos per subset, comma-separated ('all': the "
+                   "whole train split); nested: a smaller subset is the start of a larger one")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
+    p.add_argument("--steps", default=f"150:300,{ALL}:600", help="cross-entropy steps per size, SIZE:STEPS,...")
+    p.add_argument("--recipes", default="", help="MODEL=RECIPE,... instead of each model's first (or --tune's)")
+    p.add_argument("--tune", action="store_true", help="train every recipe at the smallest size on the first seed "
+                   "and use each model's best on dev")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--finished-only", action="store_true", help="summarise the finished runs, train none")
+    p.add_argument("--results", default="realphoto_study", help="results file stem")
+    p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 6 and 12 photos, 2 steps")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.sizes, a.seeds, a.steps, a.results, a.tune = f"6,{ALL}", "1", f"6:2,{ALL}:2", "realphoto_study_smoke", True
+        a.models = "visualgpt,no-gates"  # random-lm is visualgpt's network with another LM init: 6 runs, not 9
+    a.models = a.models.split(",")
+    unknown = [m for m in a.models if m not in RECIPES]
+    if unknown:
+        p.error(f"--models {','.join(unknown)}: unknown; use {', '.join(MODELS)}")
+    a.steps = dict(kv.split(":") for kv in a.steps.split(","))
+    a.sizes = a.sizes.split(",")
+    missing = [s for s in a.sizes if s not in a.steps]
+    if missing:
+        p.error(f"--steps has no steps for size {','.join(missing)}; give SIZE:STEPS for each of --sizes")
+    a.recipes = dict(kv.split("=", 1) for kv in a.recipes.split(",") if kv)
+    bad = [f"{m}={r}" for m, r in a.recipes.items() if r not in RECIPES.get(m, {})]
+    if bad:
+        p.error(f"--recipes {','.join(bad)}: unknown; " +
+                "; ".join(f"{m}: {', '.join(RECIPES[m])}" for m in a.models))
+    return a
+
+
+def run_config(recipe: str, changes: dict, dataset: str, seed: int, steps: int, a, extra: dict):
+    from vgpt_cli.train import TrainConfig
+
+    overrides = {**changes, "seed": seed, "dataset": dataset, "device": a.device, "max_steps": steps,
+                 "name": f"{dataset}-{recipe}-s{seed}", **extra}
+    # the LM frozen for the first third where the recipe freezes it (the default's 200 of 600)
+    if changes.get("freeze_lm_steps", 1):
+        overrides["freeze_lm_steps"] = steps // 3
+    return TrainConfig.from_dict({**TrainConfig().to_dict(), **overrides}, source="the study").validate()
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    if not (a.root / "Flickr8k.token.txt").is_file():
+        sys.exit(f"{a.root}: no Flickr8k.token.txt there; pass --root DIR, a copy of the Flickr8k release")
+    from vgpt_cli.data.manifest import Manifest
+    from vgpt_cli.features import load_default_backbone
+    from vgpt_cli.features.extract import extract_items
+    from vgpt_cli.workspace import Workspace
+
+    t_all = time.perf_counter()
+    ws = Workspace(a.workspace.resolve())
+    extra = {}
+    if a.smoke:
+        scores_without_java()
+        extra = {"lm": str(tiny_lm(ws.root / "tiny-lm")), "encoder_warm_start": 1}
+    # the datasets, largest first: its manifest holds every photo, whose features the smaller ones share
+    datasets = {size: prepare(ws, a.root.resolve(), None if size == ALL else int(size), None)
+                for size in sorted(a.sizes, key=lambda s: s != ALL)}
+    full = Manifest.load(ws.manifest_path(datasets[ALL] if ALL in datasets else next(iter(datasets.values()))))
+    backbone, note = load_default_backbone(a.device if a.device != "auto" else "cpu")
+    summary = extract_items(full.all_items(), backbone, ws.features_root / backbone.fingerprint, progress=False)
+    ws.set_current(features=summary.fingerprint)
+    dev = full.items("val")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    sizes = sorted(a.sizes, key=lambda s: float("inf") if s == ALL else int(s))
+    photos = {s: len(Manifest.load(ws.manifest_path(datasets[s])).items("train")) for s in sizes}
+
+    def run(model: str, recipe: str, size: str, seed: int) -> dict | None:
+        cfg = run_config(recipe, RECIPES[model][recipe], datasets[size], seed, int(a.steps[size]), a, extra)
+        if a.finished_only:
+            row = finished(ws.run_dir(cfg.name), cfg, summary.fingerprint)
+            if row is None:
+                print(f"not yet run: {cfg.name}")
+                return None
+        else:
+            row = train_and_score(ws, cfg, dev, summary.fingerprint)
+        curve = row["validation_curve"]
+        out = {"model": model, "recipe": recipe, "size": size, "train_photos": photos[size], "seed": seed,
+               "name": cfg.name, "steps": row["steps"], "converged": converged(curve, row["steps"]),
+               **{k: row.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct", "train_minutes", "resumed",
+                                          "reused", "best_step")},
+               "validation_curve": curve}
+        print(json.dumps({k: v for k, v in out.items() if k != "validation_curve"}), flush=True)
+        return out
+
+    # the recipe search: every candidate at the smallest size, first seed; each model keeps its best on dev
+    tuning = []
+    chosen = {m: a.recipes.get(m, next(iter(RECIPES[m]))) for m in a.models}
+    if a.tune:
+        for m in a.models:
+            rows = [r for r in (run(m, recipe, sizes[0], seeds[0]) for recipe in RECIPES[m]) if r]
+            tuning += rows
+            if len(rows) == len(RECIPES[m]) and m not in a.recipes:
+                chosen[m] = max(rows, key=lambda r: r["CIDEr"])["recipe"]
+    runs = [r for m in a.models for size in sizes for seed in seeds if (r := run(m, chosen[m], size, seed))]
+
+    table = []
+    for m in a.models:
+        for size in sizes:
+            rs = [r for r in runs if r["model"] == m and r["size"] == size]
+            if rs:
+                c = spread([r["CIDEr"] for r in rs])
+                table.append({"model": m, "recipe": chosen[m], "train_photos": photos[size], "seeds": len(rs),
+                              "CIDEr": c["mean"], "CIDEr_sd": c["sd"],
+                              "BLEU-4": spread([r["BLEU-4"] for r in rs])["mean"],
+                              "distinct": spread([r["distinct"] for r in rs])["mean"],
+                              "converged": sum(bool(r["converged"]) for r in rs)})
+    print_table(table, title=f"Flickr8k dev ({len(dev)} photos): CIDEr by model and training photos")
+    paired = [{"pair": f"visualgpt - {other}", "train_photos": photos[r["size"]], "seed": r["seed"],
+               "CIDEr_diff": round(r["CIDEr"] - o["CIDEr"], 4)}
+              for other in ("no-gates", "random-lm") for r in runs if r["model"] == "visualgpt"
+              for o in runs if o["model"] == other and (o["size"], o["seed"]) == (r["size"], r["seed"])]
+    if paired:
+        print_table(paired, title="paired per seed (same photos, same seed)")
+    goals = {}
+    for other in ("no-gates", "random-lm"):
+        diffs = [d["CIDEr_diff"] for d in paired if d["pair"] == f"visualgpt - {other}"]
+        if diffs:  # the paper's claim: SRAU ahead on every paired seed and size
+            goals[f"visualgpt_minus_{other.replace('-', '_')}_min"] = goal(min(diffs), 0.0)
+    if not a.smoke and table:
+        figure(table, a.models, sizes, photos)
+    raw = {"settings": {"sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
+                        "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
+                        "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
+           "runs": runs, "tuning": tuning, "table": table, "paired": paired,
+           "run_minutes": round(sum(r["train_minutes"] or 0 for r in runs + tuning if not r.get("reused")), 1),
+           "minutes_all_runs": round(sum(r["train_minutes"] or 0 for r in {r["name"]: r for r in runs + tuning}.values()), 1),
+           "seconds": round(time.perf_counter() - t_all, 1)}
+    write_results(__file__, raw, goals, name=a.results)
+
+
+def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict) -> None:
+    """CIDEr against training photos, one line per model with its spread over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure")
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in models:
+        rs = [r for r in table if r["model"] == m]
+        ax.errorbar([r["train_photos"] for r in rs], [r["CIDEr"] for r in rs], yerr=[r["CIDEr_sd"] or 0 for r in rs],
+                    marker="o", capsize=3, label=f"{m} ({rs[0]['recipe']})" if rs else m)
+    ax.set_xscale("log")
+    ax.set_xticks([photos[s] for s in sizes], [str(photos[s]) for s in sizes])
+    ax.set_xlabel("training photos (Flickr8k train split, 5 captions each)")
+    ax.set_ylabel("dev CIDEr-D (113 photos)")
+    ax.set_title("Real photos: mean ± sd over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIGURE, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
