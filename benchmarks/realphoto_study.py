@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                         "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
                         "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
            "runs": runs, "tuning": tuning, "table": table, "paired": paired,
-           "run_minutes": round(sum(r["train_minutes"] or 0 for r in runs + tuning if not r.get("reused")), 1),
-           "minutes_all_runs": round(sum(r["train_minutes"] or 0 for r in {r["name"]: r for r in runs + tuning}.values()), 1),
+           # every run's own minutes (of a resumed run, its last piece), whichever command trained it
+           "train_minutes_total": round(sum(r["train_minutes"] or 0 for r in {r["name"]: r for r in runs + tuning}.values()), 1),
            "seconds": round(time.perf_counter() - t_all, 1)}
     write_results(__file__, raw, goals, name=a.results)
 
