@@ -13,7 +13,8 @@ A size's run trains --steps for it (150 photos: 300 steps; all: 600, `vgpt train
 for the first third where the recipe freezes it, validation on dev at each epoch's end. Recorded per run:
 dev CIDEr, BLEU-4, distinct captions, the validation curve, whether it converged (validation CIDEr within
 5% over the last third, at least 3 validations there), minutes; and the paired per-seed differences
-visualgpt minus no-gates and visualgpt minus random-lm.
+visualgpt minus no-gates and visualgpt minus random-lm. Beside them, on the same photos, what needs no
+training: the caption of the nearest training photo (realphoto.py's retrieval).
 
     python benchmarks/realphoto_study.py                # the defaults: 2 sizes x 3 models x seeds 1, 2; about
                                                         # 6 hours of CPU here (25-50 minutes a run), so run it in
@@ -45,6 +46,7 @@ from benchmarks.data_efficiency import converged  # noqa: E402
 from benchmarks.realphoto import (  # noqa: E402
     DEFAULT_ROOT,
     VARIANTS,
+    baselines,
     finished,
     prepare,
     spread,
@@ -183,6 +185,19 @@ def main(argv: list[str] | None = None) -> None:
                               "BLEU-4": spread([r["BLEU-4"] for r in rs])["mean"],
                               "distinct": spread([r["distinct"] for r in rs])["mean"],
                               "converged": sum(bool(r["converged"]) for r in rs)})
+    # what needs no training, on the same photos: the nearest training photo's caption (realphoto.py)
+    from vgpt_cli.evaluate.metrics import compute_metrics_many
+    from vgpt_cli.features import open_workspace_store
+
+    store, refs = open_workspace_store(ws), {it.id: list(it.captions) for it in dev}
+    retrieval = {s: baselines(store, Manifest.load(ws.manifest_path(datasets[s])).items("train"), dev)["retrieval"]
+                 for s in sizes}
+    scored = compute_metrics_many(retrieval, refs, spice=False, log=lambda m: None)
+    for s in sizes:
+        table.append({"model": "retrieval", "recipe": None, "train_photos": photos[s], "seeds": 0,
+                      "CIDEr": round(scored[s].scores["CIDEr"], 4), "CIDEr_sd": None,
+                      "BLEU-4": round(scored[s].scores["Bleu_4"], 4),
+                      "distinct": round(len(set(retrieval[s].values())) / len(dev), 4), "converged": None})
     print_table(table, title=f"Flickr8k dev ({len(dev)} photos): CIDEr by model and training photos")
     paired = [{"pair": f"visualgpt - {other}", "train_photos": photos[r["size"]], "seed": r["seed"],
                "CIDEr_diff": round(r["CIDEr"] - o["CIDEr"], 4)}
@@ -218,10 +233,13 @@ def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict)
         print("matplotlib is not installed: no figure")
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m in models:
+    for m in [*models, "retrieval"]:
         rs = [r for r in table if r["model"] == m]
+        if not rs:
+            continue
         ax.errorbar([r["train_photos"] for r in rs], [r["CIDEr"] for r in rs], yerr=[r["CIDEr_sd"] or 0 for r in rs],
-                    marker="o", capsize=3, label=f"{m} ({rs[0]['recipe']})" if rs else m)
+                    marker="o", capsize=3, linestyle="--" if m == "retrieval" else "-",
+                    label="nearest photo's caption" if m == "retrieval" else f"{m} ({rs[0]['recipe']})")
     ax.set_xscale("log")
     ax.set_xticks([photos[s] for s in sizes], [str(photos[s]) for s in sizes])
     ax.set_xlabel("training photos (Flickr8k train split, 5 captions each)")
