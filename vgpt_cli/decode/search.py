@@ -147,6 +147,11 @@ def _is_done(pool: _Pool, best_running: float, cur_len: int) -> bool:
     return pool.worst >= bound
 
 
+def image_rows(images: Tensor, per_image: int) -> Tensor:
+    """The decoder rows of the given images, where image b has rows b*per_image .. b*per_image+per_image-1."""
+    return (images[:, None] * per_image + torch.arange(per_image, device=images.device)).reshape(-1)
+
+
 @torch.no_grad()
 def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | None = None, *,
                 num_return: int = 1, return_gates: bool = False) -> list[list[Hypothesis]]:
@@ -212,7 +217,7 @@ def beam_search(model, features: Tensor, lengths: Tensor, opts: DecodeOptions | 
             if keep.numel() == 0:
                 img = img[:0]
                 break
-            krows = (keep[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
+            krows = image_rows(keep, K)
             state = state.select_images(keep, krows)
             seqs, lps, gts, tokens = seqs[krows], lps[krows], gts[krows], tokens[krows]
             scores, img = scores[keep], img[keep]
@@ -411,7 +416,7 @@ def sample(model, features: Tensor, lengths: Tensor, num_samples: int = 1, *, ma
         # copy does not carry
         if not running.all() and not torch.is_grad_enabled():
             keep = running.nonzero().squeeze(1)
-            krows = (keep[:, None] * num_samples + torch.arange(num_samples, device=dev)).reshape(-1)
+            krows = image_rows(keep, num_samples)
             state = state.select_images(keep, krows)
             images, rows, alive, tokens = images[keep], rows[krows], alive[krows], tokens[krows]
     token_ids, mask = torch.stack(ids, 1), torch.stack(masks, 1)
