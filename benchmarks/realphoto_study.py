@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = full.items("val")
     seeds = [int(s) for s in a.seeds.split(",")]
     sizes = sorted(a.sizes, key=lambda s: float("inf") if s == ALL else int(s))
-    photos = {s: len(Manifest.load(ws.manifest_path(datasets[s])).items("train")) for s in sizes}
+    train_items = {s: Manifest.load(ws.manifest_path(datasets[s])).items("train") for s in sizes}
+    photos = {s: len(items) for s, items in train_items.items()}
 
     def run(model: str, recipe: str, size: str, seed: int) -> dict | None:
         cfg = run_config(recipe, RECIPES[model][recipe], datasets[size], seed, int(a.steps[size]), a, extra)
@@ -192,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     from vgpt_cli.features import open_workspace_store
 
     store, refs = open_workspace_store(ws), {it.id: list(it.captions) for it in dev}
-    retrieval = {s: baselines(store, Manifest.load(ws.manifest_path(datasets[s])).items("train"), dev)["retrieval"]
-                 for s in sizes}
+    retrieval = {s: baselines(store, train_items[s], dev)["retrieval"] for s in sizes}
     scored = compute_metrics_many(retrieval, refs, spice=False, log=lambda m: None)
     for s in sizes:
         table.append({"model": "retrieval", "recipe": None, "train_photos": photos[s], "seeds": 0,
