@@ -213,3 +213,23 @@ def gradient_path(model, batch) -> dict:
            "encoder_grad": float(f"{norm(model.encoder.parameters()):.3g}")}
     model.zero_grad(set_to_none=True)
     return rec
+
+
+def validation_curve(run_dir: Path) -> list[dict]:
+    """[{step, cider}] of the run's validations (metrics.jsonl)."""
+    from vgpt_cli.train.curves import METRICS_FILE, read_records
+
+    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in read_records(run_dir / METRICS_FILE)
+            if r.get("event") == "validation"]
+
+
+def converged(curve: list[dict], steps: int, tolerance: float = 0.05, floor: float = 0.05) -> bool | None:
+    """Validation CIDEr flat over the last third of the run: every validation there within `tolerance`
+    of their mean (relative), or within `floor` (absolute) where the mean is near 0. None with fewer than
+    3 validations there. The floor is in CIDEr's units: 0.05 suits the shapes scenes (CIDEr 1-4), not
+    real photos (0.1-0.5)."""
+    last = [c["cider"] for c in curve if c["step"] >= steps * 2 / 3]
+    if len(last) < 3:
+        return None
+    mean = sum(last) / len(last)
+    return max(abs(v - mean) for v in last) <= max(tolerance * abs(mean), floor)

@@ -41,7 +41,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, scores_without_java, scratch_dir, tiny_lm, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    converged,
+    print_table,
+    scores_without_java,
+    scratch_dir,
+    tiny_lm,
+    validation_curve,
+    write_results,
+)
 from vgpt_cli.model.artifact import trained_features  # noqa: E402
 
 MODELS = {
@@ -293,24 +301,6 @@ def _rescore(run_dir: Path, manifest, max_length: int) -> dict | None:
     if decode.get("beam_size") != BEAM or decode.get("max_length") != max_length or set(preds) != {i.id for i in items}:
         return None
     return score_items(preds, items, manifest.format, spice=False, log=lambda s: None)[1]
-
-
-def validation_curve(run_dir: Path) -> list[dict]:
-    """[{step, cider}] of the run's validations (metrics.jsonl)."""
-    from vgpt_cli.train.curves import METRICS_FILE, read_records
-
-    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in read_records(run_dir / METRICS_FILE)
-            if r.get("event") == "validation"]
-
-
-def converged(curve: list[dict], steps: int, tolerance: float = 0.05) -> bool | None:
-    """Validation CIDEr flat over the last third of the run: every validation there within `tolerance`
-    of their mean (relative, at least 0.05 absolute). None with fewer than 3 validations there."""
-    last = [c["cider"] for c in curve if c["step"] >= steps * 2 / 3]
-    if len(last) < 3:
-        return None
-    mean = sum(last) / len(last)
-    return max(abs(v - mean) for v in last) <= max(tolerance * abs(mean), 0.05)
 
 
 def paired_differences(rows: list[dict], a: str = "visualgpt", b: str = "no-gates") -> list[dict]:

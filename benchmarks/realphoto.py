@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     scores_without_java,
     scratch_dir,
     tiny_lm,
+    validation_curve,
     write_results,
 )
 from vgpt_cli.model.artifact import trained_features  # noqa: E402
@@ -188,13 +189,6 @@ def visual_gate(run_dir: Path) -> float | None:
     gates = [r["visual_gate"] for r in read_records(run_dir / METRICS_FILE)
              if r.get("phase") == "xe" and r.get("visual_gate") is not None]
     return round(statistics.fmean(gates[-max(1, len(gates) // 5):]), 4) if gates else None
-
-
-def validation_curve(run_dir: Path) -> list[dict]:
-    from vgpt_cli.train.curves import METRICS_FILE, read_records
-
-    return [{"step": r["step"], "cider": round(r["cider"], 4)} for r in read_records(run_dir / METRICS_FILE)
-            if r.get("event") == "validation"]
 
 
 def same_settings(run_dir: Path, cfg) -> bool:
