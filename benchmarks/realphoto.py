@@ -109,17 +109,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def prepare(ws, root: Path, train_images: int | None, val_images: int | None) -> str:
-    """The Flickr8k manifest: the official train split (all of it, or a seeded subset) and dev as val."""
+def prepare(ws, root: Path, train_images: int | None, val_images: int | None, dataset: str = "flickr8k",
+            train_fraction: float | None = None) -> str:
+    """The manifest: the official train split (all of it, a seeded subset of train_images photos or of
+    train_fraction of them) and the dev split as val. dataset: flickr8k (the release folder) or coco
+    (Karpathy's splits: the train+restval pool and its val)."""
     from vgpt_cli.data.build import SamplingOptions, build_manifest, write_manifest
+    from vgpt_cli.data.coco import read_coco
     from vgpt_cli.data.flickr import read_flickr
 
-    source = read_flickr("flickr8k", root)
+    source = read_coco(root) if dataset == "coco" else read_flickr(dataset, root)
     # no more than the release holds (a smoke's small folder); the full release has 6,000 + 1,000
-    have = {split: sum(r.split == split for r in source.records) for split in ("train", "val")}
+    have = {"train": sum(r.split in ("train", "restval") for r in source.records),
+            "val": sum(r.split == "val" for r in source.records)}
+    if train_fraction is not None:  # a share of the pool, as the paper gives COCO's (0.1%: 113 of 113,287)
+        train_images = max(1, round(train_fraction * have["train"]))
     train_images = None if train_images is None else min(train_images, have["train"])
     val_images = None if val_images is None else min(val_images, have["val"])
-    name = "flickr8k" if train_images is None else f"flickr8k-{train_images}"
+    name = dataset if train_images is None else f"{dataset}-{train_images}"
     opts = SamplingOptions(count=train_images, unit="image", val_size=val_images, skip_missing=True)
     write_manifest(ws, build_manifest(source, name, opts))
     ws.set_current(dataset=name)
@@ -173,8 +180,8 @@ def baselines(store, train, dev) -> dict[str, dict[str, str]]:
     """{name: {dev id: caption}} for the two answers that need no training."""
     retrieval = retrieved_captions(store, train, dev, consensus_captions(train))
     rng = random.Random(0)
-    candidates = rng.sample(sorted({c for it in train for c in it.captions}),
-                            min(CONSTANT_CANDIDATES, sum(len(it.captions) for it in train)))
+    distinct = sorted({c for it in train for c in it.captions})
+    candidates = rng.sample(distinct, min(CONSTANT_CANDIDATES, len(distinct)))
     photos = rng.sample(train, min(CONSTANT_PHOTOS, len(train)))
     refs = {it.id: it.captions for it in photos}
     scored = [(_cider({k: c for k in refs}, refs)[0], c) for c in candidates]

@@ -12,8 +12,8 @@ its runs: the same tuning budget for each. The recipes used are recorded in the 
 A size's run trains --steps for it (150 photos: 300 steps; all: 600, `vgpt train`'s default), the LM frozen
 for the first third where the recipe freezes it, validation on dev at each epoch's end. Recorded per run:
 dev CIDEr, BLEU-4, distinct captions, the validation curve, whether it converged (validation CIDEr within
-5% of their mean over the last third, at least 3 validations there; else rising or falling), minutes; and the paired per-seed differences
-visualgpt minus no-gates and visualgpt minus random-lm. Beside them, on the same photos, what needs no
+5% of their mean over the last third, at least 3 validations there; else rising or falling), minutes; and the
+paired per-seed differences visualgpt minus no-gates and visualgpt minus random-lm. Beside them, on the same photos, what needs no
 training: the caption of the nearest training photo (realphoto.py's retrieval).
 
     python benchmarks/realphoto_study.py                # the defaults: 2 sizes x 3 models x seeds 1, 2; about
@@ -25,10 +25,16 @@ training: the caption of the nearest training photo (realphoto.py's retrieval).
     python benchmarks/realphoto_study.py --finished-only    # the table of what has finished, trains nothing
     python benchmarks/realphoto_study.py --smoke         # 1-2 minutes: 6 and 12 photos, two models, a tiny
                                                         # random LM, 2 steps a run (checks that it runs)
-    python benchmarks/realphoto_study.py --device cuda --seeds 1,2,3 --steps 150:1000,all:2000   # on a GPU
+    python benchmarks/realphoto_study.py --device cuda --tune --seeds 1,2,3 --steps 150:1000,all:2000   # on a GPU
+
+With COCO (Karpathy's splits, as `vgpt prepare coco` reads them), at the paper's 0.1%, 0.5% and 1% of the
+113,287-image pool, scored on 1,000 of Karpathy's val images, in a workspace of its own:
+    python benchmarks/realphoto_study.py --dataset coco --root /data/coco --workspace /data/vgpt-coco-study \
+        --device cuda --tune --seeds 1,2,3 --val-images 1000 --steps 0.1%:1000,0.5%:2000,1%:3000
 
 The workspace is realphoto.py's (/tmp/vgpt-realphoto), so its finished default runs count as no-gates on all
-photos. Writes benchmarks/results/realphoto_study.json and, with matplotlib, docs/realphoto_study.png.
+photos. Writes benchmarks/results/realphoto_study.json and, with matplotlib, docs/realphoto_study.png
+(with --dataset coco: realphoto_study_coco.json and .png).
 """
 
 from __future__ import annotations
@@ -73,29 +79,48 @@ RECIPES: dict[str, dict[str, dict]] = {
                   "random-lm-unfrozen": {**SRAU, "lm_init": "random", "freeze_lm_steps": 0, "lm_lr": None}},
 }
 ALL = "all"
-FIGURE = Path(__file__).resolve().parents[1] / "docs" / "realphoto_study.png"
+DOCS = Path(__file__).resolve().parents[1] / "docs"  # the figure: docs/<results stem>.png
 # converged: validation CIDEr within 5% of its mean over the last third; on real photos CIDEr is 0.1-0.5, so the
 # absolute floor is 0.01, not the shapes scale's 0.05 (benchmarks/common.converged)
 FLAT_FLOOR = 0.01
+# Per dataset, the default sizes and steps: Flickr8k's shared copy (150 photos, all 753); COCO at the paper's
+# shares of the 113,287-image pool (113, 566 and 1,133 images)
+DEFAULTS = {"flickr8k": {"sizes": f"150,{ALL}", "steps": f"150:300,{ALL}:600"},
+            "coco": {"sizes": "0.1%,0.5%,1%", "steps": "0.1%:300,0.5%:600,1%:1000"}}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="a Flickr8k release folder")
+    p.add_argument("--dataset", default="flickr8k", choices=list(DEFAULTS),
+                   help="flickr8k (the release folder) or coco (Karpathy's splits: dataset_coco.json, train2014/, "
+                   "val2014/)")
+    p.add_argument("--root", type=Path, default=None, help=f"the dataset's folder (flickr8k: default {DEFAULT_ROOT})")
+    p.add_argument("--val-images", type=int, default=None, help="score on this many of the dev photos (a seeded "
+                   "subset, the same for every run; default all: Flickr8k's 1,000 or COCO's 5,000)")
     p.add_argument("--workspace", type=Path, default=Path("/tmp/vgpt-realphoto"), help="realphoto.py's workspace")
-    p.add_argument("--sizes", default=f"150,{ALL}", help="training photos per subset, comma-separated ('all': the "
-                   "whole train split); nested: a smaller subset is the start of a larger one")
+    p.add_argument("--sizes", default=None, help="training photos per subset, comma-separated: a count, a share of "
+                   "the pool ('0.1%%') or 'all' (the whole train split); nested: a smaller subset is the start of a "
+                   "larger one. Default flickr8k 150,all; coco 0.1%%,0.5%%,1%%")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", default=f"150:300,{ALL}:600", help="cross-entropy steps per size, SIZE:STEPS,...")
+    p.add_argument("--steps", default=None, help="cross-entropy steps per size, SIZE:STEPS,... (default flickr8k "
+                   "150:300,all:600; coco 0.1%%:300,0.5%%:600,1%%:1000)")
     p.add_argument("--recipes", default="", help="MODEL=RECIPE,... instead of each model's first (or --tune's)")
     p.add_argument("--tune", action="store_true", help="train every recipe at the smallest size on the first seed "
                    "and use each model's best on dev")
     p.add_argument("--device", default="auto")
     p.add_argument("--finished-only", action="store_true", help="summarise the finished runs, train none")
-    p.add_argument("--results", default="realphoto_study", help="results file stem")
+    p.add_argument("--results", default=None, help="results file stem, also the figure's (default "
+                   "realphoto_study; with --dataset coco, realphoto_study_coco)")
+    p.add_argument("--figure", type=Path, default=None, help="where the figure goes (default docs/<results stem>.png)")
     p.add_argument("--smoke", action="store_true", help="seconds, checks that it runs: 6 and 12 photos, 2 steps")
     a = p.parse_args(argv)
+    a.sizes = a.sizes or DEFAULTS[a.dataset]["sizes"]
+    a.results = a.results or ("realphoto_study" if a.dataset == "flickr8k" else f"realphoto_study_{a.dataset}")
+    a.steps = a.steps or DEFAULTS[a.dataset]["steps"]
+    a.root = a.root or (DEFAULT_ROOT if a.dataset == "flickr8k" else None)
+    if a.root is None:
+        p.error(f"--dataset {a.dataset} needs --root DIR, the folder with dataset_coco.json, train2014/ and val2014/")
     if a.smoke:
         a.sizes, a.seeds, a.steps, a.results, a.tune = f"6,{ALL}", "1", f"6:2,{ALL}:2", "realphoto_study_smoke", True
         a.models = "visualgpt,no-gates"  # random-lm is visualgpt's network with another LM init: 6 runs, not 9
@@ -105,6 +130,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--models {','.join(unknown)}: unknown; use {', '.join(MODELS)}")
     a.steps = dict(kv.split(":") for kv in a.steps.split(","))
     a.sizes = a.sizes.split(",")
+    bad = [s for s in a.sizes if not (s == ALL or s.isdigit() or (s.endswith("%") and _is_number(s[:-1])))]
+    if bad:
+        p.error(f"--sizes {','.join(bad)}: not a size; give a photo count (150), a share of the pool (0.1%) or {ALL}")
     missing = [s for s in a.sizes if s not in a.steps]
     if missing:
         p.error(f"--steps has no steps for size {','.join(missing)}; give SIZE:STEPS for each of --sizes")
@@ -114,6 +142,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--recipes {','.join(bad)}: unknown; " +
                 "; ".join(f"{m}: {', '.join(RECIPES[m])}" for m in a.models))
     return a
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def size_order(size: str) -> float:
+    """Sorts --sizes from smallest to largest: counts by count, shares by share, 'all' last."""
+    return float("inf") if size == ALL else float(size.rstrip("%"))
 
 
 def run_config(recipe: str, changes: dict, dataset: str, seed: int, steps: int, a, extra: dict):
@@ -129,9 +169,10 @@ def run_config(recipe: str, changes: dict, dataset: str, seed: int, steps: int, 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
-    if not (a.root / "Flickr8k.token.txt").is_file():
+    if a.dataset == "flickr8k" and not (a.root / "Flickr8k.token.txt").is_file():
         sys.exit(f"{a.root}: no Flickr8k.token.txt there; pass --root DIR, a copy of the Flickr8k release")
     from vgpt_cli.data.manifest import Manifest
+    from vgpt_cli.errors import VgptError
     from vgpt_cli.features import load_default_backbone
     from vgpt_cli.features.extract import extract_items
     from vgpt_cli.workspace import Workspace
@@ -143,15 +184,22 @@ def main(argv: list[str] | None = None) -> None:
         scores_without_java()
         extra = {"lm": str(tiny_lm(ws.root / "tiny-lm")), "encoder_warm_start": 1}
     # the datasets, largest first: its manifest holds every photo, whose features the smaller ones share
-    datasets = {size: prepare(ws, a.root.resolve(), None if size == ALL else int(size), None)
-                for size in sorted(a.sizes, key=lambda s: s != ALL)}
-    full = Manifest.load(ws.manifest_path(datasets[ALL] if ALL in datasets else next(iter(datasets.values()))))
+    def prepared(size: str) -> str:
+        share = float(size[:-1]) / 100 if size.endswith("%") else None
+        count = None if size == ALL or share is not None else int(size)
+        try:
+            return prepare(ws, a.root.resolve(), count, a.val_images, a.dataset, train_fraction=share)
+        except VgptError as e:  # no such folder, no annotation file: one line, no traceback
+            sys.exit(str(e))
+
+    datasets = {size: prepared(size) for size in sorted(a.sizes, key=size_order, reverse=True)}
+    full = Manifest.load(ws.manifest_path(next(iter(datasets.values()))))
     backbone, note = load_default_backbone(a.device if a.device != "auto" else "cpu")
     summary = extract_items(full.all_items(), backbone, ws.features_root / backbone.fingerprint, progress=False)
     ws.set_current(features=summary.fingerprint)
     dev = full.items("val")
     seeds = [int(s) for s in a.seeds.split(",")]
-    sizes = sorted(a.sizes, key=lambda s: float("inf") if s == ALL else int(s))
+    sizes = sorted(a.sizes, key=size_order)
     train_items = {s: Manifest.load(ws.manifest_path(datasets[s])).items("train") for s in sizes}
     photos = {s: len(items) for s, items in train_items.items()}
 
@@ -213,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                       "BLEU-4": round(scored[s].scores["Bleu_4"], 4),
                       "distinct": round(len(set(retrieval[s].values())) / len(dev), 4), "converged": None,
                       "rising": None, "unknown": None})
-    print_table(table, title=f"Flickr8k dev ({len(dev)} photos): CIDEr by model and training photos")
+    print_table(table, title=f"{a.dataset} dev ({len(dev)} photos): CIDEr by model and training photos")
     paired = [{"pair": f"visualgpt - {other}", "train_photos": photos[r["size"]], "seed": r["seed"],
                "CIDEr_diff": round(r["CIDEr"] - o["CIDEr"], 4)}
               for other in ("no-gates", "random-lm") for r in runs if r["model"] == "visualgpt"
@@ -226,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         if diffs:  # the paper's claim: SRAU ahead on every paired seed and size
             goals[f"visualgpt_minus_{other.replace('-', '_')}_min"] = goal(min(diffs), 0.0)
     if not a.smoke and table:
-        figure(table, a.models, sizes, photos)
-    raw = {"settings": {"sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
+        figure(table, a.models, sizes, photos, a.dataset, len(dev), a.figure or DOCS / f"{a.results}.png")
+    raw = {"settings": {"dataset": a.dataset, "sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
                         "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
                         "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
            "runs": runs, "tuning": tuning, "table": table, "paired": paired,
@@ -247,7 +295,8 @@ def trend(curve: list[dict], steps: int) -> str | None:
     return "flat" if flat else "rising" if last[-1] > last[0] else "falling"
 
 
-def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict) -> None:
+def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict, dataset: str, dev: int,
+           path: Path) -> None:
     """CIDEr against training photos, one line per model with its spread over seeds."""
     try:
         import matplotlib
@@ -268,12 +317,12 @@ def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict)
     ax.set_xscale("log")
     ax.set_xticks([photos[s] for s in sizes], [str(photos[s]) for s in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("training photos (Flickr8k train split, 5 captions each)")
-    ax.set_ylabel("dev CIDEr-D (113 photos)")
+    ax.set_xlabel(f"training photos ({'COCO' if dataset == 'coco' else 'Flickr8k'} train split, 5 captions each)")
+    ax.set_ylabel(f"dev CIDEr-D ({dev} photos)")
     ax.set_title("Real photos: mean ± sd over seeds (no bar: one seed so far)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIGURE, dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""benchmarks/realphoto_study.py: the convergence verdicts it reports for each run (benchmarks/common.converged
+and trend), on hand-made validation curves whose answer is known; and its COCO mode, on Karpathy files written in
+the public layout with real JPEGs: shares of the pool become nested subsets, and a missing folder is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import converged
+from benchmarks.realphoto_study import trend
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "benchmarks" / "realphoto_study.py"
+
+
+def curve(steps: list[int], ciders: list[float]) -> list[dict]:
+    return [{"step": s, "cider": c} for s, c in zip(steps, ciders, strict=True)]
+
+
+STEPS = [47, 94, 141, 188, 235, 282, 300]  # a 300-step run validated at each epoch's end: 4 in the last third
+
+
+def test_flat_within_tolerance_is_converged():
+    c = curve(STEPS, [0.10, 0.16, 0.20, 0.215, 0.222, 0.212, 0.216])  # last third within 2.4% of its mean
+    assert converged(c, 300, floor=0.01) is True
+    assert trend(c, 300) == "flat"
+
+
+def test_absolute_floor_decides_on_small_scores():
+    # 6% around a mean of 0.176: flat on the shapes' floor of 0.05 CIDEr, not on real photos' 0.01
+    c = curve(STEPS, [0.11, 0.11, 0.12, 0.174, 0.165, 0.183, 0.180])
+    assert converged(c, 300) is True
+    assert converged(c, 300, floor=0.01) is False
+    assert trend(c, 300) == "rising"
+
+
+def test_falling_curve_is_past_its_best():
+    c = curve(STEPS, [0.0, 0.066, 0.128, 0.134, 0.133, 0.122, 0.108])
+    assert converged(c, 300, floor=0.01) is False
+    assert trend(c, 300) == "falling"
+
+
+@pytest.mark.parametrize("steps", [[100, 200, 300], [150, 300]])
+def test_too_few_validations_in_the_last_third_is_unknown(steps):
+    c = curve(steps, [0.2] * len(steps))
+    assert converged(c, 300) is None
+    assert trend(c, 300) is None
+
+
+def write_coco(root: Path, sizes: dict[str, int]) -> None:
+    """dataset_coco.json as Karpathy's caption_datasets.zip has it, each entry's image a small real JPEG."""
+    from PIL import Image
+
+    rng, images = random.Random(0), []
+    for imgid, split in enumerate(split for split, n in sizes.items() for _ in range(n)):
+        folder = "train2014" if split in ("train", "restval") else "val2014"
+        filename = f"COCO_{folder}_{100000 + imgid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / folder / filename)
+        raws = [f"a {rng.choice(['dog', 'man', 'cat'])} on the {rng.choice(['grass', 'beach'])} {k}" for k in range(5)]
+        images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": split,
+                       "cocoid": 100000 + imgid, "sentids": list(range(5 * imgid, 5 * imgid + 5)),
+                       "sentences": [{"raw": r, "tokens": r.split(), "imgid": imgid, "sentid": 5 * imgid + k}
+                                     for k, r in enumerate(raws)]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+
+def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VGPT_BENCHMARK_RESULTS": str(tmp_path / "results")}
+    return subprocess.run([sys.executable, str(STUDY), "--workspace", str(tmp_path / "ws"), *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_coco_shares_of_the_pool_are_nested_subsets(tmp_path: Path):
+    from vgpt_cli.data.manifest import Manifest
+
+    write_coco(tmp_path / "coco", {"train": 30, "restval": 20, "val": 8, "test": 2})  # a pool of 50
+    done = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "coco"), "--sizes", "10%,50%",
+                 "--steps", "10%:2,50%:2", "--finished-only", "--figure", str(tmp_path / "study.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not yet run: coco-5-srau-shapes-s1" in done.stdout  # trains nothing; names runs by photo count
+    raw = json.loads((tmp_path / "results" / "realphoto_study_coco.json").read_text())["raw"]
+    assert raw["settings"]["dataset"] == "coco"
+    assert raw["settings"]["train_photos"] == {"10%": 5, "50%": 25}  # restval joins the pool
+    assert raw["settings"]["dev_photos"] == 8 and raw["runs"] == []
+    assert [(r["model"], r["train_photos"]) for r in raw["table"]] == [("retrieval", 5), ("retrieval", 25)]
+    manifests = {n: Manifest.load(tmp_path / "ws" / "data" / f"coco-{n}" / "manifest.json") for n in (5, 25)}
+    small, large = ({it.id for it in manifests[n].items("train")} for n in (5, 25))
+    assert len(small) == 5 and len(large) == 25 and small < large
+    assert (tmp_path / "study.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_coco_without_its_files_is_one_line(tmp_path: Path):
+    done = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "nowhere"), "--finished-only")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "dataset_coco.json" in done.stderr and len(done.stderr.strip().splitlines()) == 1
