@@ -13,8 +13,9 @@ A size's run trains --steps for it (150 photos: 300 steps; all: 600, `vgpt train
 for the first third where the recipe freezes it, validation on dev at each epoch's end. Recorded per run:
 dev CIDEr, BLEU-4, distinct captions, the validation curve, whether it converged (validation CIDEr within
 5% of their mean over the last third, at least 3 validations there; else rising or falling), minutes; and the
-paired per-seed differences visualgpt minus no-gates and visualgpt minus random-lm. Beside them, on the same photos, what needs no
-training: the caption of the nearest training photo (realphoto.py's retrieval).
+paired per-seed differences visualgpt minus no-gates and visualgpt minus random-lm, with their mean and spread.
+Beside them, on the same photos, what needs no training: the caption of the nearest training photo
+(realphoto.py's retrieval).
 
     python benchmarks/realphoto_study.py                # the defaults: 2 sizes x 3 models x seeds 1, 2; about
                                                         # 6 hours of CPU here (25-50 minutes a run), so run it in
@@ -268,6 +269,17 @@ def main(argv: list[str] | None = None) -> None:
               for o in runs if o["model"] == other and (o["size"], o["seed"]) == (r["size"], r["seed"])]
     if paired:
         print_table(paired, title="paired per seed (same photos, same seed)")
+    # per pair and size: the differences' mean, spread and how many seeds favour visualgpt
+    paired_summary = []
+    for pair in dict.fromkeys(d["pair"] for d in paired):
+        for n in dict.fromkeys(d["train_photos"] for d in paired):
+            diffs = [d["CIDEr_diff"] for d in paired if (d["pair"], d["train_photos"]) == (pair, n)]
+            if diffs:
+                c = spread(diffs)
+                paired_summary.append({"pair": pair, "train_photos": n, "seeds": len(diffs), "mean": c["mean"],
+                                       "sd": c["sd"], "positive": sum(x > 0 for x in diffs)})
+    if paired_summary:
+        print_table(paired_summary, title="paired CIDEr differences: mean, sd over seeds, seeds where positive")
     goals = {}
     for other in ("no-gates", "random-lm"):
         diffs = [d["CIDEr_diff"] for d in paired if d["pair"] == f"visualgpt - {other}"]
@@ -279,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                         "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
                         "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
            "runs": runs, "tuning": tuning, "table": table, "paired": paired,
+           "paired_summary": paired_summary,
            # every run's own minutes (of a resumed run, its last piece), whichever command trained it
            "train_minutes_total": round(sum(r["train_minutes"] or 0 for r in {r["name"]: r for r in runs + tuning}.values()), 1),
            "seconds": round(time.perf_counter() - t_all, 1)}
