@@ -204,12 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     train_items = {s: Manifest.load(ws.manifest_path(datasets[s])).items("train") for s in sizes}
     photos = {s: len(items) for s, items in train_items.items()}
 
-    def run(model: str, recipe: str, size: str, seed: int) -> dict | None:
+    def run(model: str, recipe: str, size: str, seed: int, only_finished: bool = False) -> dict | None:
         cfg = run_config(recipe, RECIPES[model][recipe], datasets[size], seed, int(a.steps[size]), a, extra)
-        if a.finished_only:
+        if a.finished_only or only_finished:
             row = finished(ws.run_dir(cfg.name), cfg, summary.fingerprint)
             if row is None:
-                print(f"not yet run: {cfg.name}")
+                if not only_finished:
+                    print(f"not yet run: {cfg.name}")
                 return None
         else:
             row = train_and_score(ws, cfg, dev, summary.fingerprint)
@@ -233,6 +234,11 @@ def main(argv: list[str] | None = None) -> None:
             if len(rows) == len(RECIPES[m]) and m not in a.recipes:
                 chosen[m] = max(rows, key=lambda r: r["CIDEr"])["recipe"]
     runs = [r for m in a.models for size in sizes for seed in seeds if (r := run(m, chosen[m], size, seed))]
+    # the finished runs of the recipes not chosen, beyond the search (an earlier choice's, or the search's
+    # losers run on more seeds): kept in the results, out of the table
+    done = {r["name"] for r in runs + tuning}
+    other_runs = [r for m in a.models for recipe in RECIPES[m] if recipe != chosen[m] for size in sizes
+                  for seed in seeds if (r := run(m, recipe, size, seed, only_finished=True)) and r["name"] not in done]
 
     table = []
     for m in a.models:
@@ -293,7 +299,9 @@ def main(argv: list[str] | None = None) -> None:
            "runs": runs, "tuning": tuning, "table": table, "paired": paired,
            "paired_summary": paired_summary,
            # every run's own minutes (of a resumed run, its last piece), whichever command trained it
-           "train_minutes_total": round(sum(r["train_minutes"] or 0 for r in {r["name"]: r for r in runs + tuning}.values()), 1),
+           "other_runs": other_runs,
+           "train_minutes_total": round(sum(r["train_minutes"] or 0
+                                            for r in {r["name"]: r for r in runs + tuning + other_runs}.values()), 1),
            "seconds": round(time.perf_counter() - t_all, 1)}
     write_results(__file__, raw, goals, name=a.results)
 
