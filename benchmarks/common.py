@@ -223,13 +223,21 @@ def validation_curve(run_dir: Path) -> list[dict]:
             if r.get("event") == "validation"]
 
 
-def converged(curve: list[dict], steps: int, tolerance: float = 0.05, floor: float = 0.05) -> bool | None:
-    """Validation CIDEr flat over the last third of the run: every validation there within `tolerance`
-    of their mean (relative), or within `floor` (absolute) where the mean is near 0. None with fewer than
-    3 validations there. The floor is in CIDEr's units: 0.05 suits the shapes scenes (CIDEr 1-4), not
-    real photos (0.1-0.5)."""
-    last = [c["cider"] for c in curve if c["step"] >= steps * 2 / 3]
-    if len(last) < 3:
+def last_third(curve: list[dict], steps: int) -> list[float]:
+    """The validation CIDEr scores of a run's last third of steps."""
+    return [c["cider"] for c in curve if c["step"] >= steps * 2 / 3]
+
+
+def flat(scores: list[float], tolerance: float = 0.05, floor: float = 0.05) -> bool | None:
+    """Every score within `tolerance` of their mean (relative), or within `floor` (absolute) where the
+    mean is near 0. None with fewer than 3 scores. The floor is in CIDEr's units: 0.05 suits the shapes
+    scenes (CIDEr 1-4), not real photos (0.1-0.5)."""
+    if len(scores) < 3:
         return None
-    mean = sum(last) / len(last)
-    return max(abs(v - mean) for v in last) <= max(tolerance * abs(mean), floor)
+    mean = sum(scores) / len(scores)
+    return max(abs(v - mean) for v in scores) <= max(tolerance * abs(mean), floor)
+
+
+def converged(curve: list[dict], steps: int, tolerance: float = 0.05, floor: float = 0.05) -> bool | None:
+    """Validation CIDEr flat over the last third of the run (`flat`)."""
+    return flat(last_third(curve, steps), tolerance, floor)
