@@ -126,3 +126,34 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def write_coco(root: Path, sizes: dict[str, int], captions: int = 5, real_images: bool = False) -> Path:
+    """A small dataset_coco.json exactly as Karpathy's caption_datasets.zip has it, plus its image files:
+    a JPEG's first three bytes (where only existence is checked), or with real_images a small real JPEG
+    of one seeded colour."""
+    import random
+
+    rng = random.Random(0)
+    splits = [split for split, n in sizes.items() for _ in range(n)]  # one entry per image, in file order
+
+    def image(imgid: int, split: str) -> dict:
+        cocoid = 100000 + imgid * 7
+        folder = "train2014" if split == "train" else "val2014"  # restval's images are val2014's
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if real_images:
+            from PIL import Image
+
+            Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / folder / filename)
+        else:
+            (root / folder / filename).write_bytes(b"\xff\xd8\xff")
+        raws = [f"A  Man riding wave number {k} on image {imgid}.\n" for k in range(captions)]
+        sentids = [imgid * captions + k for k in range(captions)]
+        return {"filepath": folder, "filename": filename, "imgid": imgid, "split": split, "cocoid": cocoid,
+                "sentids": sentids, "sentences": [{"tokens": raw.lower().split(), "raw": raw, "imgid": imgid,
+                                                   "sentid": sid} for raw, sid in zip(raws, sentids)]}
+
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": [image(i, split) for i, split in enumerate(splits)], "dataset": "coco"}))
+    return path

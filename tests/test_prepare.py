@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_coco
 from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
@@ -18,31 +19,10 @@ runner = CliRunner()
 SPLIT_SIZES = {"train": 30, "restval": 20, "val": 8, "test": 6}
 
 
-def write_coco(root: Path, sizes: dict[str, int] = SPLIT_SIZES, captions: int = 5) -> Path:
-    """A small dataset_coco.json exactly as Karpathy's caption_datasets.zip has it, plus the image files."""
-    splits = [split for split, n in sizes.items() for _ in range(n)]  # one entry per image, in file order
-
-    def image(imgid: int, split: str) -> dict:
-        cocoid = 100000 + imgid * 7
-        folder = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / filename).write_bytes(b"\xff\xd8\xff")  # only existence is checked here
-        raws = [f"A  Man riding wave number {k} on image {imgid}.\n" for k in range(captions)]
-        sentids = [imgid * captions + k for k in range(captions)]
-        return {"filepath": folder, "filename": filename, "imgid": imgid, "split": split, "cocoid": cocoid,
-                "sentids": sentids, "sentences": [{"tokens": raw.lower().split(), "raw": raw, "imgid": imgid,
-                                                   "sentid": sid} for raw, sid in zip(raws, sentids)]}
-
-    path = root / "dataset_coco.json"
-    path.write_text(json.dumps({"images": [image(i, split) for i, split in enumerate(splits)], "dataset": "coco"}))
-    return path
-
-
 @pytest.fixture()
 def coco_root(tmp_path: Path) -> Path:
     root = tmp_path / "coco"
-    write_coco(root)
+    write_coco(root, SPLIT_SIZES)
     return root
 
 

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_prepare import write_coco
+from helpers import write_coco
+from test_prepare import SPLIT_SIZES
 from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
@@ -91,7 +92,7 @@ def zip_of(folder: Path, prefix: str) -> bytes:
 def coco_archives(tmp_path, server, monkeypatch):
     """caption_datasets.zip, train2014.zip and val2014.zip in their public layouts, served locally."""
     src = tmp_path / "src"
-    write_coco(src)
+    write_coco(src, SPLIT_SIZES)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.write(src / "dataset_coco.json", "dataset_coco.json")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_coco
 
 from benchmarks.common import converged
 from benchmarks.realphoto_study import trend
@@ -55,24 +55,6 @@ def test_too_few_validations_in_the_last_third_is_unknown(steps):
     assert trend(c, 300) is None
 
 
-def write_coco(root: Path, sizes: dict[str, int]) -> None:
-    """dataset_coco.json as Karpathy's caption_datasets.zip has it, each entry's image a small real JPEG."""
-    from PIL import Image
-
-    rng, images = random.Random(0), []
-    for imgid, split in enumerate(split for split, n in sizes.items() for _ in range(n)):
-        folder = "train2014" if split in ("train", "restval") else "val2014"
-        filename = f"COCO_{folder}_{100000 + imgid:012d}.jpg"
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / folder / filename)
-        raws = [f"a {rng.choice(['dog', 'man', 'cat'])} on the {rng.choice(['grass', 'beach'])} {k}" for k in range(5)]
-        images.append({"filepath": folder, "filename": filename, "imgid": imgid, "split": split,
-                       "cocoid": 100000 + imgid, "sentids": list(range(5 * imgid, 5 * imgid + 5)),
-                       "sentences": [{"raw": r, "tokens": r.split(), "imgid": imgid, "sentid": 5 * imgid + k}
-                                     for k, r in enumerate(raws)]})
-    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
-
-
 def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VGPT_BENCHMARK_RESULTS": str(tmp_path / "results")}
     return subprocess.run([sys.executable, str(STUDY), "--workspace", str(tmp_path / "ws"), *args],
@@ -83,7 +65,7 @@ def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_coco_shares_of_the_pool_are_nested_subsets(tmp_path: Path):
     from vgpt_cli.data.manifest import Manifest
 
-    write_coco(tmp_path / "coco", {"train": 30, "restval": 20, "val": 8, "test": 2})  # a pool of 50
+    write_coco(tmp_path / "coco", {"train": 30, "restval": 20, "val": 8, "test": 2}, real_images=True)  # pool: 50
     done = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "coco"), "--sizes", "10%,50%",
                  "--steps", "10%:2,50%:2", "--finished-only", "--figure", str(tmp_path / "study.png"))
     assert done.returncode == 0, done.stderr[-2000:]
