@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         out = {"model": model, "recipe": recipe, "size": size, "train_photos": photos[size], "seed": seed,
                "name": cfg.name, "steps": row["steps"],
                "converged": None if shape is None else shape == "flat", "trend": shape,
-               **{k: row.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct", "train_minutes", "resumed",
-                                          "reused", "best_step")},
+               **{k: row.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct", "visual_gate", "train_minutes",
+                                          "resumed", "reused", "best_step")},
                "validation_curve": curve}
         print(json.dumps({k: v for k, v in out.items() if k != "validation_curve"}), flush=True)
         return out
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                               "CIDEr": c["mean"], "CIDEr_sd": c["sd"],
                               "BLEU-4": spread([r["BLEU-4"] for r in rs])["mean"],
                               "distinct": spread([r["distinct"] for r in rs])["mean"],
+                              # how much of each layer's output the image makes (SRAU's gates; None without)
+                              "visual_gate": (spread([r["visual_gate"] for r in rs])["mean"]
+                                              if all(r["visual_gate"] is not None for r in rs) else None),
                               # runs flat over their last third; rising: not flat and ending above where
                               # the last third began; unknown: fewer than 3 validations there
                               "converged": sum(r["converged"] is True for r in rs),
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         table.append({"model": "retrieval", "recipe": None, "train_photos": photos[s], "seeds": 0,
                       "CIDEr": round(scored[s].scores["CIDEr"], 4), "CIDEr_sd": None,
                       "BLEU-4": round(scored[s].scores["Bleu_4"], 4),
-                      "distinct": round(len(set(retrieval[s].values())) / len(dev), 4), "converged": None,
+                      "distinct": round(len(set(retrieval[s].values())) / len(dev), 4), "visual_gate": None,
+                      "converged": None,
                       "rising": None, "unknown": None})
     print_table(table, title=f"{a.dataset} dev ({len(dev)} photos): CIDEr by model and training photos")
     paired = [{"pair": f"visualgpt - {other}", "train_photos": photos[r["size"]], "seed": r["seed"],
