@@ -243,24 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     other_runs = [r for m in a.models for recipe in RECIPES[m] if recipe != chosen[m] for size in sizes
                   for seed in seeds if (r := run(m, recipe, size, seed, only_finished=True)) and r["name"] not in done]
 
-    table = []
-    for m in a.models:
-        for size in sizes:
-            rs = [r for r in runs if r["model"] == m and r["size"] == size]
-            if rs:
-                c = spread([r["CIDEr"] for r in rs])
-                table.append({"model": m, "recipe": chosen[m], "train_photos": photos[size], "seeds": len(rs),
-                              "CIDEr": c["mean"], "CIDEr_sd": c["sd"],
-                              "BLEU-4": spread([r["BLEU-4"] for r in rs])["mean"],
-                              "distinct": spread([r["distinct"] for r in rs])["mean"],
-                              # how much of each layer's output the image makes (SRAU's gates; None without)
-                              "visual_gate": (spread([r["visual_gate"] for r in rs])["mean"]
-                                              if all(r["visual_gate"] is not None for r in rs) else None),
-                              # runs flat over their last third; rising: not flat and ending above where
-                              # the last third began; unknown: fewer than 3 validations there
-                              "converged": sum(r["converged"] is True for r in rs),
-                              "rising": sum(r["trend"] == "rising" for r in rs),
-                              "unknown": sum(r["converged"] is None for r in rs)})
+    table = summarize(runs, a.models, sizes, photos)
+    # the same for the recipes not kept (beside the table, and dotted in the figure)
+    other_table = summarize(other_runs + [r for r in tuning if r["recipe"] != chosen[r["model"]]], a.models,
+                            sizes, photos)
     # what needs no training, on the same photos: the nearest training photo's caption (realphoto.py)
     from vgpt_cli.evaluate.metrics import compute_metrics_many
     from vgpt_cli.features import open_workspace_store
@@ -296,11 +282,12 @@ def main(argv: list[str] | None = None) -> None:
         worst[pair] = min(min(diffs), worst.get(pair, math.inf))
     goals = {pair.replace(" - ", "_minus_").replace("-", "_") + "_min": goal(v, 0.0) for pair, v in worst.items()}
     if not a.smoke and table:
-        figure(table, a.models, sizes, photos, a.dataset, len(dev), a.figure or DOCS / f"{a.results}.png")
+        figure(table, other_table, a.models, sizes, photos, a.dataset, len(dev),
+               a.figure or DOCS / f"{a.results}.png")
     raw = {"settings": {"dataset": a.dataset, "sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
                         "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
                         "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
-           "runs": runs, "tuning": tuning, "table": table, "paired": paired,
+           "runs": runs, "tuning": tuning, "table": table, "other_table": other_table, "paired": paired,
            "paired_summary": paired_summary,
            # every run's own minutes (of a resumed run, its last piece), whichever command trained it
            "other_runs": other_runs,
@@ -308,6 +295,31 @@ def main(argv: list[str] | None = None) -> None:
                                             for r in {r["name"]: r for r in runs + tuning + other_runs}.values()), 1),
            "seconds": round(time.perf_counter() - t_all, 1)}
     write_results(__file__, raw, goals, name=a.results)
+
+
+def summarize(runs: list[dict], models: list[str], sizes: list[str], photos: dict) -> list[dict]:
+    """One row per model, recipe and size: the mean over seeds (and CIDEr's sd) of the runs."""
+    table = []
+    for m in models:
+        for recipe in dict.fromkeys(r["recipe"] for r in runs if r["model"] == m):
+            for size in sizes:
+                rs = [r for r in runs if (r["model"], r["recipe"], r["size"]) == (m, recipe, size)]
+                if not rs:
+                    continue
+                c = spread([r["CIDEr"] for r in rs])
+                table.append({"model": m, "recipe": recipe, "train_photos": photos[size], "seeds": len(rs),
+                              "CIDEr": c["mean"], "CIDEr_sd": c["sd"],
+                              "BLEU-4": spread([r["BLEU-4"] for r in rs])["mean"],
+                              "distinct": spread([r["distinct"] for r in rs])["mean"],
+                              # how much of each layer's output the image makes (SRAU's gates; None without)
+                              "visual_gate": (spread([r["visual_gate"] for r in rs])["mean"]
+                                              if all(r["visual_gate"] is not None for r in rs) else None),
+                              # runs flat over their last third; rising: not flat and ending above where
+                              # the last third began; unknown: fewer than 3 validations there
+                              "converged": sum(r["converged"] is True for r in rs),
+                              "rising": sum(r["trend"] == "rising" for r in rs),
+                              "unknown": sum(r["converged"] is None for r in rs)})
+    return table
 
 
 def trend(curve: list[dict], steps: int) -> str | None:
@@ -320,9 +332,10 @@ def trend(curve: list[dict], steps: int) -> str | None:
     return "flat" if is_flat else "rising" if last[-1] > last[0] else "falling"
 
 
-def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict, dataset: str, dev: int,
-           path: Path) -> None:
-    """CIDEr against training photos, one line per model with its spread over seeds."""
+def figure(table: list[dict], other_table: list[dict], models: list[str], sizes: list[str], photos: dict,
+           dataset: str, dev: int, path: Path) -> None:
+    """CIDEr against training photos, one line per model with its spread over seeds; the recipes not kept
+    dotted, in their model's colour."""
     try:
         import matplotlib
 
@@ -336,9 +349,15 @@ def figure(table: list[dict], models: list[str], sizes: list[str], photos: dict,
         rs = [r for r in table if r["model"] == m]
         if not rs:
             continue
-        ax.errorbar([r["train_photos"] for r in rs], [r["CIDEr"] for r in rs], yerr=[r["CIDEr_sd"] or 0 for r in rs],
-                    marker="o", capsize=3, linestyle="--" if m == "retrieval" else "-",
-                    label="nearest photo's caption" if m == "retrieval" else f"{m} ({rs[0]['recipe']})")
+        line = ax.errorbar([r["train_photos"] for r in rs], [r["CIDEr"] for r in rs],
+                           yerr=[r["CIDEr_sd"] or 0 for r in rs], marker="o", capsize=3,
+                           linestyle="--" if m == "retrieval" else "-",
+                           label="nearest photo's caption" if m == "retrieval" else f"{m} ({rs[0]['recipe']})")
+        for recipe in dict.fromkeys(r["recipe"] for r in other_table if r["model"] == m):
+            rows = [r for r in other_table if (r["model"], r["recipe"]) == (m, recipe)]
+            ax.errorbar([r["train_photos"] for r in rows], [r["CIDEr"] for r in rows],
+                        yerr=[r["CIDEr_sd"] or 0 for r in rows], marker="o", fillstyle="none", capsize=3,
+                        linestyle=":", color=line.lines[0].get_color(), label=f"{m} ({recipe}, not kept)")
     ax.set_xscale("log")
     ax.set_xticks([photos[s] for s in sizes], [str(photos[s]) for s in sizes])
     ax.minorticks_off()
