@@ -18,9 +18,10 @@ Beside them, on the same photos, what needs no training: the caption of the near
 (realphoto.py's retrieval).
 
     python benchmarks/realphoto_study.py                # the defaults: 2 sizes x 3 models x seeds 1, 2; about
-                                                        # 6 hours of CPU here (25-50 minutes a run), so run it in
-                                                        # pieces: finished runs are reused and a stopped run
-                                                        # resumes from its last validation
+                                                        # 10 hours of CPU here (20-40 minutes a run at 150
+                                                        # photos, 50-80 at 753), so run it in pieces: finished
+                                                        # runs are reused and a stopped run resumes from its
+                                                        # last validation
     python benchmarks/realphoto_study.py --tune         # first the recipe search (2 per model, 150 photos, seed 1)
     python benchmarks/realphoto_study.py --sizes 150 --models no-gates,visualgpt --seeds 1
     python benchmarks/realphoto_study.py --finished-only    # the table of what has finished, trains nothing
