@@ -129,7 +129,11 @@ def write_results(script: str, raw: dict[str, Any], goals: dict[str, dict[str, A
     path = folder / f"{name or Path(script).stem}.json"
     payload = {"script": Path(script).name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "machine": machine(), "raw": raw, "goals": goals}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # a temporary name, then a rename: a killed script never leaves half a file, and a study's results file
+    # is also its record of finished runs (realphoto_study.py --recorded)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     for name, g in goals.items():
         print(f"goal {name}: {g['value']} (target {'>=' if g['higher_is_better'] else '<='} {g['target']}): "
               f"{'met' if g['met'] else 'NOT met'}")

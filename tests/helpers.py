@@ -128,10 +128,16 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def write_coco(root: Path, sizes: dict[str, int], captions: int = 5, real_images: bool = False) -> Path:
+# write_coco's default split sizes: every Karpathy split, restval joining train's pool (50 images)
+COCO_SPLIT_SIZES = {"train": 30, "restval": 20, "val": 8, "test": 6}
+
+
+def write_coco(root: Path, sizes: dict[str, int] | None = None, captions: int = 5,
+               real_images: bool = False) -> Path:
     """A small dataset_coco.json exactly as Karpathy's caption_datasets.zip has it, plus its image files:
     a JPEG's first three bytes (where only existence is checked), or with real_images a small real JPEG
-    of one seeded colour."""
+    of one seeded colour. sizes: images per split (default COCO_SPLIT_SIZES)."""
+    sizes = sizes or COCO_SPLIT_SIZES
     import random
 
     rng = random.Random(0)

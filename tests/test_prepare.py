@@ -16,13 +16,12 @@ from vgpt_cli.data.manifest import Manifest
 from vgpt_cli.text import normalize_caption
 
 runner = CliRunner()
-SPLIT_SIZES = {"train": 30, "restval": 20, "val": 8, "test": 6}
 
 
 @pytest.fixture()
 def coco_root(tmp_path: Path) -> Path:
     root = tmp_path / "coco"
-    write_coco(root, SPLIT_SIZES)
+    write_coco(root)
     return root
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from helpers import write_coco
-from test_prepare import SPLIT_SIZES
 from typer.testing import CliRunner
 
 from vgpt_cli.cli import app
@@ -92,7 +91,7 @@ def zip_of(folder: Path, prefix: str) -> bytes:
 def coco_archives(tmp_path, server, monkeypatch):
     """caption_datasets.zip, train2014.zip and val2014.zip in their public layouts, served locally."""
     src = tmp_path / "src"
-    write_coco(src, SPLIT_SIZES)
+    write_coco(src)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.write(src / "dataset_coco.json", "dataset_coco.json")

@@ -1,6 +1,8 @@
 """benchmarks/realphoto_study.py: the convergence verdicts it reports for each run (benchmarks/common.converged
-and trend), on hand-made validation curves whose answer is known; and its COCO mode, on Karpathy files written in
-the public layout with real JPEGs: shares of the pool become nested subsets, and a missing folder is one line."""
+and trend), on hand-made validation curves whose answer is known; the runs a results file records, reused only
+with the settings they were trained with; and its COCO mode, on Karpathy files written in the public layout with
+real JPEGs: shares of the pool become nested subsets, a recorded run joins the table, a missing folder is one
+line."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from helpers import write_coco
 
 from benchmarks.common import converged
-from benchmarks.realphoto_study import trend
+from benchmarks.realphoto_study import RECIPES, load_recorded, recorded_run, trend
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "realphoto_study.py"
@@ -55,6 +57,28 @@ def test_too_few_validations_in_the_last_third_is_unknown(steps):
     assert trend(c, 300) is None
 
 
+def write_recorded(path: Path, runs: list[dict], **settings) -> None:
+    settings = {"dataset": "flickr8k", "backbone": "tf_efficientnet_lite0", "dev_photos": 113, "recipes": RECIPES,
+                **settings}
+    path.write_text(json.dumps({"raw": {"settings": settings, "runs": runs, "tuning": [], "other_runs": []}}))
+
+
+def test_recorded_runs_are_reused_only_with_their_settings(tmp_path: Path):
+    name, recipe = "flickr8k-no-gates-lm-lr3e-4-s1", RECIPES["no-gates"]["no-gates-lm-lr3e-4"]
+    write_recorded(tmp_path / "r.json", [{"name": name, "model": "no-gates", "recipe": "no-gates-lm-lr3e-4",
+                                          "steps": 600, "train_photos": 753, "CIDEr": 0.41}])
+    recorded = load_recorded(tmp_path / "r.json", "flickr8k", "tf_efficientnet_lite0", 113)
+    row = recorded_run(recorded, name, recipe, 600, 753)  # the recipe's lm_lr of 3e-4 back from JSON
+    assert row is not None and row["CIDEr"] == 0.41 and row["recorded"] is True
+    assert recorded_run(recorded, name, recipe, 300, 753) is None  # other steps
+    assert recorded_run(recorded, name, recipe, 600, 150) is None  # other photos
+    assert recorded_run(recorded, name, RECIPES["no-gates"]["default"], 600, 753) is None  # other recipe
+    assert recorded_run(recorded, "flickr8k-no-gates-lm-lr3e-4-s2", recipe, 600, 753) is None
+    assert load_recorded(tmp_path / "r.json", "flickr8k", "clip", 113) == {}  # other features
+    assert load_recorded(tmp_path / "r.json", "flickr8k", "tf_efficientnet_lite0", 50) == {}  # other dev photos
+    assert load_recorded(tmp_path / "none.json", "flickr8k", "tf_efficientnet_lite0", 113) == {}
+
+
 def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VGPT_BENCHMARK_RESULTS": str(tmp_path / "results")}
     return subprocess.run([sys.executable, str(STUDY), "--workspace", str(tmp_path / "ws"), *args],
@@ -79,6 +103,19 @@ def test_coco_shares_of_the_pool_are_nested_subsets(tmp_path: Path):
     small, large = ({it.id for it in manifests[n].items("train")} for n in (5, 25))
     assert len(small) == 5 and len(large) == 25 and small < large
     assert (tmp_path / "study.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
+
+    # a run recorded in the results file (trained on another machine) joins the table; the workspace lacks it
+    path = tmp_path / "results" / "realphoto_study_coco.json"
+    run = {"name": "coco-5-srau-shapes-s1", "model": "visualgpt", "recipe": "srau-shapes", "size": "10%",
+           "train_photos": 5, "seed": 1, "steps": 2, "CIDEr": 0.123, "BLEU-4": 0.04, "distinct": 0.5,
+           "visual_gate": 0.01, "train_minutes": 1.0, "validation_curve": [{"step": 2, "cider": 0.123}]}
+    write_recorded(path, [run], **{k: raw["settings"][k] for k in ("dataset", "backbone", "dev_photos")})
+    again = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "coco"), "--sizes", "10%,50%",
+                  "--steps", "10%:2,50%:2", "--finished-only", "--figure", str(tmp_path / "study.png"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    raw = json.loads(path.read_text())["raw"]
+    assert [(r["name"], r["CIDEr"], r["recorded"]) for r in raw["runs"]] == [("coco-5-srau-shapes-s1", 0.123, True)]
+    assert [(r["model"], r["train_photos"], r["CIDEr"]) for r in raw["table"]][0] == ("visualgpt", 5, 0.123)
 
 
 def test_coco_without_its_files_is_one_line(tmp_path: Path):
