@@ -198,20 +198,31 @@ def visual_gate(run_dir: Path) -> float | None:
     return round(statistics.fmean(gates[-max(1, len(gates) // 5):]), 4) if gates else None
 
 
+# TrainConfig options that change only how the finished model decodes (its generation_config.json and the
+# caption bank), not its training: a finished run is reused and scored again when they change.
+DECODE_ONLY = ("rerank",)
+
+
 def same_settings(run_dir: Path, cfg) -> bool:
     """The run folder's config.json is cfg (up to what DECODE_ONLY names and what the run resolved itself)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps(asdict(cfg)))
+    return not settings_diff(saved, cfg)
+
+
+def settings_diff(saved: dict, cfg, ignore: tuple[str, ...] = DECODE_ONLY) -> list[str]:
+    """The settings in which a run's saved config.json differs from cfg, but for those ignore names and what
+    the run resolved itself."""
+    saved, wanted = dict(saved), json.loads(json.dumps(asdict(cfg)))
     if wanted["lm"] is None:  # the run records the LM it resolved
         saved.pop("lm", None), wanted.pop("lm")
     if wanted["max_steps"] is not None:  # --epochs has no effect then (its default has changed)
         saved.pop("epochs", None), wanted.pop("epochs")
-    for key in DECODE_ONLY:  # settings of the saved decoding, not of training: applied again by rescore
+    for key in ignore:  # settings of the saved decoding, not of training: applied again by rescore
         saved.pop(key, None), wanted.pop(key, None)
-    return saved == wanted
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k, ...) != wanted.get(k, ...))
 
 
 def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
@@ -221,11 +232,6 @@ def finished(run_dir: Path, cfg, fingerprint: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return row if same_settings(run_dir, cfg) and trained_features(run_dir / "best") == fingerprint else None
-
-
-# TrainConfig options that change only how the finished model decodes (its generation_config.json and the
-# caption bank), not its training: a finished run is reused and scored again when they change.
-DECODE_ONLY = ("rerank",)
 
 
 def rescore(ws, cfg, run_dir: Path, dev, row: dict) -> dict:

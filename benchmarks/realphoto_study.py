@@ -40,10 +40,11 @@ The workspace is realphoto.py's (/tmp/vgpt-realphoto), so its finished default r
 photos. Writes benchmarks/results/realphoto_study.json and, with matplotlib, docs/realphoto_study.png
 (with --dataset coco: realphoto_study_coco.json and .png).
 
-The results file is also the record of the finished runs: a run found there (made with the same recipe, steps,
-training photos, dataset, backbone and dev photos) is reused, not trained again, when the workspace no longer
-has it (another machine, a cleared /tmp); it is marked "recorded" in the results. --no-recorded trains such runs
-again (after a change to training that moves scores).
+The results file is also the record of the finished runs: each run's row keeps its whole training config and
+the features it trained on, and a run found there with exactly the config and features it would have now (and
+the same training and dev photos) is reused, not trained again, when the workspace no longer has it (another
+machine, a cleared /tmp); it is marked "recorded" in the results. Recorded runs a command does not report (other
+models, sizes or seeds) are kept in the file it writes (recorded_unused). --no-recorded reuses none.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from benchmarks.realphoto import (  # noqa: E402
     baselines,
     finished,
     prepare,
+    settings_diff,
     spread,
     train_and_score,
 )
@@ -218,21 +220,23 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted(a.sizes, key=size_order)
     train_items = {s: Manifest.load(ws.manifest_path(datasets[s])).items("train") for s in sizes}
     photos = {s: len(items) for s, items in train_items.items()}
-    recorded = load_recorded(a.recorded, a.dataset, backbone.name, len(dev)) if a.recorded else {}
+    recorded = load_recorded(a.recorded, a.dataset, len(dev)) if a.recorded else {}
     if recorded:
         print(f"{a.recorded}: {len(recorded)} recorded runs, reused where the workspace lacks them")
 
     def run(model: str, recipe: str, size: str, seed: int, only_finished: bool = False) -> dict | None:
         cfg = run_config(recipe, RECIPES[model][recipe], datasets[size], seed, int(a.steps[size]), a, extra)
-        row = finished(ws.run_dir(cfg.name), cfg, summary.fingerprint)
+        run_dir = ws.run_dir(cfg.name)
+        row = finished(run_dir, cfg, summary.fingerprint)
         if row is None:
-            row = recorded_run(recorded, cfg.name, RECIPES[model][recipe], cfg.max_steps, photos[size])
+            row = recorded_run(recorded, cfg, summary.fingerprint, photos[size])
         if row is None and (a.finished_only or only_finished):
             if not only_finished:
                 print(f"not yet run: {cfg.name}")
             return None
         if row is None:
             row = train_and_score(ws, cfg, dev, summary.fingerprint)
+        config = row["config"] if row.get("recorded") else json.loads((run_dir / "config.json").read_text())
         curve = row["validation_curve"]
         shape = trend(curve, row["steps"])
         out = {"model": model, "recipe": recipe, "size": size, "train_photos": photos[size], "seed": seed,
@@ -240,8 +244,10 @@ def main(argv: list[str] | None = None) -> None:
                "converged": None if shape is None else shape == "flat", "trend": shape,
                **{k: row.get(k) for k in ("CIDEr", "BLEU-4", "METEOR", "distinct", "visual_gate", "train_minutes",
                                           "resumed", "reused", "best_step")},
-               "recorded": bool(row.get("recorded")), "validation_curve": curve}
-        print(json.dumps({k: v for k, v in out.items() if k != "validation_curve"}), flush=True)
+               "recorded": bool(row.get("recorded")), "validation_curve": curve,
+               # what recorded_run checks before reusing the row where the workspace lacks the run
+               "config": config, "features": summary.fingerprint}
+        print(json.dumps({k: v for k, v in out.items() if k not in ("validation_curve", "config")}), flush=True)
         return out
 
     # the recipe search: every candidate at the smallest size, first seed; each model keeps its best on dev
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     other_runs = [r for m in a.models for recipe in RECIPES[m] if recipe != chosen[m] for size in sizes
                   for seed in seeds if (r := run(m, recipe, size, seed, only_finished=True)) and r["name"] not in done]
 
+    reported = {r["name"] for r in runs + tuning + other_runs}
     table = summarize(runs, a.models, sizes, photos)
     # the same for the recipes not kept (beside the table, and dotted in the figure)
     other_table = summarize(other_runs + [r for r in tuning if r["recipe"] != chosen[r["model"]]], a.models,
@@ -302,43 +309,50 @@ def main(argv: list[str] | None = None) -> None:
                a.figure or DOCS / f"{a.results}.png")
     raw = {"settings": {"dataset": a.dataset, "sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
                         "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
-                        "backbone": backbone.name, "backbone_note": note, "dev_photos": len(dev)},
+                        "backbone": backbone.name, "backbone_note": note, "features": summary.fingerprint,
+                        "dev_photos": len(dev)},
            "runs": runs, "tuning": tuning, "table": table, "other_table": other_table, "paired": paired,
            "paired_summary": paired_summary,
            # every run's own minutes (of a resumed run, its last piece), whichever command trained it
            "other_runs": other_runs,
+           # the recorded runs this command did not report (other models, sizes, seeds): the file stays their record
+           "recorded_unused": [r for name, r in recorded.items() if name not in reported],
            "train_minutes_total": round(sum(r["train_minutes"] or 0
                                             for r in {r["name"]: r for r in runs + tuning + other_runs}.values()), 1),
            "seconds": round(time.perf_counter() - t_all, 1)}
     write_results(__file__, raw, goals, name=a.results)
 
 
-def load_recorded(path: Path, dataset: str, backbone: str, dev_photos: int) -> dict[str, dict]:
-    """The runs a results file holds (its runs, tuning and other_runs) by name, each with the recipe it was
-    trained with ("changes"), where the file's dataset, backbone and dev photos are these; else, or without the
-    file, none."""
+def load_recorded(path: Path, dataset: str, dev_photos: int) -> dict[str, dict]:
+    """The runs a results file holds (runs, tuning, other_runs, recorded_unused) by name, where it was written
+    for this dataset and these dev photos; else, or without the file, none."""
     try:
         raw = json.loads(path.read_text())["raw"]
         s = raw["settings"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
-    if (s.get("dataset"), s.get("backbone"), s.get("dev_photos")) != (dataset, backbone, dev_photos):
-        print(f"{path}: recorded on other data ({s.get('dataset')}, {s.get('backbone')}, {s.get('dev_photos')} dev "
-              f"photos): none of its runs reused")
+    if (s.get("dataset"), s.get("dev_photos")) != (dataset, dev_photos):
+        print(f"{path}: recorded on other data ({s.get('dataset')}, {s.get('dev_photos')} dev photos): none of its "
+              f"runs reused")
         return {}
-    return {r["name"]: {**r, "changes": s["recipes"].get(r["model"], {}).get(r["recipe"])}
-            for r in raw.get("runs", []) + raw.get("tuning", []) + raw.get("other_runs", [])}
+    rows = [r for key in ("runs", "tuning", "other_runs", "recorded_unused") for r in raw.get(key) or []]
+    return {r["name"]: r for r in rows if isinstance(r, dict) and "name" in r}
 
 
-def recorded_run(recorded: dict[str, dict], name: str, changes: dict, steps: int, photos: int) -> dict | None:
-    """The recorded run of this name (load_recorded), if it was trained with this recipe, these steps and this
-    many training photos: marked "recorded". A run recorded with other settings is named and not reused."""
-    row = recorded.get(name)
+def recorded_run(recorded: dict[str, dict], cfg, features: str, photos: int) -> dict | None:
+    """The recorded run of cfg's name (load_recorded), if it was trained with exactly cfg (its decoding too),
+    on these features and this many training photos: marked "recorded". One that differs is named, with how,
+    and not reused."""
+    row = recorded.get(cfg.name)
     if row is None:
         return None
-    if (row["changes"], row["steps"], row["train_photos"]) != (changes, steps, photos):
-        print(f"recorded run {name} was trained with other settings ({row['changes']}, {row['steps']} steps, "
-              f"{row['train_photos']} photos): not reused")
+    if not isinstance(row.get("config"), dict):
+        differs = ["config (not recorded)"]
+    else:  # rerank too: a recorded run cannot be scored again with another decoding
+        differs = settings_diff(row["config"], cfg, ignore=())
+    differs += [k for k, v in (("features", features), ("train_photos", photos)) if row.get(k) != v]
+    if differs:
+        print(f"recorded run {cfg.name} differs in {', '.join(differs)}: not reused")
         return None
     return {**row, "recorded": True}
 

@@ -11,13 +11,15 @@ import json
 import os
 import subprocess
 import sys
+from argparse import Namespace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 from helpers import write_coco
 
 from benchmarks.common import converged
-from benchmarks.realphoto_study import RECIPES, load_recorded, recorded_run, trend
+from benchmarks.realphoto_study import RECIPES, load_recorded, recorded_run, run_config, trend
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "realphoto_study.py"
@@ -57,26 +59,37 @@ def test_too_few_validations_in_the_last_third_is_unknown(steps):
     assert trend(c, 300) is None
 
 
-def write_recorded(path: Path, runs: list[dict], **settings) -> None:
-    settings = {"dataset": "flickr8k", "backbone": "tf_efficientnet_lite0", "dev_photos": 113, "recipes": RECIPES,
-                **settings}
+def write_recorded(path: Path, runs: list[dict], dataset: str = "flickr8k", dev_photos: int = 113) -> None:
+    settings = {"dataset": dataset, "dev_photos": dev_photos, "recipes": RECIPES}
     path.write_text(json.dumps({"raw": {"settings": settings, "runs": runs, "tuning": [], "other_runs": []}}))
 
 
+def recorded(model: str, recipe: str, dataset: str, seed: int, steps: int, photos: int, features: str,
+             **scores) -> dict:
+    """A run's row as the study records it: its whole training config (JSON) and features."""
+    cfg = run_config(recipe, RECIPES[model][recipe], dataset, seed, steps, Namespace(device="auto"), {})
+    return {"name": cfg.name, "model": model, "recipe": recipe, "seed": seed, "steps": steps, "train_photos": photos,
+            "config": json.loads(json.dumps(asdict(cfg))), "features": features, **scores}
+
+
 def test_recorded_runs_are_reused_only_with_their_settings(tmp_path: Path):
-    name, recipe = "flickr8k-no-gates-lm-lr3e-4-s1", RECIPES["no-gates"]["no-gates-lm-lr3e-4"]
-    write_recorded(tmp_path / "r.json", [{"name": name, "model": "no-gates", "recipe": "no-gates-lm-lr3e-4",
-                                          "steps": 600, "train_photos": 753, "CIDEr": 0.41}])
-    recorded = load_recorded(tmp_path / "r.json", "flickr8k", "tf_efficientnet_lite0", 113)
-    row = recorded_run(recorded, name, recipe, 600, 753)  # the recipe's lm_lr of 3e-4 back from JSON
-    assert row is not None and row["CIDEr"] == 0.41 and row["recorded"] is True
-    assert recorded_run(recorded, name, recipe, 300, 753) is None  # other steps
-    assert recorded_run(recorded, name, recipe, 600, 150) is None  # other photos
-    assert recorded_run(recorded, name, RECIPES["no-gates"]["default"], 600, 753) is None  # other recipe
-    assert recorded_run(recorded, "flickr8k-no-gates-lm-lr3e-4-s2", recipe, 600, 753) is None
-    assert load_recorded(tmp_path / "r.json", "flickr8k", "clip", 113) == {}  # other features
-    assert load_recorded(tmp_path / "r.json", "flickr8k", "tf_efficientnet_lite0", 50) == {}  # other dev photos
-    assert load_recorded(tmp_path / "none.json", "flickr8k", "tf_efficientnet_lite0", 113) == {}
+    row = recorded("no-gates", "no-gates-lm-lr3e-4", "flickr8k", 1, 600, 753, "fp", CIDEr=0.41)
+    write_recorded(tmp_path / "r.json", [row, {"model": "no-gates"}])  # a row without a name is skipped
+    runs = load_recorded(tmp_path / "r.json", "flickr8k", 113)
+    cfg = run_config("no-gates-lm-lr3e-4", RECIPES["no-gates"]["no-gates-lm-lr3e-4"], "flickr8k", 1, 600,
+                     Namespace(device="auto"), {})
+    reused = recorded_run(runs, cfg, "fp", 753)  # the recipe's lm_lr of 3e-4 back from JSON
+    assert reused is not None and reused["CIDEr"] == 0.41 and reused["recorded"] is True
+    assert recorded_run(runs, cfg, "other-features", 753) is None
+    assert recorded_run(runs, cfg, "fp", 150) is None  # other training photos
+    for change in ({"max_steps": 300}, {"lr": 2e-3}, {"rerank": 0}, {"device": "cuda"}):  # rerank: no rescoring
+        assert recorded_run(runs, replace(cfg, **change), "fp", 753) is None, change
+    assert recorded_run(runs, replace(cfg, seed=2, name="flickr8k-no-gates-lm-lr3e-4-s2"), "fp", 753) is None
+    write_recorded(tmp_path / "old.json", [{k: v for k, v in row.items() if k != "config"}])
+    assert recorded_run(load_recorded(tmp_path / "old.json", "flickr8k", 113), cfg, "fp", 753) is None
+    assert load_recorded(tmp_path / "r.json", "flickr8k", 50) == {}  # other dev photos
+    assert load_recorded(tmp_path / "r.json", "coco", 113) == {}
+    assert load_recorded(tmp_path / "none.json", "flickr8k", 113) == {}
 
 
 def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -104,18 +117,25 @@ def test_coco_shares_of_the_pool_are_nested_subsets(tmp_path: Path):
     assert len(small) == 5 and len(large) == 25 and small < large
     assert (tmp_path / "study.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
-    # a run recorded in the results file (trained on another machine) joins the table; the workspace lacks it
-    path = tmp_path / "results" / "realphoto_study_coco.json"
-    run = {"name": "coco-5-srau-shapes-s1", "model": "visualgpt", "recipe": "srau-shapes", "size": "10%",
-           "train_photos": 5, "seed": 1, "steps": 2, "CIDEr": 0.123, "BLEU-4": 0.04, "distinct": 0.5,
-           "visual_gate": 0.01, "train_minutes": 1.0, "validation_curve": [{"step": 2, "cider": 0.123}]}
-    write_recorded(path, [run], **{k: raw["settings"][k] for k in ("dataset", "backbone", "dev_photos")})
-    again = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "coco"), "--sizes", "10%,50%",
-                  "--steps", "10%:2,50%:2", "--finished-only", "--figure", str(tmp_path / "study.png"))
+    # a run recorded in the results file (trained elsewhere) joins the table where the workspace lacks it; one
+    # recorded with other steps does not; the file keeps both
+    path, features = tmp_path / "results" / "realphoto_study_coco.json", raw["settings"]["features"]
+    scores = {"size": "10%", "CIDEr": 0.123, "BLEU-4": 0.04, "distinct": 0.5, "visual_gate": 0.01,
+              "train_minutes": 1.0, "validation_curve": [{"step": 2, "cider": 0.123}]}
+    write_recorded(path, [recorded("visualgpt", "srau-shapes", "coco-5", 1, 2, 5, features, **scores),
+                          recorded("no-gates", "default", "coco-5", 1, 1, 5, features, **scores)], "coco", 8)
+    args = ["--dataset", "coco", "--root", str(tmp_path / "coco"), "--sizes", "10%,50%", "--steps", "10%:2,50%:2",
+            "--finished-only", "--figure", str(tmp_path / "study.png")]
+    again = study(tmp_path, *args)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert "recorded run coco-5-default-s1 differs in max_steps: not reused" in again.stdout
     raw = json.loads(path.read_text())["raw"]
     assert [(r["name"], r["CIDEr"], r["recorded"]) for r in raw["runs"]] == [("coco-5-srau-shapes-s1", 0.123, True)]
     assert [(r["model"], r["train_photos"], r["CIDEr"]) for r in raw["table"]][0] == ("visualgpt", 5, 0.123)
+    assert [r["name"] for r in raw["recorded_unused"]] == ["coco-5-default-s1"]
+    ignored = study(tmp_path, *args, "--no-recorded", "--results", "ignored")
+    assert ignored.returncode == 0, ignored.stderr[-2000:]
+    assert json.loads((tmp_path / "results" / "ignored.json").read_text())["raw"]["runs"] == []
 
 
 def test_coco_without_its_files_is_one_line(tmp_path: Path):
