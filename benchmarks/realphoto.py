@@ -220,7 +220,7 @@ def settings_diff(saved: dict, cfg, ignore: tuple[str, ...] = DECODE_ONLY) -> li
         saved.pop("lm", None), wanted.pop("lm")
     if wanted["max_steps"] is not None:  # --epochs has no effect then (its default has changed)
         saved.pop("epochs", None), wanted.pop("epochs")
-    for key in ignore:  # settings of the saved decoding, not of training: applied again by rescore
+    for key in ignore:  # by default DECODE_ONLY: settings of the saved decoding, applied again by rescore
         saved.pop(key, None), wanted.pop(key, None)
     return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k, ...) != wanted.get(k, ...))
 
