@@ -50,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     validation_curve,
     write_results,
 )
+from vgpt_cli.files import atomic_write_text  # noqa: E402
 from vgpt_cli.model.artifact import trained_features  # noqa: E402
 
 MODELS = {
@@ -242,7 +243,7 @@ def main() -> None:
                 if done.exists():
                     row["seconds"] = json.loads(done.read_text()).get("seconds", row["seconds"])
                 else:
-                    done.write_text(json.dumps(row) + "\n")
+                    atomic_write_text(done, json.dumps(row) + "\n")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if stopped:

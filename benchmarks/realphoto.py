@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     validation_curve,
     write_results,
 )
+from vgpt_cli.files import atomic_write_text  # noqa: E402
 from vgpt_cli.model.artifact import trained_features  # noqa: E402
 from vgpt_cli.train.config import DEFAULT_XE_STEPS  # noqa: E402
 
@@ -252,7 +253,7 @@ def rescore(ws, cfg, run_dir: Path, dev, row: dict) -> dict:
     before = {k: row[k] for k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "distinct") if k in row}
     row = {**row, **score_best(ws, cfg, run_dir, dev), "rerank": cfg.rerank,
            "before": {**before, "rerank": row.get("rerank", 0)}}
-    (run_dir / "realphoto_row.json").write_text(json.dumps(row) + "\n")
+    atomic_write_text(run_dir / "realphoto_row.json", json.dumps(row) + "\n")
     return row
 
 
@@ -331,7 +332,7 @@ def train_and_score(ws, cfg, dev, fingerprint: str, share_warm_start: int = 0) -
            **score_best(ws, cfg, run_dir, dev), "rerank": cfg.rerank,
            "visual_gate": visual_gate(run_dir), "validation_curve": validation_curve(run_dir),
            "gradient_path": probes}
-    (run_dir / "realphoto_row.json").write_text(json.dumps(row) + "\n")
+    atomic_write_text(run_dir / "realphoto_row.json", json.dumps(row) + "\n")
     return row
 
 
@@ -400,7 +401,7 @@ def decoding_study(ws, run_dir: Path, dev, refs: dict) -> list[dict]:
     rows = [{"decoding": name, "CIDEr": round(reports[name].scores["CIDEr"], 4),
              "BLEU-4": round(reports[name].scores["Bleu_4"], 4),
              "distinct": round(len(set(preds[name].values())) / len(dev), 4), **info[name]} for name in DECODINGS]
-    cache.write_text(json.dumps(rows) + "\n")
+    atomic_write_text(cache, json.dumps(rows) + "\n")
     return rows
 
 
