@@ -127,6 +127,7 @@ def test_gates_table_and_plot(photos, model_dir, tmp_path):
             "--beam-size", "2", "--max-length", "6")
     tokens = json.loads(j.stdout)[0]["tokens"]
     assert 1 <= len(tokens) <= 6
+    assert json.loads(j.stdout)[0]["cut"] == (tokens[-1]["token"] != "<eos>")  # cut: no end within 6 tokens
     assert all(0 <= t["linguistic"] <= 1 and 0 <= t["visual"] <= 1 for t in tokens)
 
 
@@ -200,6 +201,11 @@ def test_caption_with_no_flags_decodes_with_the_settings_saved_in_the_model_fold
     assert [(g["caption"], pytest.approx(g["score"], abs=1e-4)) for g in got] == [
         (t, pytest.approx(s, abs=1e-4)) for t, s in want]
     assert want[:1] != reference(DecodeOptions(), 1)  # the built-in defaults give another caption: it can fail
+    with torch.inference_mode():
+        ended = [h.ended for h in decode(model, f, lengths, DecodeOptions(beam_size=2, max_length=4, min_length=2))]
+    assert [g["cut"] for g in got] == [not e for e in ended]  # a caption that reached the limit says so
+    cut_line = f"{ended.count(False)} of {len(photos)} captions reached the 4-token limit without ending"
+    assert (cut_line in " ".join(r.stderr.split())) == (False in ended)
     assert "beam 2, at most 4 tokens" in " ".join(r.stderr.split())
     # a flag overrides the saved value, and only that one
     r = run("caption", str(photos[0]), "--model", str(saved), "--device", "cpu", "--json", "--beam-size", "1")

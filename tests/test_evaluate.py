@@ -78,6 +78,11 @@ def test_evaluate_test_split_writes_predictions_and_scores(ws):
     assert [p["caption"] for p in preds] == list(captions.values())
     assert [p["caption"] for p in per_image] == list(captions.values())
     assert all(p["references"] == i.captions for p, i in zip(per_image, items))
+    # captions that reach the token limit without their end are scored as they are, and said to be cut
+    cut = sum(not h.ended for h in want)
+    assert cut > 0 and [p["ended"] for p in per_image] == [h.ended for h in want]
+    note = f"{cut} of 3 captions reached the 8-token limit without ending"
+    assert any(n.startswith(note) for n in metrics["notes"]) and note in r.stderr
 
     # scores: the metrics of those captions (METEOR aside, recomputed here without its JVM start)
     direct = compute_metrics(captions, {i.id: i.captions for i in items}, skip=("METEOR",), log=lambda m: None)

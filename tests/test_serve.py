@@ -102,6 +102,7 @@ def test_one_photo_gets_caption_beams_and_gates_equal_to_the_python_api(client, 
     assert len(scores) == 5 and scores == sorted(scores, reverse=True) and scores[0] == got["score"]
     assert [t["token"] for t in got["tokens"]] == [t["token"] for t in ref.tokens] == \
         "a cat sitting on a wooden floor <eos>".split()
+    assert got["cut"] is False  # it ended within the token limit
     for t, rt in zip(got["tokens"], ref.tokens):
         assert t["visual"] == pytest.approx(rt["visual"], abs=1e-3)
         assert 0 <= t["visual"] <= 1 and 0 <= t["linguistic"] <= 1

@@ -41,6 +41,7 @@ class CaptionResult:
     tokens: list[dict[str, Any]] | None = None  # with gates: [{"token", "linguistic", "visual"}, ...]
     beams: list[dict[str, Any]] | None = None   # with beams: [{"caption", "score"}, ...], best first
     attention: Any = None             # with attention: (tokens, H, W) float tensor, one map per token
+    cut: bool = False                 # the caption reached the token limit without ending (max_length)
 
     @property
     def ok(self) -> bool:
@@ -48,6 +49,8 @@ class CaptionResult:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"image": self.source, "caption": self.caption}
+        if self.caption is not None:
+            d["cut"] = self.cut
         if self.score is not None:
             d["score"] = self.score
         if self.error is not None:
@@ -211,7 +214,7 @@ class ImageCaptioner:
         eos = self.model.eos_token_id
         for j, (r, hyps) in enumerate(zip(results, all_hyps)):
             h = hyps[0]
-            r.caption, r.score = h.text, h.score
+            r.caption, r.score, r.cut = h.text, h.score, not h.ended
             if beams:
                 r.beams = [{"caption": b.text, "score": b.score} for b in hyps]
             if (gates and h.gates is not None) or attention:

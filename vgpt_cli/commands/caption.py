@@ -56,6 +56,7 @@ def command(
         vgpt caption photos/ --precision int8
     """
     from vgpt_cli.api import expand_image_paths, load_captioner
+    from vgpt_cli.decode import cut_note
     from vgpt_cli.model_folders import resolve_model_dir
 
     if as_json and as_jsonl:
@@ -119,6 +120,9 @@ def command(
     for r in bad:
         err.print(f"[red]failed:[/] {r.source}: {r.error}", highlight=False)
     o = captioner.options
+    cut = cut_note(sum(r.cut for r in good), len(good), o.max_length)
+    if cut:  # also "cut": true on each such image in --json / --jsonl
+        err.print(f"[yellow]note:[/] {cut}", highlight=False)
     err.print(f"captioned {len(good)} of {len(results)} images with {model_dir} (beam {o.beam_size}, at most "
               f"{o.max_length} tokens, " + (f"consensus of {o.rerank} neighbours, " if o.rerank and (o.beam_size > 1 or o.rerank_samples) else "")
               + (f"{o.rerank_samples} sampled candidates, " if o.rerank_samples else "")

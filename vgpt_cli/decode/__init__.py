@@ -4,6 +4,7 @@ from vgpt_cli.decode.options import DecodeOptions as DecodeOptions
 from vgpt_cli.decode.search import Hypothesis as Hypothesis
 from vgpt_cli.decode.search import Samples as Samples
 from vgpt_cli.decode.search import beam_search as beam_search
+from vgpt_cli.decode.search import cut_note as cut_note
 from vgpt_cli.decode.search import decode as decode
 from vgpt_cli.decode.search import decode_arrays as decode_arrays
 from vgpt_cli.decode.search import greedy as greedy

@@ -48,6 +48,14 @@ class Hypothesis:
         return self.token_ids[:-1] if self.ended else list(self.token_ids)
 
 
+def cut_note(cut: int, total: int, max_length: int) -> str | None:
+    """The line that says how many captions reached the token limit without ending (None: none did)."""
+    if not cut:
+        return None
+    return (f"{cut} of {total} captions reached the {max_length}-token limit without ending and are cut there; "
+            "raise --max-length to let them finish")
+
+
 def _text(model, ids: Sequence[int]) -> str:
     return model.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 

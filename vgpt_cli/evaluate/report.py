@@ -115,7 +115,7 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     progress(total, ...) -> advance(n) is called once with the item count (for a progress bar)."""
     import torch
 
-    from vgpt_cli.decode import decode_arrays
+    from vgpt_cli.decode import cut_note, decode_arrays
     from vgpt_cli.features import open_workspace_store
     from vgpt_cli.model.precision import check_precision, narrow_model
 
@@ -156,6 +156,10 @@ def evaluate_split(ws: Workspace, split: str, *, model_dir: Path | None = None, 
     hyps_fp32 = captions() if compare_fp32 else None
     narrow_model(model, precision)
     hyps = captions()
+    cut = cut_note(sum(not h.ended for h in hyps), len(hyps), opts.max_length)  # scored as they are, said so
+    if cut:
+        log(f"note: {cut}")
+        notes = [*notes, cut]
     preds = {i: h.text for i, h in zip(ids, hyps)}
     report, scores = score_items(preds, items, manifest.format, spice=spice, log=log)
     agreement = None

@@ -51,6 +51,7 @@ class CaptionOut(BaseModel):
     filename: str
     caption: str
     score: float
+    cut: bool = False                  # the caption reached the token limit without ending
     beams: list[Beam]
     tokens: list[Token]
     grid: list[int] | None = None      # with ?attention=true: [H, W] of the attention maps
@@ -134,6 +135,7 @@ def caption_batch(captioner, features: list[Any], options: list[dict[str, Any]])
 def result_json(result, filename: str, attention: bool) -> dict[str, Any]:
     tokens = [dict(t) for t in (result.tokens or [])]
     out: dict[str, Any] = {"filename": filename, "caption": result.caption, "score": round(result.score, 4),
+                           "cut": result.cut,
                            "beams": [{"caption": b["caption"], "score": round(b["score"], 4)}
                                      for b in (result.beams or [])],
                            "tokens": tokens}
