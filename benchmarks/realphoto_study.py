@@ -8,7 +8,9 @@ On Flickr8k (benchmarks/realphoto.py's data, features and runs), nested seeded s
   random-lm   visualgpt's network with the LM's weights random (the paper's ablation)
 Each model has the same number of candidate recipes (RECIPES; the first is its default). With --tune, every
 candidate is trained at the smallest size on the first seed, and each model keeps its best on dev for all
-its runs: the same tuning budget for each. The recipes used are recorded in the results.
+its runs: the same tuning budget for each. The recipes used are recorded in the results. Recipes tried after
+the search (BEYOND_SEARCH) run only when --recipes names them and are never kept; their runs are reported
+with the recipes not kept.
 A size's run trains --steps for it (150 photos: 300 steps; all: 600, `vgpt train`'s default), the LM frozen
 for the first third where the recipe freezes it, validation on dev at each epoch's end. Recorded per run:
 dev CIDEr, BLEU-4, distinct captions, the validation curve, whether it converged (validation CIDEr within
@@ -91,6 +93,10 @@ RECIPES: dict[str, dict[str, dict]] = {
                   # a random LM has nothing to keep while frozen: train it from the start, at the new parts' rate
                   "random-lm-unfrozen": {**SRAU, "lm_init": "random", "freeze_lm_steps": 0, "lm_lr": None}},
 }
+# Recipes tried after the search, outside its equal budget: run only when named (--recipes), never kept by
+# --tune; their finished runs are reported with the recipes not kept. SRAU's gate start, between the ladder's
+# sigmoid(5) and the sigmoid(1) that broke the frozen LM.
+BEYOND_SEARCH: dict[str, dict[str, dict]] = {"visualgpt": {"srau-bias2-tau0.1": VARIANTS["srau-bias2-tau0.1"]}}
 ALL = "all"
 DOCS = Path(__file__).resolve().parents[1] / "docs"  # the figure: docs/<results stem>.png
 # converged: validation CIDEr within 5% of its mean over the last third; on real photos CIDEr is 0.1-0.5, so the
@@ -155,11 +161,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         p.error(f"--steps has no steps for size {','.join(missing)}; give SIZE:STEPS for each of --sizes")
     a.recipes = dict(kv.split("=", 1) for kv in a.recipes.split(",") if kv)
-    bad = [f"{m}={r}" for m, r in a.recipes.items() if r not in RECIPES.get(m, {})]
+    bad = [f"{m}={r}" for m, r in a.recipes.items() if r not in recipes_of(m)]
     if bad:
         p.error(f"--recipes {','.join(bad)}: unknown; " +
-                "; ".join(f"{m}: {', '.join(RECIPES[m])}" for m in a.models))
+                "; ".join(f"{m}: {', '.join(recipes_of(m))}" for m in a.models))
     return a
+
+
+def recipes_of(model: str) -> dict[str, dict]:
+    """The model's searched recipes, then those tried beyond the search."""
+    return {**RECIPES.get(model, {}), **BEYOND_SEARCH.get(model, {})}
 
 
 def _is_number(text: str) -> bool:
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{a.recorded}: {len(recorded)} recorded runs, reused where the workspace lacks them")
 
     def run(model: str, recipe: str, size: str, seed: int, only_finished: bool = False) -> dict | None:
-        cfg = run_config(recipe, RECIPES[model][recipe], datasets[size], seed, int(a.steps[size]), a, extra)
+        cfg = run_config(recipe, recipes_of(model)[recipe], datasets[size], seed, int(a.steps[size]), a, extra)
         run_dir = ws.run_dir(cfg.name)
         row = finished(run_dir, cfg, summary.fingerprint)
         if row is None:
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     # the finished runs of the recipes not chosen, beyond the search (an earlier choice's, or the search's
     # losers run on more seeds): kept in the results, out of the table
     done = {r["name"] for r in runs + tuning}
-    other_runs = [r for m in a.models for recipe in RECIPES[m] if recipe != chosen[m] for size in sizes
+    other_runs = [r for m in a.models for recipe in recipes_of(m) if recipe != chosen[m] for size in sizes
                   for seed in seeds if (r := run(m, recipe, size, seed, only_finished=True)) and r["name"] not in done]
 
     reported = {r["name"] for r in runs + tuning + other_runs}
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         figure(table, other_table, a.models, sizes, photos, a.dataset, len(dev),
                a.figure or DOCS / f"{a.results}.png")
     raw = {"settings": {"dataset": a.dataset, "sizes": sizes, "train_photos": photos, "models": a.models, "seeds": seeds,
-                        "steps": a.steps, "recipes": RECIPES, "chosen": chosen, "tuned": a.tune,
+                        "steps": a.steps, "recipes": RECIPES, "beyond_search": BEYOND_SEARCH, "chosen": chosen, "tuned": a.tune,
                         "backbone": backbone.name, "backbone_note": note, "features": summary.fingerprint,
                         "dev_photos": len(dev)},
            "runs": runs, "tuning": tuning, "table": table, "other_table": other_table, "paired": paired,

@@ -19,7 +19,15 @@ import pytest
 from helpers import write_coco
 
 from benchmarks.common import converged
-from benchmarks.realphoto_study import RECIPES, load_recorded, recorded_run, run_config, trend
+from benchmarks.realphoto_study import (
+    BEYOND_SEARCH,
+    RECIPES,
+    load_recorded,
+    parse,
+    recorded_run,
+    run_config,
+    trend,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "realphoto_study.py"
@@ -70,6 +78,17 @@ def recorded(model: str, recipe: str, dataset: str, seed: int, steps: int, photo
     cfg = run_config(recipe, RECIPES[model][recipe], dataset, seed, steps, Namespace(device="auto"), {})
     return {"name": cfg.name, "model": model, "recipe": recipe, "seed": seed, "steps": steps, "train_photos": photos,
             "config": json.loads(json.dumps(asdict(cfg))), "features": features, **scores}
+
+
+def test_every_model_searches_as_many_recipes_and_one_beyond_the_search_runs_only_when_named():
+    assert len({len(r) for r in RECIPES.values()}) == 1  # the same tuning budget for each model
+    extra = next(iter(BEYOND_SEARCH["visualgpt"]))
+    assert extra not in RECIPES["visualgpt"]  # --tune never trains or keeps it
+    assert parse(["--recipes", f"visualgpt={extra}"]).recipes == {"visualgpt": extra}
+    with pytest.raises(SystemExit):
+        parse(["--recipes", f"no-gates={extra}"])  # another model's recipe is refused
+    cfg = run_config(extra, BEYOND_SEARCH["visualgpt"][extra], "flickr8k-150", 1, 300, Namespace(device="auto"), {})
+    assert (cfg.gate_init_bias, cfg.tau, cfg.freeze_lm_steps, cfg.name) == (2.0, 0.1, 100, f"flickr8k-150-{extra}-s1")
 
 
 def test_recorded_runs_are_reused_only_with_their_settings(tmp_path: Path):
