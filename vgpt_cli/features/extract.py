@@ -25,7 +25,7 @@ from vgpt_cli.features.decoding import _collate, _device_batches, _ItemFiles, _I
 from vgpt_cli.features.decoding import decode_on_device as decode_on_device
 from vgpt_cli.features.decoding import jpeg_bytes_or_pixels as jpeg_bytes_or_pixels
 from vgpt_cli.features.images import DEFAULT_MAX_PIXELS
-from vgpt_cli.features.store import REPORT, FeatureStore, StoreWriter
+from vgpt_cli.features.store import META, REPORT, FeatureStore, StoreWriter
 from vgpt_cli.files import atomic_write_json
 
 MAX_REGIONS = 50  # the authors' bottom-up features keep at most 50 boxes per image
@@ -154,6 +154,9 @@ def _extract(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, b
     store_dir = Path(store_dir)
     dist = _dist(backbone.device)
     try:
+        if dist.world == 1 and _all_current(items, backbone, store_dir):
+            # nothing to write, so no writer's lock: runs that share a finished store start side by side
+            return _summarise(items, store_dir, [], 0, 0.0, True, warn)
         if dist.rank == 0:
             writer = StoreWriter(store_dir, backbone.meta, rank=0)  # writes meta.json first
         dist.barrier()
@@ -185,6 +188,18 @@ def _extract(items: Sequence[Item], backbone: Backbone, store_dir: str | Path, b
         return summary
     finally:
         dist.close()
+
+
+def _all_current(items: Sequence[Item], backbone: Backbone, store_dir: Path) -> bool:
+    """Whether the store at store_dir holds this backbone's features of every item's current images (read
+    without the writer's lock: a reader trusts only the index lines whose rows are on disk)."""
+    if not (store_dir / META).is_file():
+        return False
+    try:
+        store = FeatureStore.open(store_dir)
+    except DataError:
+        return False  # the writer says what is wrong with it
+    return store.fingerprint == backbone.fingerprint and all(store.current(it.id, it.images) for it in items)
 
 
 def _run(items: Sequence[Item], backbone: Backbone, writer: StoreWriter, batch_size: int, num_workers: int,
