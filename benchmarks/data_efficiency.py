@@ -19,6 +19,10 @@ Presets (--preset; any setting may still be given on its own):
         (each run's curve, and whether it is flat over its last third), per-seed paired differences
         visualgpt minus no-gates. About 3 hours on a 2-core CPU; minutes on a GPU (add --device cuda).
     python benchmarks/data_efficiency.py --preset first-study   # 4 fractions x 4 models x 2 seeds, 50 steps (~100 min)
+    python benchmarks/data_efficiency.py --preset realphoto [OPTIONS]
+        the same question on real photos (Flickr8k: SRAU, plain cross-attention and a random LM at 150 and
+        753 training photos, a recipe search for each): benchmarks/realphoto_study.py, which takes the options
+        (--tune, --seeds, --finished-only, --smoke, ...; see its --help)
 Larger, on a GPU (more steps, all of the test split), for example:
     python benchmarks/data_efficiency.py --preset study --device cuda --steps 1000 --test-size 2000
 Finished runs are kept in the workspace: rerunning the same command skips them (resumable), and a
@@ -63,6 +67,7 @@ BEAM = 3  # test decoding, as the demo's
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+REALPHOTO = "realphoto"  # a preset of its own script: benchmarks/realphoto_study.py
 PRESETS: dict[str, dict] = {
     # checks that everything runs (seconds; a tiny random LM in a temporary workspace): the default, so it
     # never overwrites a study
@@ -83,7 +88,8 @@ BASE = dict(pool=20000, lm=None, models=",".join(MODELS), batch_size=16, test_si
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke", choices=PRESETS,
-                   help="the settings below, each of which may still be given (default: smoke)")
+                   help="the settings below, each of which may still be given (default: smoke); "
+                   f"'{REALPHOTO}' hands the other options to benchmarks/realphoto_study.py")
     p.add_argument("--smoke", action="store_true", help="--preset smoke (seconds: checks that it runs)")
     p.add_argument("--workspace", type=Path,
                    help="default /tmp/vgpt-data-efficiency (preset smoke: a temporary folder)")
@@ -396,5 +402,22 @@ def write_docs(table: list[dict], paired: list[dict], rows: list[dict], fraction
     fig.savefig(DOCS / "data_efficiency.png", dpi=120)
 
 
+def realphoto_argv(argv: list[str]) -> list[str] | None:
+    """realphoto_study.py's arguments (argv without the preset) where argv asks for --preset realphoto;
+    else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and argv[i + 1:i + 2] == [REALPHOTO]:
+            return argv[:i] + argv[i + 2:]
+        if arg == f"--preset={REALPHOTO}":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 if __name__ == "__main__":
-    main()
+    study_argv = realphoto_argv(sys.argv[1:])
+    if study_argv is None:
+        main()
+    else:
+        from benchmarks.realphoto_study import main as realphoto_study
+
+        realphoto_study(study_argv)

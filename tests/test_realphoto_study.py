@@ -161,3 +161,18 @@ def test_coco_without_its_files_is_one_line(tmp_path: Path):
     done = study(tmp_path, "--dataset", "coco", "--root", str(tmp_path / "nowhere"), "--finished-only")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "dataset_coco.json" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_data_efficiency_preset_realphoto_is_this_study():
+    """`data_efficiency.py --preset realphoto ...` hands the other options to this script, unchanged."""
+    from benchmarks.data_efficiency import realphoto_argv
+
+    assert realphoto_argv(["--preset", "realphoto", "--tune", "--seeds", "1,2,3"]) == ["--tune", "--seeds", "1,2,3"]
+    assert realphoto_argv(["--seeds", "3", "--preset=realphoto"]) == ["--seeds", "3"]
+    assert realphoto_argv(["--preset", "study", "--seeds", "1"]) is None
+    assert realphoto_argv(["--preset"]) is None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/data_efficiency.py", "--preset", "realphoto", "--dataset",
+                           "coco"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2  # this script's own check, not data_efficiency's unknown preset
+    assert "--dataset coco needs --root DIR" in proc.stderr and "Traceback" not in proc.stderr
